@@ -1,0 +1,124 @@
+"""Checkpoints: one safetensors file (weights, masks, optimizer state, RNG) + JSON metadata. No pickle.
+
+Tensor keys: `model::<name>`, `mask::<param>` (bool), `optim::<param index>::<state key>`,
+`method::generator`, `rng::torch`, `rng::cuda::<i>`. Metadata key `ndsnn` holds JSON with the format,
+version, recipe TOML, step/epoch and the optimizer's non-tensor state.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ndsnn_cli import __version__
+from ndsnn_cli.atomic import write_bytes
+from ndsnn_cli.errors import UserError
+
+FORMAT = "ndsnn-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+    def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(prefix): v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    @property
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return self.prefixed("model::")
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return self.prefixed("mask::")
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into tensors (per-parameter buffers) and JSON (everything else)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim::{index}::{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}::{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim::"):
+            _, index, name = key.split("::", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split("::", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    extra_tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write everything needed to resume bit-identically, atomically."""
+    tensors = {f"model::{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()})
+    tensors["rng::torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng::cuda::{i}"] = state
+    full_meta = {"format": FORMAT, "version": VERSION, "ndsnn_version": __version__, **meta}
+    if optimizer is not None:
+        optim_tensors, optim_meta = optimizer_to_tensors(optimizer)
+        tensors.update(optim_tensors)
+        full_meta["optimizer"] = optim_meta
+    data = save_safetensors(tensors, metadata={"ndsnn": json.dumps(full_meta)})
+    return write_bytes(path, data)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint; a missing, truncated or foreign file is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    raw = path.read_bytes()
+    try:
+        tensors = load_safetensors(raw)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable safetensors file (truncated or corrupt: {reason})") from None
+    meta = read_metadata(path, raw)
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path}: not an ndsnn checkpoint (format is {meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("version", 0) > VERSION:
+        raise UserError(f"{path}: checkpoint version {meta['version']} is newer than this ndsnn ({VERSION})")
+    return Checkpoint(tensors, meta)
+
+
+def read_metadata(path: str | Path, raw: bytes | None = None) -> dict[str, Any]:
+    """The `ndsnn` JSON of any safetensors file written by this project ({} if there is none)."""
+    raw = Path(path).read_bytes() if raw is None else raw
+    try:
+        header_len = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + header_len])
+        return json.loads(header.get("__metadata__", {}).get("ndsnn", "{}"))
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"{path}: not a readable safetensors file (bad header)") from None
+
+
+def restore_rng(checkpoint: Checkpoint) -> None:
+    torch.set_rng_state(checkpoint.tensors["rng::torch"])
+    cuda_keys = sorted((k for k in checkpoint.tensors if k.startswith("rng::cuda::")), key=lambda k: int(k.split("::")[2]))
+    cuda_states = [checkpoint.tensors[k] for k in cuda_keys]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])

@@ -1,0 +1,70 @@
+"""The `ndsnn` command: a thin Typer layer that parses, calls the core and renders with rich.
+
+Heavy imports (torch, onnx) happen inside the commands, so `ndsnn --help` answers instantly.
+A `UserError` from anywhere becomes one line on stderr and exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from ndsnn_cli import __version__
+from ndsnn_cli.errors import UserError
+
+app = typer.Typer(
+    name="ndsnn",
+    help="Train sparse spiking neural networks from scratch (NDSNN, RigL, SET, LTH, ...) and ship them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ndsnn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """ndsnn: sparse spiking neural network training (NDSNN, DAC 2023) and export."""
+
+
+def fail(message: str) -> typer.Exit:
+    """Print a one-line error to stderr; the caller raises the returned Exit(2)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+from ndsnn_cli.cli import train as _train_cmd  # noqa: E402,F401  (registers the command)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        typer.echo(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

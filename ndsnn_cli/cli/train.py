@@ -1,0 +1,116 @@
+"""`ndsnn train RECIPE.toml`: train one SNN with one method into a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from ndsnn_cli.cli import app
+
+if TYPE_CHECKING:
+    from ndsnn_cli.recipe import Recipe
+    from ndsnn_cli.sparse.methods import MaskUpdate
+
+
+@app.command()
+def train(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE.toml", help="Recipe file (see recipes/).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<recipe name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the run directory from its last checkpoint.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train one spiking network with the recipe's sparse method (ndsnn, rigl, set, lth, static, gmp, dense).
+
+    Example: [bold]ndsnn train recipes/quickstart.toml --out runs/quick[/bold]
+    """
+    import json
+
+    from ndsnn_cli.recipe import load_recipe
+    from ndsnn_cli.train import default_run_dir
+    from ndsnn_cli.train import train as run_training
+
+    recipe = load_recipe(recipe_path)
+    run_dir = out or default_run_dir(recipe)
+    with RichTrainProgress(enabled=not quiet and not json_output) as progress:
+        summary = run_training(recipe, run_dir, resume=resume, callbacks=progress)
+    if json_output:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        print_summary(summary, run_dir)
+
+
+class RichTrainProgress:
+    """Epoch and batch progress bars with running loss/accuracy, and one line per epoch."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.enabled = enabled
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=self.console, disable=not enabled, transient=False)
+        self.steps_task: Any = None
+        self.steps_per_epoch = 1
+
+    def __enter__(self) -> RichTrainProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def on_run_start(self, recipe: Recipe, total_steps: int, steps_per_epoch: int, start_step: int) -> None:
+        self.steps_per_epoch = steps_per_epoch
+        if self.steps_task is not None:
+            self.progress.remove_task(self.steps_task)
+        label = f"{recipe.name} [{recipe.sparsity.method}]"
+        self.steps_task = self.progress.add_task(label, total=total_steps, completed=start_step, info="")
+
+    def on_step(self, step: int, epoch: int, loss: float, accuracy: float) -> None:
+        self.progress.update(self.steps_task, completed=step,
+                             info=f"epoch {epoch + 1} loss {loss:.4f} acc {accuracy:.2%}")
+
+    def on_epoch_end(self, record: dict[str, Any]) -> None:
+        self.progress.update(self.steps_task, completed=record["step"])
+        if self.enabled:
+            self.progress.console.print(
+                f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.2%}"
+                f"  test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.2%}"
+                f"  sparsity {record['sparsity']:.4f}")
+
+    def on_mask_update(self, update: MaskUpdate) -> None:
+        pass
+
+    def on_round_start(self, index: int, rounds: int, sparsity: float) -> None:
+        if self.enabled:
+            self.progress.console.print(f"[bold]LTH round {index + 1}/{rounds}[/bold]: sparsity {sparsity:.4f}")
+
+
+def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['name']} ({summary['method']}, {summary['arch']} on {summary['dataset']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("test accuracy", f"{summary['test_accuracy']:.2%}")
+    table.add_row("best test accuracy", f"{summary['best_test_accuracy']:.2%}")
+    table.add_row("sparsity (sparse layers)", f"{summary['sparsity']['sparsity']:.4f}")
+    table.add_row("non-zero weights", f"{summary['sparsity']['nnz']:,} / {summary['sparsity']['numel']:,}")
+    if "rounds" in summary:
+        table.add_row("LTH rounds", f"{len(summary['rounds'])} x {summary['round_epochs']} epochs")
+    table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
+    table.add_row("run directory", str(run_dir))
+    Console().print(table)

@@ -1,0 +1,569 @@
+"""Data set registry and loaders whose order and augmentation are pure functions of (seed, epoch).
+
+`build_datasets(cfg)` turns a recipe's `[data]` table into (train, test) data sets; `make_loader`
+wraps one in a DataLoader that yields the same batches on every run, after a mid-epoch resume, for
+any `num_workers`, and split evenly across distributed ranks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms as T
+
+from ndsnn_cli import atomic
+from ndsnn_cli.errors import UserError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+
+
+class DataConfig(Protocol):
+    """What this module reads of recipe.DataConfig (duck-typed, so data.py stands alone).
+
+    Read-only properties, so a frozen dataclass satisfies it.
+    """
+
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def root(self) -> str: ...  # "" = the data set's default location
+    @property
+    def download(self) -> bool: ...
+    @property
+    def augment(self) -> bool: ...
+    @property
+    def cutout(self) -> bool: ...
+    @property
+    def train_limit(self) -> int: ...  # 0 = all, else the first N training images
+    @property
+    def test_limit(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and a cost estimate need to know about a data set without loading it."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    train_size: int  # nominal number of training images, before train_limit
+
+
+Split = tuple[Dataset, Dataset]
+Builder = Callable[[DataConfig], Split]
+
+DATASETS: dict[str, DatasetInfo] = {}
+_BUILDERS: dict[str, Builder] = {}
+
+
+def register_dataset(info: DatasetInfo) -> Callable[[Builder], Builder]:
+    """Add a builder `(cfg) -> (train, test)` to the registry under `info.name`."""
+
+    def decorate(builder: Builder) -> Builder:
+        DATASETS[info.name] = info
+        _BUILDERS[info.name] = builder
+        return builder
+
+    return decorate
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        known = ", ".join(sorted(DATASETS))
+        raise UserError(f"[data] dataset: unknown dataset {name!r} (known: {known})") from None
+
+
+def build_datasets(cfg: DataConfig) -> Split:
+    """(train, test) for the recipe's data set, cut to the first train_limit / test_limit images.
+
+    The train set's random augmentation draws from torch's global RNG; `make_loader` makes those
+    draws a pure function of (seed, epoch, index). The test set's transform is deterministic.
+    """
+    dataset_info(cfg.dataset)
+    train, test = _BUILDERS[cfg.dataset](cfg)
+    return _first(train, cfg.train_limit), _first(test, cfg.test_limit)
+
+
+def _first(dataset: Dataset, limit: int) -> Dataset:
+    if limit <= 0 or limit >= len(dataset):  # type: ignore[arg-type]
+        return dataset
+    return Subset(dataset, range(limit))
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic loading
+
+
+class EpochSampler(Sampler[int]):
+    """Indices for one epoch on one rank: a pure function of (seed, epoch, rank), resumable mid-epoch.
+
+    Shuffled order is a permutation from a private generator seeded with `seed * 1_000_003 + epoch`;
+    ranks take every world_size-th index (the list wrapped so all ranks get the same count), and
+    the first `start_index` indices of this rank's share are skipped (batches already trained on).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_index: int = 0,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.num_samples = num_samples
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = epoch
+        self.rank = rank
+        self.world_size = world_size
+        self.start_index = start_index
+
+    def indices(self) -> list[int]:
+        n = self.num_samples
+        if self.shuffle:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)
+            order = torch.randperm(n, generator=generator).tolist()
+        else:
+            order = list(range(n))
+        if self.world_size > 1 and n > 0:
+            total = math.ceil(n / self.world_size) * self.world_size
+            order = (order * math.ceil(total / n))[:total]
+            order = order[self.rank : total : self.world_size]
+        return order[self.start_index :]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        per_rank = math.ceil(self.num_samples / self.world_size) if self.num_samples else 0
+        return max(per_rank - self.start_index, 0)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The RNG seed for augmenting sample `index` in `epoch`: a stable hash, same in every process."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: a valid seed on every torch version
+
+
+class SeededAugmentation(Dataset):
+    """`dataset[index]` run with torch's CPU RNG seeded from (seed, epoch, index), then restored.
+
+    Random transforms (crop, flip, erasing) draw from torch's global CPU generator, so without this
+    a sample's augmentation depends on which worker loads it and what ran before. Seeding around
+    each `__getitem__` makes it a pure function of (seed, epoch, index), whatever num_workers, rank
+    or resume point; the caller's RNG state is untouched. Only the CPU generator is reseeded
+    (not `torch.manual_seed`, which would also reseed CUDA generators that fork_rng does not restore).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
+            return self.dataset[index]
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    start_batch: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    distributed_rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """A loader for one epoch; its batches are a pure function of (seed, epoch, rank, start_batch).
+
+    Build a new loader each epoch. `start_batch` resumes mid-epoch: the first start_batch batches of
+    this rank's share are skipped without loading them. Eval loaders use it too (shuffle=False; a
+    deterministic transform makes the per-sample seeding a no-op).
+    """
+    sampler = EpochSampler(
+        len(dataset),  # type: ignore[arg-type]
+        shuffle=shuffle,
+        seed=seed,
+        epoch=epoch,
+        rank=distributed_rank,
+        world_size=world_size,
+        start_index=start_batch * batch_size,
+    )
+    return DataLoader(
+        SeededAugmentation(dataset, seed, epoch),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        # A private generator: the loader's worker base seed would otherwise be drawn from (and
+        # advance) the trainer's global RNG. Augmentation does not depend on it (see above).
+        generator=torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+
+
+@dataclass(frozen=True)
+class _Stats:
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+# Per-channel mean/std of each training set's pixels in [0, 1].
+_MNIST_STATS = _Stats((0.1307,), (0.3081,))
+_FASHION_MNIST_STATS = _Stats((0.2860,), (0.3530,))
+_CIFAR10_STATS = _Stats((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+_CIFAR100_STATS = _Stats((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+_TINY_IMAGENET_STATS = _Stats((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821))
+
+
+def _transforms(
+    cfg: DataConfig, stats: _Stats | None, *, size: int, padding: int, flip: bool, pil: bool = True
+) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
+    """(train, test) transforms: [crop (+flip)] -> tensor -> normalize [-> cutout] for train."""
+    finish: list[Any] = [T.ToTensor()] if pil else []
+    if stats is not None:
+        finish.append(T.Normalize(stats.mean, stats.std))
+    train: list[Any] = []
+    if cfg.augment:
+        train.append(T.RandomCrop(size, padding=padding))
+        if flip:
+            train.append(T.RandomHorizontalFlip())
+    train += finish
+    if cfg.cutout:
+        # Cutout (DeVries & Taylor 2017): zero a square of a quarter of the image area (16x16 on
+        # 32x32) after Normalize, i.e. set it to the mean pixel. RandomErasing keeps the square
+        # inside the image, where Cutout lets it run off the edge.
+        train.append(T.RandomErasing(p=1.0, scale=(0.25, 0.25), ratio=(1.0, 1.0), value=0))
+    return T.Compose(train), T.Compose(finish)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where data lives
+
+
+def cache_dir() -> Path:
+    """Derived files (decompressed IDX): $NDSNN_CACHE, else ~/.cache/ndsnn."""
+    return Path(os.environ.get("NDSNN_CACHE") or Path.home() / ".cache" / "ndsnn")
+
+
+def default_data_root() -> Path:
+    """Where downloads go when a recipe leaves `root` empty."""
+    return cache_dir() / "data"
+
+
+def _missing(cfg: DataConfig, searched: Sequence[Path], what: str, expected: str) -> UserError:
+    where = " or ".join(str(p) for p in searched)
+    return UserError(
+        f"[data] root = {cfg.root!r}: no {what} data found in {where} (expected {expected}); "
+        "set download = true to fetch it"
+    )
+
+
+def _download_failed(cfg: DataConfig, what: str, root: Path, err: Exception) -> UserError:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return UserError(f"[data] download = true: could not fetch {what} into {root}: {reason}")
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST (IDX files)
+
+_IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+def _find_idx(folder: Path, tv_name: str) -> dict[str, Path] | None:
+    """The four IDX files in `folder` (flat, as Debian ships them) or `folder/<tv_name>/raw`, each
+    plain or `.gz`; None unless all four are there."""
+    found: dict[str, Path] = {}
+    for name in _IDX_FILES:
+        for place in (folder, folder / tv_name / "raw"):
+            hit = next((p for p in (place / name, place / f"{name}.gz") if p.is_file()), None)
+            if hit is not None:
+                found[name] = hit
+                break
+        else:
+            return None
+    return found
+
+
+def _torchvision_root(files: dict[str, Path], tv_name: str) -> Path:
+    """A root under which torchvision finds `<tv_name>/raw/<file>` uncompressed.
+
+    torchvision reads only uncompressed IDX files in that layout. When the files already are, use
+    their root as is; otherwise decompress (or copy) them once into the cache, keyed by the source
+    files' paths, sizes and mtimes so a changed source is picked up.
+    """
+    parents = {p.parent for p in files.values()}
+    if all(p.suffix != ".gz" for p in files.values()) and len(parents) == 1:
+        raw = parents.pop()
+        if raw.name == "raw" and raw.parent.name == tv_name:
+            return raw.parent.parent
+    key = hashlib.sha1()
+    for name in _IDX_FILES:
+        stat = files[name].stat()
+        key.update(f"{files[name].resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    root = cache_dir() / "idx" / f"{tv_name}-{key.hexdigest()[:16]}"
+    for name, source in files.items():
+        target = root / tv_name / "raw" / name
+        if target.is_file():
+            continue
+        opener = gzip.open if source.suffix == ".gz" else open
+        try:
+            with opener(source, "rb") as handle:
+                atomic.write_bytes(target, handle.read())
+        except OSError as err:  # unreadable or corrupt .gz, or a read-only cache
+            raise UserError(
+                f"[data] could not unpack {source} into {target.parent}: {err} (NDSNN_CACHE sets the cache folder)"
+            ) from err
+    return root
+
+
+def _idx_datasets(
+    cfg: DataConfig,
+    cls: type[tv_datasets.MNIST],
+    what: str,
+    candidates: Sequence[Path],
+    stats: _Stats,
+    flip: bool,
+) -> Split:
+    train_tf, test_tf = _transforms(cfg, stats, size=28, padding=2, flip=flip)
+    tv_name = cls.__name__
+    for folder in candidates:
+        files = _find_idx(folder, tv_name)
+        if files is not None:
+            root = _torchvision_root(files, tv_name)
+            break
+    else:
+        if not cfg.download:
+            expected = ", ".join(f"{n}[.gz]" for n in _IDX_FILES)
+            raise _missing(cfg, candidates, what, expected)
+        root = candidates[-1]
+        try:
+            cls(str(root), train=True, download=True)
+        except (OSError, RuntimeError) as err:
+            raise _download_failed(cfg, what, root, err) from err
+    return (
+        cls(str(root), train=True, transform=train_tf),
+        cls(str(root), train=False, transform=test_tf),
+    )
+
+
+def _root_or(cfg: DataConfig, *defaults: Path) -> list[Path]:
+    return [Path(cfg.root).expanduser()] if cfg.root else list(defaults)
+
+
+@register_dataset(DatasetInfo("fashion-mnist", 10, 1, 28, 60000))
+def _fashion_mnist(cfg: DataConfig) -> Split:
+    candidates = _root_or(cfg, DEBIAN_FASHION_MNIST, default_data_root())
+    return _idx_datasets(cfg, tv_datasets.FashionMNIST, "Fashion-MNIST", candidates, _FASHION_MNIST_STATS, True)
+
+
+@register_dataset(DatasetInfo("mnist", 10, 1, 28, 60000))
+def _mnist(cfg: DataConfig) -> Split:
+    candidates = _root_or(cfg, default_data_root())
+    # No flip: mirrored digits are different symbols (or none).
+    return _idx_datasets(cfg, tv_datasets.MNIST, "MNIST", candidates, _MNIST_STATS, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (pickled batches)
+
+
+def _trust_present_files(cls: type[tv_datasets.CIFAR10]) -> type[tv_datasets.CIFAR10]:
+    """`cls` that loads a present folder without md5-checking it.
+
+    torchvision checks every batch's md5 on each load, which rejects any folder but the official
+    one (the tests' tiny batches, a re-pickled copy) as "corrupted". Files fetched by
+    `download = true` are still checked: torchvision verifies the archive's md5.
+    """
+
+    class Trusting(cls):  # type: ignore[misc, valid-type]
+        # torchvision's check_integrity(path, md5=None) checks only that the file exists.
+        train_list: ClassVar[list[list[str | None]]] = [[name, None] for name, _ in cls.train_list]
+        test_list: ClassVar[list[list[str | None]]] = [[name, None] for name, _ in cls.test_list]
+        meta: ClassVar[dict[str, str | None]] = {**cls.meta, "md5": None}
+
+    Trusting.__name__ = Trusting.__qualname__ = cls.__name__
+    return Trusting
+
+
+_LocalCIFAR10 = _trust_present_files(tv_datasets.CIFAR10)
+_LocalCIFAR100 = _trust_present_files(tv_datasets.CIFAR100)
+
+
+def _cifar_datasets(cfg: DataConfig, cls: type[tv_datasets.CIFAR10], what: str, stats: _Stats) -> Split:
+    train_tf, test_tf = _transforms(cfg, stats, size=32, padding=4, flip=True)
+    root = Path(cfg.root).expanduser() if cfg.root else default_data_root()
+    folder = root / cls.base_folder
+    names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    if not all((folder / name).is_file() for name in names):
+        if not cfg.download:
+            expected = f"{cls.base_folder}/ with {', '.join(names)}"
+            raise _missing(cfg, [root], what, expected)
+        try:
+            cls(str(root), train=True, download=True)
+        except (OSError, RuntimeError) as err:
+            raise _download_failed(cfg, what, root, err) from err
+    return (
+        cls(str(root), train=True, transform=train_tf),
+        cls(str(root), train=False, transform=test_tf),
+    )
+
+
+@register_dataset(DatasetInfo("cifar10", 10, 3, 32, 50000))
+def _cifar10(cfg: DataConfig) -> Split:
+    return _cifar_datasets(cfg, _LocalCIFAR10, "CIFAR-10", _CIFAR10_STATS)
+
+
+@register_dataset(DatasetInfo("cifar100", 100, 3, 32, 50000))
+def _cifar100(cfg: DataConfig) -> Split:
+    return _cifar_datasets(cfg, _LocalCIFAR100, "CIFAR-100", _CIFAR100_STATS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny-ImageNet (JPEG tree)
+
+
+class _TinyImageNetTrain(tv_datasets.ImageFolder):
+    """`train/<wnid>/images/*.JPEG`; class index = position of the wnid in sorted wnids.txt."""
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        wnids = sorted(_read_wnids(Path(directory).parent))
+        return wnids, {wnid: i for i, wnid in enumerate(wnids)}
+
+
+class _TinyImageNetVal(Dataset):
+    """`val/images/*.JPEG` labelled by `val/val_annotations.txt` (file, wnid, x, y, w, h; tabs)."""
+
+    def __init__(self, folder: Path, transform: Callable[[Any], torch.Tensor]) -> None:
+        wnids = sorted(_read_wnids(folder))
+        class_of = {wnid: i for i, wnid in enumerate(wnids)}
+        self.transform = transform
+        self.samples: list[tuple[Path, int]] = []
+        lines = (folder / "val" / "val_annotations.txt").read_text().splitlines()
+        for line_number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) < 2 or fields[1] not in class_of:
+                raise UserError(
+                    f"{folder / 'val' / 'val_annotations.txt'}:{line_number}: expected "
+                    f"'<file>\\t<wnid from wnids.txt>\\t...', got {line!r}"
+                )
+            self.samples.append((folder / "val" / "images" / fields[0], class_of[fields[1]]))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, target = self.samples[index]
+        return self.transform(tv_datasets.folder.default_loader(str(path))), target
+
+
+def _read_wnids(folder: Path) -> list[str]:
+    return [line.strip() for line in (folder / "wnids.txt").read_text().splitlines() if line.strip()]
+
+
+def _tiny_imagenet_folder(root: Path) -> Path | None:
+    for folder in (root / "tiny-imagenet-200", root):
+        needed = ("wnids.txt", "train", "val/images", "val/val_annotations.txt")
+        if all((folder / name).exists() for name in needed):
+            return folder
+    return None
+
+
+@register_dataset(DatasetInfo("tinyimagenet", 200, 3, 64, 100000))
+def _tiny_imagenet(cfg: DataConfig) -> Split:
+    train_tf, test_tf = _transforms(cfg, _TINY_IMAGENET_STATS, size=64, padding=4, flip=True)
+    root = Path(cfg.root).expanduser() if cfg.root else default_data_root()
+    folder = _tiny_imagenet_folder(root)
+    if folder is None:
+        if not cfg.download:
+            expected = "tiny-imagenet-200/ with wnids.txt, train/, val/images/, val/val_annotations.txt"
+            raise _missing(cfg, [root], "Tiny-ImageNet", expected)
+        try:
+            tv_datasets.utils.download_and_extract_archive(TINY_IMAGENET_URL, str(root), md5=TINY_IMAGENET_MD5)
+        except (OSError, RuntimeError) as err:
+            raise _download_failed(cfg, "Tiny-ImageNet", root, err) from err
+        folder = root / "tiny-imagenet-200"
+    try:
+        train = _TinyImageNetTrain(str(folder / "train"), transform=train_tf)
+    except FileNotFoundError as err:  # a wnid without train/<wnid>/images/*.JPEG
+        raise UserError(f"[data] root = {cfg.root!r}: {folder / 'train'}: {err}") from err
+    return train, _TinyImageNetVal(folder, test_tf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic
+
+
+class _TensorImages(Dataset):
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform: Callable[[Any], Any]) -> None:
+        self.images = images
+        self.targets = targets
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), int(self.targets[index])
+
+
+SYNTHETIC_TRAIN_SIZE = 2048
+SYNTHETIC_TEST_SIZE = 512
+
+
+@register_dataset(DatasetInfo("synthetic", 10, 1, 28, SYNTHETIC_TRAIN_SIZE))
+def _synthetic(cfg: DataConfig) -> Split:
+    """10 fixed random 28x28 patterns plus unit Gaussian noise: learnable in seconds, no files.
+
+    Everything comes from one generator seeded 0, so every run and process sees the same images.
+    """
+    generator = torch.Generator().manual_seed(0)
+    patterns = torch.randn(10, 1, 28, 28, generator=generator)
+
+    def draw(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = torch.randint(0, 10, (count,), generator=generator)
+        noise = torch.randn(count, 1, 28, 28, generator=generator)
+        return patterns[targets] + noise, targets
+
+    train_images, train_targets = draw(SYNTHETIC_TRAIN_SIZE)
+    test_images, test_targets = draw(SYNTHETIC_TEST_SIZE)
+    train_tf, test_tf = _transforms(cfg, None, size=28, padding=2, flip=False, pil=False)
+    return _TensorImages(train_images, train_targets, train_tf), _TensorImages(test_images, test_targets, test_tf)

@@ -1,0 +1,335 @@
+"""Recipes: a TOML file validated once into typed, frozen dataclasses.
+
+Every key is checked (unknown keys get a "did you mean", types, ranges, cross-field rules) and each
+error is one line naming the file, the table and the key, e.g.
+`quickstart.toml: [sparsity] final = 1.2 must be in [0, 1)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ndsnn_cli.errors import UserError
+
+METHODS = ("dense", "static", "set", "rigl", "gmp", "ndsnn", "lth")
+
+
+class RecipeError(UserError):
+    """A recipe problem, located by file, table and key."""
+
+    def __init__(self, source: str, table: str, key: str | None, message: str) -> None:
+        where = f"[{table}] " if table else ""
+        where += f"{key} " if key else ""
+        super().__init__(f"{source}: {where}{message}".rstrip())
+        self.table, self.key = table, key
+
+
+def _spec(*, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+          hi_open: bool = False, choices: tuple[str, ...] | None = None, doc: str = "") -> dict[str, Any]:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "doc": doc}
+
+
+def _f(default: Any, **spec: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=_spec(**spec))
+    return field(default=default, metadata=_spec(**spec))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = _f("scnn", doc="model registry name (ndsnn_cli.snn.models)")
+    timesteps: int = _f(4, lo=1, doc="simulation time steps T")
+    tau: float = _f(4.0 / 3.0, lo=1.0, lo_open=True, doc="LIF membrane time constant")
+    v_threshold: float = _f(1.0, lo=0.0, lo_open=True)
+    surrogate: str = _f("atan", choices=("atan", "sigmoid"))
+    surrogate_alpha: float = _f(2.0, lo=0.0, lo_open=True)
+    lif_backend: str = _f("fused", choices=("fused", "reference"),
+                          doc="fused: custom autograd that stores one tensor per layer; reference: plain loop")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _f("fashion-mnist")
+    root: str = _f("", doc="data folder; empty = the data set's default location")
+    download: bool = _f(False)
+    batch_size: int = _f(128, lo=1)
+    eval_batch_size: int = _f(512, lo=1)
+    num_workers: int = _f(0, lo=0)
+    augment: bool = _f(True)
+    cutout: bool = _f(False)
+    train_limit: int = _f(0, lo=0, doc="use only the first N training images (0 = all)")
+    test_limit: int = _f(0, lo=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _f(3, lo=1)
+    optimizer: str = _f("sgd", choices=("sgd", "adam"))
+    lr: float = _f(0.1, lo=0.0, lo_open=True)
+    momentum: float = _f(0.9, lo=0.0, hi=1.0, hi_open=True)
+    nesterov: bool = _f(False)
+    weight_decay: float = _f(5e-4, lo=0.0)
+    lr_schedule: str = _f("cosine", choices=("cosine", "constant"))
+    warmup_epochs: float = _f(0.0, lo=0.0)
+    label_smoothing: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)
+    amp: bool = _f(False, doc="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+    checkpoint_every_steps: int = _f(0, lo=0, doc="0 = checkpoint at each epoch end only")
+    log_every_steps: int = _f(50, lo=1)
+    max_grad_norm: float = _f(0.0, lo=0.0, doc="clip the global gradient norm (0 = off)")
+    threads: int = _f(0, lo=0, doc="torch CPU threads (0 = torch's default)")
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    method: str = _f("dense", choices=METHODS)
+    final: float = _f(0.9, lo=0.0, hi=1.0, hi_open=True, doc="final sparsity s_f")
+    initial: float = _f(0.5, lo=0.0, hi=1.0, hi_open=True, doc="NDSNN initial sparsity s_i")
+    distribution: str = _f("erk", choices=("erk", "uniform", "global"))
+    dense: list[str] = _f([], doc="parameter names (or prefixes) kept dense")
+    update_every_steps: int = _f(100, lo=1, doc="dT: steps between mask updates")
+    ramp_start_epoch: float = _f(0.0, lo=0.0, doc="t0: the sparsity ramp starts")
+    ramp_end_epoch: float = _f(-1.0, doc="t1: the ramp reaches `final` (-1 = 75% of `update_end_epoch`)")
+    update_end_epoch: float = _f(-1.0, doc="t_end: masks freeze (-1 = 75% of training)")
+    drop_fraction: float = _f(0.5, lo=0.0, hi=1.0, doc="d0: initial drop fraction")
+    drop_fraction_min: float = _f(0.005, lo=0.0, hi=1.0, doc="d_min: final drop fraction")
+    grow: str = _f("gradient", choices=("gradient", "random"))
+    prune_rate: float = _f(-1.0, doc="LTH: fraction of remaining weights pruned per round")
+    rewind_epoch: int = _f(-1, doc="LTH: epoch whose weights each round rewinds to")
+    round_epochs: int = _f(0, lo=0, doc="LTH: epochs per round (0 = train.epochs)")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    source: str = field(default="<recipe>", compare=False)
+
+    def to_toml(self) -> str:
+        return to_toml(self)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_toml().encode()).hexdigest()
+
+    def replace(self, **tables: dict[str, Any]) -> Recipe:
+        """A copy with some keys changed, validated like a file: `replace(sparsity={"final": 0.99})`."""
+        raw = to_dict(self)
+        for table, values in tables.items():
+            if table in ("name", "seed"):
+                raw[table] = values
+            else:
+                raw[table].update(values)
+        return from_dict(raw, self.source)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+                             "sparsity": SparsityConfig}
+TOP_KEYS = {"name": str, "seed": int}
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; every problem is a RecipeError naming file and key."""
+    path = Path(path)
+    source = path.name
+    if not path.is_file():
+        raise RecipeError(str(path), "", None, "recipe file not found")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(source, "", None, "is not a UTF-8 text file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(source, "", None, f"TOML syntax error: {exc}") from None
+    return from_dict(raw, source)
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(source, "", None, f"TOML syntax error: {exc}") from None
+    return from_dict(raw, source)
+
+
+def from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    known = list(TOP_KEYS) + list(SECTIONS)
+    for key in raw:
+        if key not in known:
+            raise RecipeError(source, "", key, f"is not a recipe key{_did_you_mean(key, known)}")
+    top: dict[str, Any] = {}
+    for key, kind in TOP_KEYS.items():
+        if key in raw:
+            top[key] = _check_type(source, "", key, raw[key], kind)
+    sections = {}
+    for table, cls in SECTIONS.items():
+        values = raw.get(table, {})
+        if not isinstance(values, dict):
+            raise RecipeError(source, "", table, "must be a table ([" + table + "])")
+        sections[table] = _build_section(source, table, cls, values)
+    recipe = Recipe(**top, **sections, source=source)
+    _check_cross_fields(recipe)
+    return recipe
+
+
+def _build_section(source: str, table: str, cls: type, values: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise RecipeError(source, table, key, f"is not a key of [{table}]{_did_you_mean(key, list(fields))}")
+        spec = fields[key]
+        value = _check_type(source, table, key, value, spec.type)
+        _check_range(source, table, key, value, spec.metadata)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+_TYPE_NAMES = {"int": int, "float": float, "bool": bool, "str": str, "list[str]": list}
+
+
+def _check_type(source: str, table: str, key: str, value: Any, declared: Any) -> Any:
+    kind = _TYPE_NAMES.get(declared, declared) if isinstance(declared, str) else declared
+    shown = _show(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(source, table, key, f"= {shown} must be true or false")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(source, table, key, f"= {shown} must be an integer")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RecipeError(source, table, key, f"= {shown} must be a number")
+        if not math.isfinite(value):
+            raise RecipeError(source, table, key, f"= {shown} must be a finite number")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise RecipeError(source, table, key, f"= {shown} must be a string")
+        return value
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise RecipeError(source, table, key, f"= {shown} must be a list of strings")
+        return list(value)
+    raise TypeError(f"unsupported recipe type {declared!r}")
+
+
+def _check_range(source: str, table: str, key: str, value: Any, spec: Any) -> None:
+    if not spec:
+        return
+    choices = spec.get("choices")
+    if choices and value not in choices:
+        hint = _did_you_mean(str(value), list(choices))
+        raise RecipeError(source, table, key, f"= {_show(value)} must be one of {', '.join(choices)}{hint}")
+    lo, hi = spec.get("lo"), spec.get("hi")
+    below = lo is not None and (value <= lo if spec["lo_open"] else value < lo)
+    above = hi is not None and (value >= hi if spec["hi_open"] else value > hi)
+    if below or above:
+        if lo is not None and hi is not None:
+            rng = f"{'(' if spec['lo_open'] else '['}{_num(lo)}, {_num(hi)}{')' if spec['hi_open'] else ']'}"
+            raise RecipeError(source, table, key, f"= {_show(value)} must be in {rng}")
+        op = (">" if spec["lo_open"] else ">=") if lo is not None else ("<" if spec["hi_open"] else "<=")
+        raise RecipeError(source, table, key, f"= {_show(value)} must be {op} {_num(lo if lo is not None else hi)}")
+
+
+def _check_cross_fields(recipe: Recipe) -> None:
+    """Rules that involve several keys; defaults that depend on other keys stay as written (-1)."""
+    src, sp, train = recipe.source, recipe.sparsity, recipe.train
+    err = lambda key, msg: RecipeError(src, "sparsity", key, msg)  # noqa: E731
+    if sp.method == "ndsnn" and sp.initial > sp.final:
+        raise err("initial", f"= {_num(sp.initial)} must be <= final ({_num(sp.final)}): "
+                             "NDSNN ramps sparsity up from initial to final")
+    if sp.drop_fraction_min > sp.drop_fraction:
+        raise err("drop_fraction_min", f"= {_num(sp.drop_fraction_min)} must be <= drop_fraction "
+                                       f"({_num(sp.drop_fraction)})")
+    t0, t1, t_end = sparse_epochs(recipe)
+    if sp.update_end_epoch != -1 and not 0 < sp.update_end_epoch <= train.epochs:
+        raise err("update_end_epoch", f"= {_num(sp.update_end_epoch)} must be in (0, train.epochs = {train.epochs}]")
+    if sp.ramp_end_epoch != -1 and sp.ramp_end_epoch < 0:
+        raise err("ramp_end_epoch", f"= {_num(sp.ramp_end_epoch)} must be >= 0 (or -1 for the default)")
+    if sp.method in ("ndsnn", "gmp"):
+        if t1 > t_end:
+            raise err("ramp_end_epoch", f"= {_num(t1)} must be <= update_end_epoch ({_num(t_end)})")
+        if t0 >= t1:
+            raise err("ramp_start_epoch", f"= {_num(t0)} must be < ramp_end_epoch ({_num(t1)})")
+    if sp.method == "lth":
+        if sp.prune_rate == -1:
+            raise err("prune_rate", "is required for method = \"lth\" (e.g. 0.25: prune 25% of the "
+                                    "remaining weights per round)")
+        if not 0 < sp.prune_rate < 1:
+            raise err("prune_rate", f"= {_num(sp.prune_rate)} must be in (0, 1)")
+        epochs = sp.round_epochs or train.epochs
+        if sp.rewind_epoch == -1:
+            raise err("rewind_epoch", "is required for method = \"lth\" (0 = rewind to initialisation)")
+        if not 0 <= sp.rewind_epoch < epochs:
+            raise err("rewind_epoch", f"= {sp.rewind_epoch} must be in [0, {epochs}) (the epochs of a round)")
+    elif sp.prune_rate != -1 or sp.rewind_epoch != -1:
+        key = "prune_rate" if sp.prune_rate != -1 else "rewind_epoch"
+        raise err(key, f"only applies to method = \"lth\" (method is \"{sp.method}\")")
+
+
+def sparse_epochs(recipe: Recipe) -> tuple[float, float, float]:
+    """(t0, t1, t_end) in epochs with the defaults resolved: t_end 75% of training, t1 75% of t_end."""
+    sp = recipe.sparsity
+    t_end = sp.update_end_epoch if sp.update_end_epoch != -1 else 0.75 * recipe.train.epochs
+    t1 = sp.ramp_end_epoch if sp.ramp_end_epoch != -1 else 0.75 * t_end
+    return sp.ramp_start_epoch, t1, t_end
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": recipe.name, "seed": recipe.seed}
+    for table in SECTIONS:
+        out[table] = dataclasses.asdict(getattr(recipe, table))
+    return out
+
+
+def to_toml(recipe: Recipe) -> str:
+    """Canonical TOML for a recipe (all keys), so a run directory records exactly what ran."""
+    raw = to_dict(recipe)
+    lines = [f"name = {_toml_value(raw['name'])}", f"seed = {raw['seed']}"]
+    for table in SECTIONS:
+        lines += ["", f"[{table}]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in raw[table].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return _num(value)
+    return repr(value)
+
+
+def _num(value: float | None) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)

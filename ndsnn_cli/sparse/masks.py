@@ -1,0 +1,159 @@
+"""Which weights are sparse, how dense each layer is, and the masks themselves.
+
+A layer at density d over n weights has exactly round(d * n) active weights. Masks are bool tensors
+applied to the weights and to the optimizer's per-weight state after every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ndsnn_cli.errors import UserError
+
+
+def sparse_parameter_names(model: nn.Module, dense: Iterable[str] = ()) -> list[str]:
+    """Every conv and linear weight, except names (or name prefixes) listed as dense."""
+    dense = list(dense)
+    names = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear | nn.Conv1d):
+            name = f"{module_name}.weight" if module_name else "weight"
+            if not any(name == d or name.startswith(d.rstrip(".") + ".") for d in dense):
+                names.append(name)
+    all_params = {name for name, _ in model.named_parameters()}
+    for entry in dense:
+        if not any(p == entry or p.startswith(entry.rstrip(".") + ".") for p in all_params):
+            raise UserError(f"[sparsity] dense = '{entry}' matches no parameter of the model "
+                            f"(e.g. {', '.join(sorted(all_params)[:3])})")
+    return names
+
+
+def active_count(numel: int, density: float) -> int:
+    return int(round(density * numel))
+
+
+def erk_densities(shapes: Mapping[str, tuple[int, ...]], density: float) -> dict[str, float]:
+    """Erdos-Renyi-Kernel (RigL): density_l proportional to sum(shape)/prod(shape), capped at 1.
+
+    Layers whose share would exceed 1 are made dense and the rest re-solved, so the overall number of
+    active weights is `density` of the total.
+    """
+    numels = {name: math.prod(shape) for name, shape in shapes.items()}
+    raw = {name: sum(shape) / numels[name] for name, shape in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        budget = density * sum(numels.values()) - sum(numels[n] for n in dense)
+        weighted = sum(raw[n] * numels[n] for n in shapes if n not in dense)
+        if weighted == 0:
+            break
+        epsilon = budget / weighted
+        over = {n for n in shapes if n not in dense and epsilon * raw[n] > 1}
+        if not over:
+            break
+        dense |= over
+    return {n: 1.0 if n in dense else min(1.0, max(0.0, epsilon * raw[n])) for n in shapes}
+
+
+def global_magnitude_counts(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None,
+                            total_active: int) -> dict[str, int]:
+    """Per-layer active counts when the `total_active` largest |w| (among active ones) are kept globally."""
+    scores = []
+    for name, w in weights.items():
+        s = w.detach().abs().float().flatten()
+        if masks is not None:
+            s = s.masked_fill(~masks[name].flatten(), -1.0)
+        scores.append(s)
+    flat = torch.cat(scores)
+    total_active = min(total_active, flat.numel())
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    if total_active > 0:
+        keep[torch.topk(flat, total_active, sorted=False).indices] = True
+    counts, offset = {}, 0
+    for name, w in weights.items():
+        counts[name] = int(keep[offset:offset + w.numel()].sum())
+        offset += w.numel()
+    return counts
+
+
+def layer_counts(weights: Mapping[str, torch.Tensor], density: float, distribution: str,
+                 masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """Active weights per layer for an overall `density` under a distribution (erk, uniform, global)."""
+    if distribution == "global":
+        total = sum(w.numel() for w in weights.values())
+        return global_magnitude_counts(weights, masks, active_count(total, density))
+    if distribution == "uniform":
+        densities = {name: density for name in weights}
+    elif distribution == "erk":
+        densities = erk_densities({name: tuple(w.shape) for name, w in weights.items()}, density)
+    else:
+        raise ValueError(f"unknown distribution {distribution!r}")
+    return {name: active_count(w.numel(), densities[name]) for name, w in weights.items()}
+
+
+def random_mask(shape: torch.Size | tuple[int, ...], count: int, generator: torch.Generator,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """A bool mask with exactly `count` True entries at uniformly random positions."""
+    numel = math.prod(shape)
+    order = torch.randperm(numel, generator=generator)
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask.reshape(shape).to(device)
+
+
+def magnitude_mask(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep the `count` largest |w|."""
+    flat = weight.detach().abs().flatten()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if count > 0:
+        mask[torch.topk(flat, count, sorted=False).indices] = True
+    return mask.reshape(weight.shape)
+
+
+# Optimizer state that holds one value per weight and must be zero where the weight is inactive.
+PER_WEIGHT_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+class Masks:
+    """Bool masks for the sparse parameters of one model."""
+
+    def __init__(self, params: Mapping[str, nn.Parameter], masks: Mapping[str, torch.Tensor]) -> None:
+        self.params = dict(params)
+        self.masks = {name: masks[name].to(device=params[name].device, dtype=torch.bool) for name in params}
+
+    @classmethod
+    def for_model(cls, model: nn.Module, names: Iterable[str], masks: Mapping[str, torch.Tensor]) -> Masks:
+        params = dict(model.named_parameters())
+        return cls({name: params[name] for name in names}, masks)
+
+    @torch.no_grad()
+    def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero weights (and their optimizer state) outside the masks."""
+        for name, param in self.params.items():
+            mask = self.masks[name]
+            param.mul_(mask)
+            if optimizer is not None:
+                state = optimizer.state.get(param, {})
+                for key in PER_WEIGHT_STATE:
+                    if key in state:
+                        state[key].mul_(mask)
+
+    def nnz(self) -> dict[str, int]:
+        return {name: int(mask.sum()) for name, mask in self.masks.items()}
+
+    def report(self) -> dict[str, object]:
+        """Realised per-layer and global sparsity (exact counts)."""
+        layers = {}
+        total = active = 0
+        for name, mask in self.masks.items():
+            nnz, numel = int(mask.sum()), mask.numel()
+            layers[name] = {"shape": list(mask.shape), "numel": numel, "nnz": nnz, "sparsity": 1 - nnz / numel}
+            total, active = total + numel, active + nnz
+        return {"layers": layers, "numel": total, "nnz": active, "sparsity": 1 - active / total if total else 0.0}
+
+    def sparsity(self) -> float:
+        total = sum(m.numel() for m in self.masks.values())
+        return 1 - sum(int(m.sum()) for m in self.masks.values()) / total if total else 0.0

@@ -1,0 +1,70 @@
+"""Pure functions of the training step: sparsity ramp, drop fraction, update steps, LTH rounds.
+
+The trainer and the cost model both call these, so the FLOPs reported by `ndsnn cost` follow exactly
+the schedule that training runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SparseSchedule:
+    """A drop-and-grow schedule in optimizer steps; every method except LTH is one of these."""
+
+    initial_sparsity: float
+    final_sparsity: float
+    ramp_start_step: int
+    ramp_end_step: int
+    update_end_step: int
+    update_every_steps: int
+    drop_fraction: float
+    drop_fraction_min: float
+    grow: str  # "gradient" | "random" | "none"
+
+    def sparsity(self, step: int) -> float:
+        return sparsity_at(step, self.initial_sparsity, self.final_sparsity, self.ramp_start_step, self.ramp_end_step)
+
+    def drop_fraction_at(self, step: int) -> float:
+        if self.grow == "none":
+            return 0.0
+        return drop_fraction_at(step, self.drop_fraction, self.drop_fraction_min, self.update_end_step)
+
+    def is_update_step(self, step: int) -> bool:
+        return is_update_step(step, self.update_every_steps, self.update_end_step)
+
+    def update_steps(self) -> range:
+        """Every step at which the mask changes (after that step's optimizer update)."""
+        return range(self.update_every_steps, self.update_end_step, self.update_every_steps)
+
+
+def sparsity_at(step: int, initial: float, final: float, ramp_start_step: int, ramp_end_step: int) -> float:
+    """Cubic ramp (Zhu & Gupta): s(t) = s_f + (s_i - s_f) * (1 - (t - t0)/(t1 - t0))**3, clamped to [t0, t1]."""
+    if step <= ramp_start_step:
+        return initial
+    if step >= ramp_end_step:
+        return final
+    progress = (step - ramp_start_step) / (ramp_end_step - ramp_start_step)
+    return final + (initial - final) * (1 - progress) ** 3
+
+
+def drop_fraction_at(step: int, initial: float, minimum: float, end_step: int) -> float:
+    """Cosine decay d(t) = d_min + (d0 - d_min) * (1 + cos(pi * t / t_end)) / 2; d_min after t_end."""
+    if end_step <= 0 or step >= end_step:
+        return minimum
+    return minimum + (initial - minimum) * (1 + math.cos(math.pi * step / end_step)) / 2
+
+
+def is_update_step(step: int, every_steps: int, end_step: int) -> bool:
+    """Masks change after step t when t is a positive multiple of dT strictly before t_end."""
+    return 0 < step < end_step and step % every_steps == 0
+
+
+def lth_round_sparsities(final: float, prune_rate: float) -> list[float]:
+    """Sparsity of each LTH round: 0 (dense), then 1-(1-p)^r, the last one clamped to `final`."""
+    sparsities = [0.0]
+    while sparsities[-1] < final - 1e-12:
+        sparsities.append(min(final, 1 - (1 - sparsities[-1]) * (1 - prune_rate)))
+    return sparsities

@@ -1,0 +1,423 @@
+"""The trainer: one loop for every method, evaluation each epoch, checkpoints, resume, and the LTH driver.
+
+A run directory holds `recipe.toml`, `metrics.jsonl` (epoch and mask-update records, deterministic so
+that a resumed run matches an uninterrupted one), `checkpoints/last.safetensors` and `summary.json`.
+The core never prints: progress goes to a `TrainCallbacks` object the CLI supplies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ndsnn_cli import __version__
+from ndsnn_cli.atomic import append_line, write_json, write_text
+from ndsnn_cli.checkpoint import Checkpoint, load_checkpoint, optimizer_from_tensors, restore_rng, save_checkpoint
+from ndsnn_cli.data import build_datasets, dataset_info, make_loader
+from ndsnn_cli.errors import UserError
+from ndsnn_cli.recipe import Recipe, parse_recipe
+from ndsnn_cli.snn.models import NeuronConfig, SpikingNet, create_model
+from ndsnn_cli.sparse.masks import Masks, active_count, global_magnitude_counts, magnitude_mask, sparse_parameter_names
+from ndsnn_cli.sparse.methods import MaskUpdate, SparseMethod, build_method, static_schedule
+from ndsnn_cli.sparse.schedules import lth_round_sparsities
+
+CHECKPOINT = Path("checkpoints") / "last.safetensors"
+
+
+class TrainCallbacks:
+    """Progress hooks; the default does nothing (the CLI renders them with rich)."""
+
+    def on_run_start(self, recipe: Recipe, total_steps: int, steps_per_epoch: int, start_step: int) -> None: ...
+    def on_step(self, step: int, epoch: int, loss: float, accuracy: float) -> None: ...
+    def on_epoch_end(self, record: dict[str, Any]) -> None: ...
+    def on_mask_update(self, update: MaskUpdate) -> None: ...
+    def on_round_start(self, index: int, rounds: int, sparsity: float) -> None: ...
+
+
+class TrainingDiverged(UserError):
+    """A NaN/inf loss or weight; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError('[train] device = "cuda" but no CUDA device is available (use "auto" or "cpu")')
+    return torch.device(name)
+
+
+def build_model(recipe: Recipe) -> SpikingNet:
+    info = dataset_info(recipe.data.dataset)
+    m = recipe.model
+    neuron = NeuronConfig(m.timesteps, m.tau, m.v_threshold, m.surrogate, m.surrogate_alpha, m.lif_backend)
+    return create_model(m.arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                        image_size=info.image_size, neuron=neuron)
+
+
+def build_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
+    t = recipe.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
+                               weight_decay=t.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def learning_rate(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Linear warm-up then cosine (or constant) decay; a pure function of the step, so resume is exact."""
+    t = recipe.train
+    warmup = round(t.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return t.lr * (step + 1) / warmup
+    if t.lr_schedule == "constant":
+        return t.lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return t.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def spiking_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean over time steps of the cross-entropy of each step's logits ([T, B, C])."""
+    steps = logits.shape[0]
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.repeat(steps), label_smoothing=label_smoothing)
+
+
+def predict(logits: torch.Tensor) -> torch.Tensor:
+    return logits.sum(0).argmax(-1)
+
+
+@dataclass
+class _RunState:
+    epoch: int = 0            # epochs fully done
+    step: int = 0             # optimizer steps done
+    batch_in_epoch: int = 0   # batches of `epoch` already done (mid-epoch checkpoints)
+    loss_sum: float = 0.0     # running sums of the current epoch's training metrics
+    correct: int = 0
+    seen: int = 0
+    best_accuracy: float = 0.0
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Refuse a second `ndsnn train` on the same run directory (an flock, released even on kill -9)."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"{run_dir}: another ndsnn process is training in this run directory") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def train(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
+          callbacks: TrainCallbacks | None = None) -> dict[str, Any]:
+    """Train one recipe into `run_dir`; returns the summary (also written to summary.json)."""
+    run_dir = Path(run_dir)
+    callbacks = callbacks or TrainCallbacks()
+    with run_lock(run_dir):
+        _prepare_run_dir(recipe, run_dir, resume)
+        if recipe.sparsity.method == "lth":
+            return _train_lth(recipe, run_dir, resume, callbacks)
+        return _train_once(recipe, run_dir, resume=resume, callbacks=callbacks)
+
+
+def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
+    existing = run_dir / "recipe.toml"
+    if existing.exists():
+        if not resume:
+            raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or --out for a new one")
+        previous = parse_recipe(existing.read_text(), str(existing))
+        if previous.to_toml() != recipe.to_toml():
+            raise UserError(f"{run_dir}: --resume with a recipe that differs from the run's recipe.toml")
+    else:
+        write_text(existing, recipe.to_toml())
+
+
+def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: TrainCallbacks,
+                initial_state: dict[str, torch.Tensor] | None = None,
+                initial_masks: dict[str, torch.Tensor] | None = None,
+                epochs: int | None = None, rewind: tuple[int, Path] | None = None) -> dict[str, Any]:
+    """One training run. LTH rounds pass their rewound weights, masks and epoch count."""
+    started = time.perf_counter()
+    t = recipe.train
+    epochs = epochs or t.epochs
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    torch.manual_seed(recipe.seed)
+    train_set, test_set = build_datasets(recipe.data)
+    steps_per_epoch = math.ceil(len(train_set) / recipe.data.batch_size)
+    total_steps = steps_per_epoch * epochs
+    model = build_model(recipe).to(device)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
+    optimizer = build_optimizer(recipe, model)
+    if initial_masks is not None:
+        method = SparseMethod("lth", static_schedule(recipe.sparsity.final), seed=recipe.seed)
+        method.setup(model, initial_masks=initial_masks)
+    else:
+        method = build_method(recipe, steps_per_epoch)
+        method.setup(model)
+    use_amp = t.amp
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
+    state = _RunState()
+    metrics_path = run_dir / "metrics.jsonl"
+    checkpoint_path = run_dir / CHECKPOINT
+
+    if resume and checkpoint_path.exists():
+        checkpoint = load_checkpoint(checkpoint_path)
+        state = _restore(checkpoint, model, optimizer, method, scaler)
+        _truncate_metrics(metrics_path, state.step)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    if rewind is not None and rewind[0] == 0 and state.step == 0:
+        _save_weights(rewind[1], model)
+
+    def checkpoint() -> None:
+        tensors, method_meta = method.state_dict()
+        meta = {"recipe": recipe.to_toml(), "epoch": state.epoch, "step": state.step,
+                "batch_in_epoch": state.batch_in_epoch, "loss_sum": state.loss_sum, "correct": state.correct,
+                "seen": state.seen, "best_accuracy": state.best_accuracy, "method": method_meta,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+        save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, extra_tensors=tensors, meta=meta)
+
+    callbacks.on_run_start(recipe, total_steps, steps_per_epoch, state.step)
+    last_record: dict[str, Any] = {}
+    for epoch in range(state.epoch, epochs):
+        model.train()
+        loader = make_loader(train_set, recipe.data.batch_size, shuffle=True, seed=recipe.seed, epoch=epoch,
+                             start_batch=state.batch_in_epoch, num_workers=recipe.data.num_workers)
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            lr = learning_rate(recipe, state.step, total_steps, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                logits = model(images)
+            loss = spiking_loss(logits, labels, t.label_smoothing)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"loss is {loss_value} at step {state.step + 1} (epoch {epoch + 1}); "
+                                       f"the last good checkpoint is {checkpoint_path}")
+            optimizer.zero_grad(set_to_none=False)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            if t.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            state.step += 1
+            update = method.after_step(state.step, optimizer)
+            if update is not None:
+                append_line(metrics_path, json.dumps(update.to_record()))
+                callbacks.on_mask_update(update)
+            correct = int((predict(logits.detach()) == labels).sum())
+            state.batch_in_epoch += 1
+            state.loss_sum += loss_value * labels.shape[0]
+            state.correct += correct
+            state.seen += labels.shape[0]
+            if state.step % t.log_every_steps == 0 or state.batch_in_epoch == steps_per_epoch:
+                callbacks.on_step(state.step, epoch, state.loss_sum / state.seen, state.correct / state.seen)
+            if t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0:
+                checkpoint()
+        _check_weights_finite(model, state.step, checkpoint_path)
+        test_loss, test_accuracy = evaluate(model, test_set, recipe, device)
+        state.best_accuracy = max(state.best_accuracy, test_accuracy)
+        last_record = {"kind": "epoch", "epoch": epoch + 1, "step": state.step,
+                       "lr": learning_rate(recipe, state.step - 1, total_steps, steps_per_epoch),
+                       "train_loss": state.loss_sum / max(1, state.seen),
+                       "train_accuracy": state.correct / max(1, state.seen),
+                       "test_loss": test_loss, "test_accuracy": test_accuracy,
+                       "sparsity": method.masks.sparsity() if method.masks else 0.0}
+        append_line(metrics_path, json.dumps(last_record))
+        state.epoch, state.batch_in_epoch, state.loss_sum, state.correct, state.seen = epoch + 1, 0, 0.0, 0, 0
+        checkpoint()
+        callbacks.on_epoch_end(last_record)
+        if rewind is not None and rewind[0] == epoch + 1:
+            _save_weights(rewind[1], model)
+
+    if not last_record:  # resumed a finished run: report from its metrics
+        last_record = [r for r in read_metrics(run_dir) if r["kind"] == "epoch"][-1]
+    summary = _summary(recipe, model, method, test_set, device, last_record, state, epochs,
+                       time.perf_counter() - started)
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, method: SparseMethod,
+             scaler: torch.amp.GradScaler) -> _RunState:
+    meta = checkpoint.meta
+    model.load_state_dict(checkpoint.model_state)
+    optimizer_from_tensors(optimizer, checkpoint.tensors, meta["optimizer"])
+    method.load_state_dict(model, checkpoint.tensors)
+    if meta.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(meta["scaler"])
+    restore_rng(checkpoint)
+    return _RunState(meta["epoch"], meta["step"], meta["batch_in_epoch"], meta["loss_sum"], meta["correct"],
+                     meta["seen"], meta["best_accuracy"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint (and a torn last line) so a resumed run's log is exact."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if record["step"] > step:
+            break
+        kept.append(line)
+    write_text(path, "".join(line + "\n" for line in kept))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
+def _check_weights_finite(model: nn.Module, step: int, checkpoint_path: Path) -> None:
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise TrainingDiverged(f"weight {name} holds NaN/inf after step {step}; "
+                                   f"the last good checkpoint is {checkpoint_path}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, test_set: torch.utils.data.Dataset, recipe: Recipe,
+             device: torch.device) -> tuple[float, float]:
+    """Test loss and accuracy (prediction = argmax of the summed per-step logits)."""
+    model.eval()
+    loader = make_loader(test_set, recipe.data.eval_batch_size, shuffle=False, seed=0, epoch=0,
+                         num_workers=recipe.data.num_workers)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+                            enabled=recipe.train.amp):
+            logits = model(images)
+        loss_sum += spiking_loss(logits, labels).item() * labels.shape[0]
+        correct += int((predict(logits) == labels).sum())
+        seen += labels.shape[0]
+    model.train()
+    return loss_sum / max(1, seen), correct / max(1, seen)
+
+
+@torch.no_grad()
+def spike_rates(model: SpikingNet, images: torch.Tensor) -> dict[str, float]:
+    """Mean firing rate of every LIF layer on a batch (spikes per neuron per time step)."""
+    rates: dict[str, float] = {}
+    names = {module: name for name, module in model.named_modules()}
+    hooks = [lif.register_forward_hook(lambda m, _i, out: rates.__setitem__(names[m], float(out.float().mean())))
+             for lif in model.lif_layers()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return rates
+
+
+def _summary(recipe: Recipe, model: SpikingNet, method: SparseMethod, test_set: torch.utils.data.Dataset,
+             device: torch.device, last: dict[str, Any], state: _RunState, epochs: int,
+             wall_time_s: float) -> dict[str, Any]:
+    masks = method.masks or Masks.for_model(
+        model, sparse_parameter_names(model, recipe.sparsity.dense),
+        {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()
+         if n in sparse_parameter_names(model, recipe.sparsity.dense)})
+    probe = torch.stack([test_set[i][0] for i in range(min(64, len(test_set)))]).to(device)
+    return {
+        "name": recipe.name, "method": recipe.sparsity.method, "arch": recipe.model.arch,
+        "dataset": recipe.data.dataset, "timesteps": recipe.model.timesteps, "seed": recipe.seed,
+        "epochs": epochs, "steps": state.step, "test_accuracy": last["test_accuracy"],
+        "best_test_accuracy": state.best_accuracy, "test_loss": last["test_loss"],
+        "train_accuracy": last["train_accuracy"], "sparsity": masks.report(),
+        "spike_rates": spike_rates(model, probe), "wall_time_s": wall_time_s, "device": str(device),
+        "torch_version": torch.__version__, "ndsnn_version": __version__, "recipe_sha256": recipe.sha256(),
+    }
+
+
+def _save_weights(path: Path, model: nn.Module) -> None:
+    save_checkpoint(path, model=model, optimizer=None, extra_tensors={}, meta={"kind": "rewind"})
+
+
+def prune_global_magnitude(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None,
+                           sparsity: float) -> dict[str, torch.Tensor]:
+    """LTH pruning: keep the largest |w| across all sparse layers so that `sparsity` of them are zero."""
+    total = sum(w.numel() for w in weights.values())
+    counts = global_magnitude_counts(weights, masks, active_count(total, 1 - sparsity))
+    scored = {n: w.detach().abs() * (masks[n] if masks else 1) for n, w in weights.items()}
+    return {n: magnitude_mask(scored[n], counts[n]) for n in weights}
+
+
+def _train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallbacks) -> dict[str, Any]:
+    """Iterative magnitude pruning with late rewinding: dense round 0, then prune, rewind, retrain."""
+    sp = recipe.sparsity
+    sparsities = lth_round_sparsities(sp.final, sp.prune_rate)
+    epochs = sp.round_epochs or recipe.train.epochs
+    rewind_path = run_dir / "rewind.safetensors"
+    rounds: list[dict[str, Any]] = []
+    masks: dict[str, torch.Tensor] | None = None
+    started = time.perf_counter()
+    for index, sparsity in enumerate(sparsities):
+        round_dir = run_dir / f"round_{index:02d}"
+        callbacks.on_round_start(index, len(sparsities), sparsity)
+        done = round_dir / "summary.json"
+        if resume and done.exists():
+            summary = json.loads(done.read_text())
+        else:
+            round_dir.mkdir(parents=True, exist_ok=True)
+            round_resume = resume and (round_dir / CHECKPOINT).exists()
+            if index == 0:
+                summary = _train_once(recipe, round_dir, resume=round_resume, callbacks=callbacks,
+                                      epochs=epochs, rewind=(sp.rewind_epoch, rewind_path))
+            else:
+                rewind_state = load_checkpoint(rewind_path).model_state
+                summary = _train_once(recipe, round_dir, resume=round_resume, callbacks=callbacks,
+                                      initial_state=rewind_state, initial_masks=masks, epochs=epochs)
+        rounds.append({"round": index, "target_sparsity": sparsity, "sparsity": summary["sparsity"]["sparsity"],
+                       "test_accuracy": summary["test_accuracy"], "epochs": epochs})
+        if index + 1 < len(sparsities):
+            final = load_checkpoint(round_dir / CHECKPOINT)
+            names = list(summary["sparsity"]["layers"])
+            weights = {n: final.model_state[n] for n in names}
+            previous = {n: final.masks[n] for n in names} if final.masks else None
+            masks = prune_global_magnitude(weights, previous, sparsities[index + 1])
+    summary = dict(summary)
+    summary.update({"method": "lth", "rounds": rounds, "round_epochs": epochs,
+                    "total_epochs": epochs * len(sparsities), "wall_time_s": time.perf_counter() - started})
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    return Path(os.environ.get("NDSNN_RUNS", "runs")) / recipe.name
