@@ -179,8 +179,9 @@ def register_method(name: str) -> Callable[[ScheduleBuilder], ScheduleBuilder]:
 
 
 def _steps(recipe: Recipe, steps_per_epoch: int) -> tuple[int, int, int]:
-    t0, t1, t_end = sparse_epochs(recipe)
-    return round(t0 * steps_per_epoch), round(t1 * steps_per_epoch), round(t_end * steps_per_epoch)
+    t0, t1, t_end = (round(epoch * steps_per_epoch) for epoch in sparse_epochs(recipe))
+    # Short runs can round t0 and t1 onto one step; the ramp still needs one step to happen.
+    return t0, max(t1, t0 + 1), max(t_end, t0 + 1)
 
 
 @register_method("dense")

@@ -33,11 +33,18 @@ class SparseSchedule:
         return drop_fraction_at(step, self.drop_fraction, self.drop_fraction_min, self.update_end_step)
 
     def is_update_step(self, step: int) -> bool:
-        return is_update_step(step, self.update_every_steps, self.update_end_step)
+        return is_update_step(step, self.update_every_steps, self.update_end_step) or step == self._ramp_end_update()
 
-    def update_steps(self) -> range:
+    def update_steps(self) -> list[int]:
         """Every step at which the mask changes (after that step's optimizer update)."""
-        return range(self.update_every_steps, self.update_end_step, self.update_every_steps)
+        steps = list(range(self.update_every_steps, self.update_end_step, self.update_every_steps))
+        extra = self._ramp_end_update()
+        return sorted({*steps, extra}) if extra else steps
+
+    def _ramp_end_update(self) -> int | None:
+        """A ramp also updates at t1 itself, so `final` is reached even when dT does not divide t1."""
+        ramps = self.initial_sparsity != self.final_sparsity and self.ramp_end_step > max(0, self.ramp_start_step)
+        return self.ramp_end_step if ramps else None
 
 
 def sparsity_at(step: int, initial: float, final: float, ramp_start_step: int, ramp_end_step: int) -> float:

@@ -1,0 +1,94 @@
+"""The real console entry point: exit codes, one-line errors without tracebacks, a JSON summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ndsnn_cli import __version__
+from ndsnn_cli.recipe import parse_recipe
+from ndsnn_cli.sparse.masks import layer_counts
+
+
+def ndsnn(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`python -m ndsnn_cli ARGS` in a fresh process: the same `main()` as the `ndsnn` console script."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
+    return subprocess.run([sys.executable, "-m", "ndsnn_cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout, check=False)
+
+
+def test_version_and_help_exit_zero() -> None:
+    version = ndsnn("--version")
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == f"ndsnn {__version__}"
+    help_text = ndsnn("--help")
+    assert help_text.returncode == 0, help_text.stderr
+    assert "train" in help_text.stdout
+    train_help = ndsnn("train", "--help")
+    assert train_help.returncode == 0
+    assert "--resume" in train_help.stdout and "Example" in train_help.stdout
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "ndsnn"
+    if not script.exists():
+        pytest.skip("package not installed with its console script in this environment")
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"ndsnn {__version__}"
+
+
+def test_cli_module_does_not_import_torch() -> None:
+    """`ndsnn --help` must answer instantly: torch is imported inside commands only."""
+    code = "import sys, ndsnn_cli.cli; print(sorted(m for m in ('torch', 'onnx') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[sparsity]\nfinal = 1.2\n", "error: bad.toml: [sparsity] final = 1.2 must be in [0, 1)"),
+    ("[sparsity\n", "error: bad.toml: TOML syntax error: "),
+    ("[train]\nepoch = 3\n", "error: bad.toml: [train] epoch is not a key of [train] (did you mean 'epochs'?)"),
+])
+def test_train_on_a_bad_recipe_exits_2_with_one_line(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "bad.toml").write_text(text)
+    result = ndsnn("train", "bad.toml", "--out", "run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(message)
+    assert result.stdout == ""
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_train_on_a_missing_recipe_exits_2(tmp_path: Path) -> None:
+    result = ndsnn("train", "nope.toml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "error: nope.toml: recipe file not found\n"
+
+
+@pytest.mark.slow
+def test_tiny_train_json_reports_the_target_sparsity(tmp_path: Path, tiny_recipe_toml: str) -> None:
+    text = tiny_recipe_toml + '\n[sparsity]\nmethod = "static"\nfinal = 0.8\n'
+    (tmp_path / "tiny.toml").write_text(text)
+    result = ndsnn("train", "tiny.toml", "--out", "run", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["method"] == "static" and summary["epochs"] == 2 and summary["steps"] == 8
+    layers = summary["sparsity"]["layers"]
+    total = summary["sparsity"]["numel"]
+    # within one weight per layer of the target, and per layer exactly the ERK count
+    assert abs(summary["sparsity"]["nnz"] - 0.2 * total) <= len(layers)
+    assert abs(summary["sparsity"]["sparsity"] - 0.8) <= len(layers) / total
+    recipe = parse_recipe(text, "tiny.toml")
+    zeros = {name: torch.zeros(layer["shape"]) for name, layer in layers.items()}
+    assert {n: layer["nnz"] for n, layer in layers.items()} == layer_counts(zeros, 0.2, recipe.sparsity.distribution)
+    assert (tmp_path / "run" / "summary.json").exists()
+    assert parse_recipe((tmp_path / "run" / "recipe.toml").read_text()) == recipe

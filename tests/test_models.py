@@ -1,0 +1,83 @@
+"""Model registry: the paper layouts have the LTH-SNN parameter counts; every model returns [T, B, classes]."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ndsnn_cli.errors import UserError
+from ndsnn_cli.snn.models import MODELS, NeuronConfig, create_model
+from ndsnn_cli.snn.neuron import LIF
+
+# Counted once from this code for CIFAR-10 (3x32x32, 10 classes), all parameters incl. BN and biases.
+# Plausible against the published layouts: VGG-16 (conv biases, one 512->10 classifier) ~14.7 M,
+# ResNet-19 (TET/LTH-SNN, fc 512->256->10) ~12.6 M.
+VGG16_CIFAR10_PARAMS = 14_728_266
+RESNET19_CIFAR10_PARAMS = 12_630_858
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_vgg16_cifar10_parameter_count() -> None:
+    model = create_model("vgg16", num_classes=10, in_channels=3, image_size=32)
+    assert count(model) == VGG16_CIFAR10_PARAMS
+    conv_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    # 13 conv3x3 layers of 64,64,128,128,256x3,512x6: the classic VGG-16 feature extractor.
+    assert conv_weights == 9 * (3 * 64 + 64 * 64 + 64 * 128 + 128 * 128 + 128 * 256 + 2 * 256 * 256
+                                + 256 * 512 + 5 * 512 * 512)
+    assert len(model.lif_layers()) == 13
+
+
+def test_resnet19_cifar10_parameter_count() -> None:
+    model = create_model("resnet19", num_classes=10, in_channels=3, image_size=32)
+    assert count(model) == RESNET19_CIFAR10_PARAMS
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(512, 256), (256, 10)]
+    # stem + 8 blocks x 2 + the LIF after fc 512->256
+    assert len(model.lif_layers()) == 1 + 16 + 1
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet19", "scnn", "mlp"])
+@pytest.mark.parametrize("image_size", [28, 32, 64])
+def test_output_shape_is_time_batch_classes(name: str, image_size: int) -> None:
+    torch.manual_seed(0)
+    steps, batch, classes = 2, 2, 7
+    model = create_model(name, num_classes=classes, in_channels=3, image_size=image_size,
+                         neuron=NeuronConfig(timesteps=steps))
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(batch, 3, image_size, image_size))
+    assert out.shape == (steps, batch, classes)
+    assert torch.isfinite(out).all()
+
+
+def test_encoder_runs_once_and_repeats_over_time() -> None:
+    model = create_model("scnn", num_classes=10, in_channels=1, image_size=28, neuron=NeuronConfig(timesteps=3))
+    calls = []
+    model.encoder.register_forward_hook(lambda _m, inputs, _o: calls.append(inputs[0].shape[0]))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(5, 1, 28, 28))
+    assert calls == [5]  # analog image batch, not T*B
+
+
+def test_neuron_config_reaches_every_lif() -> None:
+    neuron = NeuronConfig(timesteps=3, tau=2.0, v_threshold=0.5, surrogate="sigmoid", alpha=4.0, backend="reference")
+    model = create_model("resnet19", num_classes=10, in_channels=3, image_size=32, neuron=neuron)
+    lifs = model.lif_layers()
+    assert all(isinstance(lif, LIF) for lif in lifs)
+    assert {(lif.timesteps, lif.tau, lif.v_threshold, lif.surrogate, lif.alpha, lif.backend) for lif in lifs} == {
+        (3, 2.0, 0.5, "sigmoid", 4.0, "reference")}
+    model.set_lif_backend("fused")
+    assert {lif.backend for lif in lifs} == {"fused"}
+
+
+def test_unknown_model_lists_known_names() -> None:
+    with pytest.raises(UserError) as info:
+        create_model("resnet18", num_classes=10, in_channels=3, image_size=32)
+    message = str(info.value)
+    assert message.startswith("unknown model 'resnet18' (known: ")
+    for name in MODELS:
+        assert name in message

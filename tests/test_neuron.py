@@ -1,0 +1,124 @@
+"""LIF neurons: surrogate gradients equal their formulas; the fused BPTT equals the reference autograd loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ndsnn_cli.snn.neuron import LIF, lif_reference, spike, surrogate_grad
+
+TAU, V_TH = 4.0 / 3.0, 1.0
+# The fused backward sums the same terms as autograd in another order: float32 rounding only.
+GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-6
+
+
+def primitive(x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
+    """The smooth function whose derivative each surrogate is (SpikingJelly's definitions)."""
+    if surrogate == "atan":
+        return torch.atan(math.pi / 2 * alpha * x) / math.pi + 0.5
+    return torch.sigmoid(alpha * x)
+
+
+@pytest.mark.parametrize("surrogate", ["atan", "sigmoid"])
+@pytest.mark.parametrize("alpha", [2.0, 4.0])
+def test_surrogate_gradient_equals_autograd_of_its_formula(surrogate: str, alpha: float) -> None:
+    x = torch.linspace(-3, 3, 601, dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad(primitive(x, surrogate, alpha).sum(), x)
+    got = surrogate_grad(x.detach(), surrogate, alpha)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    # Through the spike function: Heaviside forward, the same derivative backward.
+    xs = x.detach().clone().requires_grad_()
+    out = spike(xs, surrogate, alpha)
+    assert torch.equal(out, (xs >= 0).double())
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(xs.grad, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_surrogate_grad_leaves_its_input_unchanged() -> None:
+    x = torch.randn(50)
+    before = x.clone()
+    surrogate_grad(x, "atan", 2.0)
+    surrogate_grad(x, "sigmoid", 2.0)
+    assert torch.equal(x, before)
+
+
+def test_atan_peak_is_alpha_over_two() -> None:
+    assert surrogate_grad(torch.zeros(1), "atan", 2.0).item() == 1.0
+    assert surrogate_grad(torch.zeros(1), "sigmoid", 4.0).item() == 1.0
+
+
+def hand_written_lif(x_seq: torch.Tensor) -> torch.Tensor:
+    """DESIGN §3 written out with Python floats, element by element."""
+    out = torch.zeros_like(x_seq)
+    flat_x, flat_out = x_seq.reshape(x_seq.shape[0], -1), out.reshape(x_seq.shape[0], -1)
+    for j in range(flat_x.shape[1]):
+        v = torch.zeros((), dtype=x_seq.dtype)
+        for t in range(flat_x.shape[0]):
+            h = v + (flat_x[t, j] - v) / TAU
+            s = 1.0 if h >= V_TH else 0.0
+            flat_out[t, j] = s
+            v = h * (1 - s)
+    return out
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5])
+@pytest.mark.parametrize("surrogate", ["atan", "sigmoid"])
+def test_fused_lif_spikes_equal_reference_and_gradients_match(steps: int, surrogate: str) -> None:
+    generator = torch.Generator().manual_seed(steps)
+    batch, features = 4, (3, 5, 5)
+    x = (torch.randn(steps * batch, *features, generator=generator) * 1.5 + 0.8)
+    x_seq = x.reshape(steps, batch, *features)
+    upstream = torch.randn(steps * batch, *features, generator=generator)
+
+    fused = LIF(steps, TAU, V_TH, surrogate, 2.0, backend="fused")
+    x_fused = x.clone().requires_grad_()
+    out_fused = fused(x_fused)
+    out_fused.backward(upstream)
+
+    x_ref = x_seq.clone().requires_grad_()
+    out_ref = lif_reference(x_ref, TAU, V_TH, surrogate, 2.0)
+    out_ref.backward(upstream.reshape(out_ref.shape))
+
+    assert torch.equal(out_fused, out_ref.reshape(out_fused.shape))
+    assert torch.equal(out_fused, hand_written_lif(x_seq).reshape(out_fused.shape))
+    spike_share = out_fused.mean().item()
+    assert 0.05 < spike_share < 0.95  # both branches (spike / no spike) are exercised
+    torch.testing.assert_close(x_fused.grad, x_ref.grad.reshape(x_fused.shape), rtol=GRAD_RTOL, atol=GRAD_ATOL)
+    assert x_fused.grad.abs().sum() > 0
+
+
+def test_reference_backend_module_equals_fused_module() -> None:
+    x = torch.randn(3 * 2, 7) + 1
+    a, b = LIF(3, backend="fused"), LIF(3, backend="reference")
+    assert torch.equal(a(x), b(x))
+
+
+def test_lif_accepts_bf16_and_matches_reference_in_bf16() -> None:
+    x = (torch.randn(3 * 4, 16) + 1).to(torch.bfloat16)
+    x_fused = x.clone().requires_grad_()
+    out = LIF(3)(x_fused)
+    assert out.dtype == torch.bfloat16
+    x_ref = x.reshape(3, 4, 16).clone().requires_grad_()
+    ref = lif_reference(x_ref, TAU, V_TH, "atan", 2.0)
+    assert torch.equal(out, ref.reshape(out.shape))
+    upstream = torch.randn(3 * 4, 16).to(torch.bfloat16)
+    out.backward(upstream)
+    ref.backward(upstream.reshape(ref.shape))
+    assert x_fused.grad.dtype == torch.bfloat16
+    # bf16 keeps 8 significant bits; the two summation orders differ by a few ulps at most.
+    torch.testing.assert_close(x_fused.grad.float(), x_ref.grad.reshape(x.shape).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_lif_under_cpu_autocast_trains_a_conv_layer() -> None:
+    conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+    lif = LIF(2)
+    x = torch.randn(2 * 3, 2, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        spikes = lif(conv(x) + 1)
+    assert spikes.dtype == torch.bfloat16
+    assert set(spikes.unique().tolist()) <= {0.0, 1.0}
+    spikes.float().sum().backward()
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+    assert conv.weight.grad.abs().sum() > 0

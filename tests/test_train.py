@@ -1,0 +1,202 @@
+"""Trainer: resume is bit-identical (epoch and mid-epoch), LTH runs its rounds, bad files are UserErrors."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ndsnn_cli.checkpoint import load_checkpoint
+from ndsnn_cli.errors import UserError
+from ndsnn_cli.recipe import Recipe
+from ndsnn_cli.sparse.masks import active_count
+from ndsnn_cli.sparse.schedules import lth_round_sparsities
+from ndsnn_cli.train import CHECKPOINT, TrainCallbacks, prune_global_magnitude, read_metrics, train
+
+# tiny recipe: 256 images / batch 64 = 4 steps per epoch, 2 epochs. NDSNN updates after every step
+# from step 1 to 5 (ramp ends at step 4, masks freeze at step 6).
+NDSNN = {"method": "ndsnn", "initial": 0.5, "final": 0.9, "update_every_steps": 1,
+         "ramp_end_epoch": 1.0, "update_end_epoch": 1.5}
+
+
+class Interrupt(Exception):
+    """Stands in for a kill: raised from a callback after the trainer wrote its checkpoint."""
+
+
+class StopAfterEpoch(TrainCallbacks):
+    def on_epoch_end(self, record: dict) -> None:
+        if record["epoch"] == 1:
+            raise Interrupt
+
+
+class StopAtStep(TrainCallbacks):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, step: int, epoch: int, loss: float, accuracy: float) -> None:
+        if step == self.step:
+            raise Interrupt
+
+
+def checkpoint_bytes(run_dir: Path) -> bytes:
+    return (run_dir / CHECKPOINT).read_bytes()
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ca, cb = load_checkpoint(a / CHECKPOINT), load_checkpoint(b / CHECKPOINT)
+    assert ca.tensors.keys() == cb.tensors.keys()
+    for key in ca.tensors:  # weights, masks, optimizer state, RNG: bit-identical
+        assert torch.equal(ca.tensors[key], cb.tensors[key]), key
+    assert ca.meta == cb.meta
+    assert (a / "metrics.jsonl").read_bytes() == (b / "metrics.jsonl").read_bytes()
+    assert checkpoint_bytes(a) == checkpoint_bytes(b)
+
+
+@pytest.fixture
+def ndsnn_recipe(tiny_recipe: Callable[..., Recipe]) -> Recipe:
+    return tiny_recipe(sparsity=NDSNN, train={"log_every_steps": 1})
+
+
+@pytest.fixture
+def full_run(ndsnn_recipe: Recipe, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "full"
+    summary = train(ndsnn_recipe, run_dir)
+    assert summary["steps"] == 8
+    updates = [r for r in read_metrics(run_dir) if r["kind"] == "mask_update"]
+    assert [r["step"] for r in updates] == [1, 2, 3, 4, 5]
+    return run_dir
+
+
+def test_resume_after_one_epoch_is_bit_identical(ndsnn_recipe: Recipe, full_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "split"
+    with pytest.raises(Interrupt):
+        train(ndsnn_recipe, run_dir, callbacks=StopAfterEpoch())
+    assert load_checkpoint(run_dir / CHECKPOINT).meta["step"] == 4
+    assert not (run_dir / "summary.json").exists()
+    summary = train(ndsnn_recipe, run_dir, resume=True)
+    assert summary["steps"] == 8
+    assert_same_run(full_run, run_dir)
+    full = json.loads((full_run / "summary.json").read_text())
+    assert summary["test_accuracy"] == full["test_accuracy"]
+    assert summary["sparsity"] == full["sparsity"]
+
+
+def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(ndsnn_recipe: Recipe, tmp_path: Path) -> None:
+    recipe = ndsnn_recipe.replace(train={"checkpoint_every_steps": 3})
+    full = tmp_path / "full"
+    train(recipe, full)
+    run_dir = tmp_path / "split"
+    # Stop during step 4, the last step of epoch 1, after its mask update was logged but before the
+    # epoch-end checkpoint: the newest checkpoint is step 3's mid-epoch one.
+    with pytest.raises(Interrupt):
+        train(recipe, run_dir, callbacks=StopAtStep(4))
+    meta = load_checkpoint(run_dir / CHECKPOINT).meta
+    assert (meta["step"], meta["epoch"], meta["batch_in_epoch"]) == (3, 0, 3)
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    # the log holds a record past the checkpoint; resume must cut it, not repeat it
+    train(recipe, run_dir, resume=True)
+    assert_same_run(full, run_dir)
+
+
+def test_resume_mid_ramp_with_random_growth_is_bit_identical(tiny_recipe: Callable[..., Recipe],
+                                                             tmp_path: Path) -> None:
+    recipe = tiny_recipe(sparsity={**NDSNN, "grow": "random"}, train={"log_every_steps": 1,
+                                                                       "checkpoint_every_steps": 1})
+    full = tmp_path / "full"
+    train(recipe, full)
+    run_dir = tmp_path / "split"
+    with pytest.raises(Interrupt):
+        train(recipe, run_dir, callbacks=StopAtStep(3))  # checkpoint of step 2, inside the ramp
+    assert load_checkpoint(run_dir / CHECKPOINT).meta["step"] == 2
+    train(recipe, run_dir, resume=True)
+    assert_same_run(full, run_dir)
+
+
+def test_final_sparsity_is_exact_per_layer(full_run: Path) -> None:
+    summary = json.loads((full_run / "summary.json").read_text())
+    checkpoint = load_checkpoint(full_run / CHECKPOINT)
+    assert summary["sparsity"]["layers"].keys() == checkpoint.masks.keys()
+    for name, layer in summary["sparsity"]["layers"].items():
+        mask = checkpoint.masks[name]
+        assert layer["nnz"] == int(mask.sum())
+        assert not checkpoint.model_state[name][~mask.bool()].any()  # weights are zero outside the mask
+    total = summary["sparsity"]["numel"]
+    # ERK rounding moves the total by at most half a weight per layer
+    assert abs(summary["sparsity"]["nnz"] - 0.1 * total) <= len(summary["sparsity"]["layers"]) / 2
+
+
+def test_lth_runs_every_round_into_round_folders(tiny_recipe: Callable[..., Recipe], tmp_path: Path) -> None:
+    recipe = tiny_recipe(sparsity={"method": "lth", "final": 0.5, "prune_rate": 0.5, "rewind_epoch": 1})
+    assert lth_round_sparsities(0.5, 0.5) == [0.0, 0.5]
+    summary = train(recipe, tmp_path / "lth")
+    assert [r["target_sparsity"] for r in summary["rounds"]] == [0.0, 0.5]
+    assert summary["total_epochs"] == 4
+    assert sorted(p.name for p in (tmp_path / "lth").glob("round_*")) == ["round_00", "round_01"]
+    round0 = load_checkpoint(tmp_path / "lth" / "round_00" / CHECKPOINT)
+    round1 = load_checkpoint(tmp_path / "lth" / "round_01" / CHECKPOINT)
+    assert round0.masks == {}  # round 0 trains dense
+    names = list(round1.masks)
+    total = sum(round1.masks[n].numel() for n in names)
+    assert sum(int(round1.masks[n].sum()) for n in names) == active_count(total, 0.5)
+    assert summary["rounds"][1]["sparsity"] == 1 - active_count(total, 0.5) / total
+    # round 1's mask is the global magnitude pruning of round 0's final weights
+    expected = prune_global_magnitude({n: round0.model_state[n] for n in names}, None, 0.5)
+    assert all(torch.equal(round1.masks[n].bool(), expected[n]) for n in names)
+    assert (tmp_path / "lth" / "rewind.safetensors").exists()
+    assert json.loads((tmp_path / "lth" / "summary.json").read_text())["method"] == "lth"
+
+
+def test_truncated_checkpoint_is_a_user_error(ndsnn_recipe: Recipe, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train(ndsnn_recipe, run_dir, callbacks=StopAfterEpoch())
+    path = run_dir / CHECKPOINT
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UserError, match=r"not a readable safetensors file \(truncated or corrupt"):
+        load_checkpoint(path)
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        train(ndsnn_recipe, run_dir, resume=True)
+    path.write_bytes(b"\x05")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        load_checkpoint(path)
+
+
+def test_foreign_safetensors_file_is_a_user_error(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(path), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"not an ndsnn checkpoint \(format is None, expected 'ndsnn-checkpoint'\)"):
+        load_checkpoint(path)
+    with pytest.raises(UserError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_training_into_an_existing_run_needs_resume(tiny_recipe: Callable[..., Recipe], tmp_path: Path) -> None:
+    recipe = tiny_recipe(train={"epochs": 1})
+    run_dir = tmp_path / "run"
+    train(recipe, run_dir)
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        train(recipe, run_dir)
+    with pytest.raises(UserError, match="recipe that differs"):
+        train(recipe.replace(seed=1), run_dir, resume=True)
+    assert (run_dir / "metrics.jsonl").read_bytes() == before  # nothing touched
+
+
+def test_amp_bf16_on_cpu_trains(tiny_recipe: Callable[..., Recipe], tmp_path: Path) -> None:
+    recipe = tiny_recipe(model={"arch": "scnn"}, train={"amp": True, "epochs": 1},
+                         sparsity={"method": "rigl", "final": 0.8, "update_every_steps": 1, "update_end_epoch": 1.0})
+    summary = train(recipe, tmp_path / "amp")
+    records = read_metrics(tmp_path / "amp")
+    epoch = [r for r in records if r["kind"] == "epoch"][0]
+    assert math.isfinite(epoch["train_loss"]) and math.isfinite(epoch["test_loss"])
+    assert [r["step"] for r in records if r["kind"] == "mask_update"] == [1, 2, 3]
+    assert summary["device"] == "cpu"
+    checkpoint = load_checkpoint(tmp_path / "amp" / CHECKPOINT)
+    assert all(v.dtype == torch.float32 for k, v in checkpoint.model_state.items() if k.endswith("weight"))
+    total = summary["sparsity"]["numel"]
+    assert abs(summary["sparsity"]["nnz"] - 0.2 * total) <= len(summary["sparsity"]["layers"]) / 2
