@@ -7,6 +7,7 @@ any `num_workers`, and split evenly across distributed ranks.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
@@ -14,14 +15,15 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
-from torchvision import datasets as tv_datasets
-from torchvision import transforms as T
 
 from ndsnn_cli import atomic
+
+if TYPE_CHECKING:
+    from torchvision import datasets as tv_datasets
 from ndsnn_cli.errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -247,10 +249,19 @@ _CIFAR100_STATS = _Stats((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 _TINY_IMAGENET_STATS = _Stats((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821))
 
 
+def _tv_datasets() -> Any:
+    """torchvision is imported on first use: it costs seconds, and `ndsnn cost`/`--help` never need it."""
+    from torchvision import datasets
+
+    return datasets
+
+
 def _transforms(
     cfg: DataConfig, stats: _Stats | None, *, size: int, padding: int, flip: bool, pil: bool = True
 ) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
     """(train, test) transforms: [crop (+flip)] -> tensor -> normalize [-> cutout] for train."""
+    from torchvision import transforms as T
+
     finish: list[Any] = [T.ToTensor()] if pil else []
     if stats is not None:
         finish.append(T.Normalize(stats.mean, stats.std))
@@ -390,20 +401,21 @@ def _root_or(cfg: DataConfig, *defaults: Path) -> list[Path]:
 @register_dataset(DatasetInfo("fashion-mnist", 10, 1, 28, 60000))
 def _fashion_mnist(cfg: DataConfig) -> Split:
     candidates = _root_or(cfg, DEBIAN_FASHION_MNIST, default_data_root())
-    return _idx_datasets(cfg, tv_datasets.FashionMNIST, "Fashion-MNIST", candidates, _FASHION_MNIST_STATS, True)
+    return _idx_datasets(cfg, _tv_datasets().FashionMNIST, "Fashion-MNIST", candidates, _FASHION_MNIST_STATS, True)
 
 
 @register_dataset(DatasetInfo("mnist", 10, 1, 28, 60000))
 def _mnist(cfg: DataConfig) -> Split:
     candidates = _root_or(cfg, default_data_root())
     # No flip: mirrored digits are different symbols (or none).
-    return _idx_datasets(cfg, tv_datasets.MNIST, "MNIST", candidates, _MNIST_STATS, False)
+    return _idx_datasets(cfg, _tv_datasets().MNIST, "MNIST", candidates, _MNIST_STATS, False)
 
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10 / CIFAR-100 (pickled batches)
 
 
+@functools.cache
 def _trust_present_files(cls: type[tv_datasets.CIFAR10]) -> type[tv_datasets.CIFAR10]:
     """`cls` that loads a present folder without md5-checking it.
 
@@ -422,8 +434,6 @@ def _trust_present_files(cls: type[tv_datasets.CIFAR10]) -> type[tv_datasets.CIF
     return Trusting
 
 
-_LocalCIFAR10 = _trust_present_files(tv_datasets.CIFAR10)
-_LocalCIFAR100 = _trust_present_files(tv_datasets.CIFAR100)
 
 
 def _cifar_datasets(cfg: DataConfig, cls: type[tv_datasets.CIFAR10], what: str, stats: _Stats) -> Split:
@@ -447,24 +457,28 @@ def _cifar_datasets(cfg: DataConfig, cls: type[tv_datasets.CIFAR10], what: str, 
 
 @register_dataset(DatasetInfo("cifar10", 10, 3, 32, 50000))
 def _cifar10(cfg: DataConfig) -> Split:
-    return _cifar_datasets(cfg, _LocalCIFAR10, "CIFAR-10", _CIFAR10_STATS)
+    return _cifar_datasets(cfg, _trust_present_files(_tv_datasets().CIFAR10), "CIFAR-10", _CIFAR10_STATS)
 
 
 @register_dataset(DatasetInfo("cifar100", 100, 3, 32, 50000))
 def _cifar100(cfg: DataConfig) -> Split:
-    return _cifar_datasets(cfg, _LocalCIFAR100, "CIFAR-100", _CIFAR100_STATS)
+    return _cifar_datasets(cfg, _trust_present_files(_tv_datasets().CIFAR100), "CIFAR-100", _CIFAR100_STATS)
 
 
 # ---------------------------------------------------------------------------------------------
 # Tiny-ImageNet (JPEG tree)
 
 
-class _TinyImageNetTrain(tv_datasets.ImageFolder):
-    """`train/<wnid>/images/*.JPEG`; class index = position of the wnid in sorted wnids.txt."""
+@functools.cache
+def _tiny_imagenet_train_class() -> type[tv_datasets.ImageFolder]:
+    class TinyImageNetTrain(_tv_datasets().ImageFolder):
+        """`train/<wnid>/images/*.JPEG`; class index = position of the wnid in sorted wnids.txt."""
 
-    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        wnids = sorted(_read_wnids(Path(directory).parent))
-        return wnids, {wnid: i for i, wnid in enumerate(wnids)}
+        def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+            wnids = sorted(_read_wnids(Path(directory).parent))
+            return wnids, {wnid: i for i, wnid in enumerate(wnids)}
+
+    return TinyImageNetTrain
 
 
 class _TinyImageNetVal(Dataset):
@@ -492,7 +506,7 @@ class _TinyImageNetVal(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, target = self.samples[index]
-        return self.transform(tv_datasets.folder.default_loader(str(path))), target
+        return self.transform(_tv_datasets().folder.default_loader(str(path))), target
 
 
 def _read_wnids(folder: Path) -> list[str]:
@@ -517,12 +531,12 @@ def _tiny_imagenet(cfg: DataConfig) -> Split:
             expected = "tiny-imagenet-200/ with wnids.txt, train/, val/images/, val/val_annotations.txt"
             raise _missing(cfg, [root], "Tiny-ImageNet", expected)
         try:
-            tv_datasets.utils.download_and_extract_archive(TINY_IMAGENET_URL, str(root), md5=TINY_IMAGENET_MD5)
+            _tv_datasets().utils.download_and_extract_archive(TINY_IMAGENET_URL, str(root), md5=TINY_IMAGENET_MD5)
         except (OSError, RuntimeError) as err:
             raise _download_failed(cfg, "Tiny-ImageNet", root, err) from err
         folder = root / "tiny-imagenet-200"
     try:
-        train = _TinyImageNetTrain(str(folder / "train"), transform=train_tf)
+        train = _tiny_imagenet_train_class()(str(folder / "train"), transform=train_tf)
     except FileNotFoundError as err:  # a wnid without train/<wnid>/images/*.JPEG
         raise UserError(f"[data] root = {cfg.root!r}: {folder / 'train'}: {err}") from err
     return train, _TinyImageNetVal(folder, test_tf)

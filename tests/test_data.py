@@ -285,7 +285,7 @@ def test_failed_download_is_a_user_error(tmp_path: Path, monkeypatch: pytest.Mon
     def offline(*args: object, **kwargs: object) -> None:
         raise OSError("Network is unreachable")
 
-    monkeypatch.setattr(data.tv_datasets.utils, "download_and_extract_archive", offline)
+    monkeypatch.setattr(data._tv_datasets().utils, "download_and_extract_archive", offline)
     with pytest.raises(UserError, match=r"download = true: could not fetch Tiny-ImageNet .*Network is unreachable"):
         data.build_datasets(DataCfg("tinyimagenet", root=str(tmp_path), download=True))
 
