@@ -1,0 +1,211 @@
+"""`ndsnn cost`: training FLOPs of dense / LTH / SET / RigL / GMP / NDSNN / static, each relative to LTH."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from ndsnn_cli.cli import app
+from ndsnn_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from ndsnn_cli.cost import CostReport, RunCost
+    from ndsnn_cli.recipe import Recipe
+
+
+@app.command()
+def cost(
+    target: Annotated[Path | None, typer.Argument(
+        metavar="[RECIPE.toml|RUN_DIR]", help="Take the settings from a recipe, or report a finished run.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model (default resnet19).")] = None,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", "-s",
+                                                   help="Final sparsity s_f (default 0.99).")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="Data set: image size, classes, train size (default cifar10).")] = None,
+    train_size: Annotated[int | None, typer.Option(help="Training images per epoch (default: the data set's).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default 300).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default 128).")] = None,
+    timesteps: Annotated[int | None, typer.Option("--timesteps", "-T", help="Time steps T (default 5).")] = None,
+    initial: Annotated[float | None, typer.Option(help="NDSNN initial sparsity s_i (default 0.5).")] = None,
+    update_every: Annotated[int | None, typer.Option(help="dT: steps between mask updates (default 100).")] = None,
+    ramp_start: Annotated[float | None, typer.Option(help="t0 in epochs (default 0).")] = None,
+    ramp_end: Annotated[float | None, typer.Option(help="t1 in epochs (default 75% of update end).")] = None,
+    update_end: Annotated[float | None, typer.Option(help="t_end in epochs (default 75% of training).")] = None,
+    distribution: Annotated[str | None, typer.Option(help="Layer split: erk, uniform, global (default erk).")] = None,
+    prune_rate: Annotated[float | None, typer.Option(help="LTH: fraction pruned per round (default 0.25).")] = None,
+    rewind_epoch: Annotated[int | None, typer.Option(help="LTH: rewind epoch (default 20).")] = None,
+    round_epochs: Annotated[int | None, typer.Option(help="LTH: epochs per round (default: --epochs).")] = None,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Also print a table per layer.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON (stable keys) instead of tables.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png",
+                                              help="Density and cumulative FLOPs over training, per method.")] = None,
+) -> None:
+    """Training FLOPs per sparse method from the real model layers and the trainer's own schedules.
+
+    Example: [bold]ndsnn cost --model resnet19 --sparsity 0.99[/bold]
+    (or [bold]ndsnn cost recipes/quickstart.toml --per-layer[/bold], or [bold]ndsnn cost runs/quick[/bold])
+    """
+    import json
+
+    if sparsity is not None and not 0 <= sparsity < 1:
+        raise UserError(f"--sparsity {sparsity:g} must be in [0, 1)")
+    if target is not None and not target.exists():
+        raise UserError(f"{target}: no such recipe file or run directory")
+    from ndsnn_cli.cost import is_run_dir, run_cost, training_cost
+
+    if target is not None and target.is_dir():
+        if not is_run_dir(target):
+            raise UserError(f"{target}: not a run directory (no summary.json or metrics.jsonl)")
+        result = run_cost(target)
+        if json_output:
+            typer.echo(json.dumps(result.to_json(), indent=2))
+        else:
+            print_run(result)
+        return
+    base = _base_recipe(target, locals())
+    report = training_cost(base, train_size)
+    if plot is not None:
+        write_plot(report, plot)
+    if json_output:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        print_report(report, per_layer)
+        if plot is not None:
+            typer.echo(f"plot: {plot}")
+
+
+def _base_recipe(target: Path | None, opts: dict[str, Any]) -> Recipe:
+    """The paper's CIFAR-10 setup (or a recipe), with every given option applied on top."""
+    from ndsnn_cli.recipe import Recipe, load_recipe
+    from ndsnn_cli.snn.models import MODELS
+
+    if target is not None:
+        base = load_recipe(target)
+    else:
+        base = Recipe(source="ndsnn cost").replace(
+            model={"arch": "resnet19", "timesteps": 5}, data={"dataset": "cifar10", "batch_size": 128},
+            train={"epochs": 300}, sparsity={"final": 0.99, "initial": 0.5, "update_every_steps": 100})
+    if opts["model"] is not None and opts["model"] not in MODELS:
+        raise UserError(f"--model: unknown model '{opts['model']}' (known: {', '.join(sorted(MODELS))})")
+    pairs = {
+        "model": {"arch": opts["model"], "timesteps": opts["timesteps"]},
+        "data": {"dataset": opts["dataset"], "batch_size": opts["batch_size"]},
+        "train": {"epochs": opts["epochs"]},
+        "sparsity": {"final": opts["sparsity"], "initial": opts["initial"], "update_every_steps": opts["update_every"],
+                     "ramp_start_epoch": opts["ramp_start"], "ramp_end_epoch": opts["ramp_end"],
+                     "update_end_epoch": opts["update_end"], "distribution": opts["distribution"],
+                     "round_epochs": opts["round_epochs"]},
+    }
+    # The cost compares every method, so the base is validated as method "dense" and LTH keys ride apart.
+    tables = {t: {k: v for k, v in kv.items() if v is not None} for t, kv in pairs.items()}
+    tables["sparsity"].update(method="dense", prune_rate=-1.0, rewind_epoch=-1)
+    lth_prune = opts["prune_rate"] if opts["prune_rate"] is not None else (
+        base.sparsity.prune_rate if base.sparsity.prune_rate != -1 else 0.25)
+    lth_rewind = opts["rewind_epoch"] if opts["rewind_epoch"] is not None else base.sparsity.rewind_epoch
+    base = base.replace(**tables)
+    if lth_rewind == -1:  # LTH-SNN rewinds to epoch 20; a shorter round rewinds to its last epoch
+        lth_rewind = min(20, (base.sparsity.round_epochs or base.train.epochs) - 1)
+    from ndsnn_cli.cost import method_recipe
+
+    checked = base.replace(sparsity={"method": "lth", "prune_rate": lth_prune, "rewind_epoch": lth_rewind})
+    method_recipe(checked, "gmp")  # validates t0 < t1 <= t_end once, with the user's keys
+    return checked
+
+
+def print_report(report: CostReport, per_layer: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 150))
+    table = Table(title=f"Training cost: {report.arch} on {report.dataset}, sparsity {report.sparsity:g}")
+    for col in ("method", "training FLOPs", "vs LTH", "vs dense", "mean density", "inference FLOPs", "note"):
+        table.add_column(col, justify="left" if col in ("method", "note") else "right")
+    for name, mc in report.methods.items():
+        rel_lth, rel_dense = report.relative(name, "lth"), report.relative(name, "dense")
+        table.add_row(name, f"{mc.train_flops:.3e}", _pct(rel_lth), _pct(rel_dense), f"{mc.mean_density:.4f}",
+                      f"{mc.inference_flops:.3e}", mc.note)
+    console.print(table)
+    a = report.assumptions
+    console.print(
+        f"[dim]Assumptions: {a['train_size']:,} images x {a['epochs']} epochs, batch {a['batch_size']} "
+        f"({a['steps_per_epoch']} steps/epoch), T={a['timesteps']}; LTH: prune {a['lth_prune_rate']:g} of the "
+        f"remaining per round, rewind to epoch {a['lth_rewind_epoch']}, {a['lth_rounds']} rounds x "
+        f"{a['lth_round_epochs']} epochs (the trainer retrains whole rounds), global magnitude split "
+        f"estimated as {a['split_used']}; NDSNN s_i={a['ndsnn_initial_sparsity']:g}, t0={a['ramp_start_epoch']:g}, "
+        f"t1={a['ramp_end_epoch']:g}, t_end={a['update_end_epoch']:g} epochs, dT={a['update_every_steps']} steps, "
+        f"grow={a['grow']}; layer split {a['distribution']}"
+        f"{' (as erk)' if a['distribution'] == 'global' else ''}. FLOPs = 2 x MAC of conv/linear only; "
+        f"step = 3 x forward (2 x for the first layer, no input gradient); gradient growth pays the dense "
+        f"weight gradient at each update; encoder once per sample, other layers x T.[/dim]")
+    paper = report.to_json()["paper_ndsnn_relative_to_lth"]
+    if paper is not None and "ndsnn" in report.methods:
+        console.print(f"Paper (DAC 2023, CIFAR-10): NDSNN = {paper:.2%} of LTH; this model: "
+                      f"{_pct(report.relative('ndsnn', 'lth'))} (see docs/cost.md for why they differ).")
+    if per_layer:
+        layers = Table(title="Per layer (dense forward FLOPs per sample; training FLOPs per method)")
+        for col in ("layer", "shape", "x runs", "fwd FLOPs", *report.methods):
+            layers.add_column(col, justify="left" if col == "layer" else "right")
+        for lay in report.layers:
+            layers.add_row(lay.name, "x".join(map(str, lay.shape)), str(lay.runs), f"{lay.forward_flops:.3e}",
+                           *[f"{mc.layer_train_flops[lay.name]:.2e}" for mc in report.methods.values()])
+        console.print(layers)
+
+
+def print_run(result: RunCost) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 150))
+    table = Table(title=f"Run {result.run_dir} ({result.method}): per-layer inference operations per sample")
+    for col in ("layer", "input", "spike rate", "density", "nnz", "ops", "op", "training FLOPs"):
+        table.add_column(col, justify="left" if col in ("layer", "input", "op") else "right")
+    for row in result.layers:
+        rate = "-" if row["input_spike_rate"] is None else f"{row['input_spike_rate']:.4f}"
+        table.add_row(row["name"], row["input"], rate, f"{row['density']:.4f}", f"{row['nnz']:,}",
+                      f"{row['ops']:.3e}", row["op"].upper(), f"{row['train_flops']:.3e}")
+    console.print(table)
+    a, e, s = result.assumptions, result.energy_pj, result.synaptic_ops
+    console.print(f"training FLOPs (recorded masks) {result.train_flops:.4e}; schedule model "
+                  f"{result.predicted_train_flops:.4e}; mean density {result.mean_density:.4f}, final "
+                  f"{result.final_density:.4f}; {a['mask_updates']} mask updates, {a['steps']} steps")
+    console.print(f"per sample: {s['ac']:.3e} AC + {s['mac']:.3e} MAC -> {e['snn'] / 1e6:.4f} uJ "
+                  f"(dense non-spiking equivalent {s['dense_mac']:.3e} MAC -> {e['dense_ann'] / 1e6:.4f} uJ)")
+    console.print(f"[dim]Energy per op: {a['energy_ac_pj']} pJ AC, {a['energy_mac_pj']} pJ MAC "
+                  f"({a['energy_source']}); {a['spike_rates']}.[/dim]")
+    if result.spike_rates:
+        console.print("spike rates: " + ", ".join(f"{k} {v:.4f}" for k, v in result.spike_rates.items()))
+
+
+def write_plot(report: CostReport, path: Path) -> None:
+    """Two panels, density and cumulative FLOPs against training epochs; written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ndsnn_cli.atomic import write_bytes
+
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--plot {path}: the plot is a PNG file (name it *.png)")
+    fig, (ax_d, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, mc in report.methods.items():
+        c = mc.curve
+        ax_d.step(c["epochs"], [c["density"][0], *c["density"]], where="pre", label=name)
+        ax_f.plot(c["epochs"], c["flops"], label=name)
+    ax_d.set(xlabel="training epochs", ylabel="density of sparse layers", yscale="log",
+             title=f"{report.arch}, sparsity {report.sparsity:g}")
+    ax_f.set(xlabel="training epochs", ylabel="cumulative training FLOPs", yscale="log", title="training FLOPs")
+    ax_d.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes(path, buffer.getvalue())
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"

@@ -1,0 +1,457 @@
+"""Training FLOPs per method (DESIGN §5): per-layer dense FLOPs x the density schedule the trainer runs.
+
+FLOPs follow `torch.utils.flop_counter` (2 per multiply-accumulate, conv and linear weights only; BN,
+LIF, pooling and the optimizer are not counted). A layer's dense forward cost per sample is F_l x
+runs_l, where runs_l = T for layers in the time-unrolled body and 1 for the once-run encoder. A
+training step costs forward + input gradient + weight gradient = 3x forward at the layer's density,
+except the first weight layer, whose input is the image: it needs no input gradient (2x). A
+gradient-growth update (RigL, NDSNN) reuses that step's backward pass but needs the dense weight
+gradient there: the step pays F instead of d x F for the weight-gradient pass of each sparse layer.
+The density of every layer at every step comes from `build_method(...).schedule` and
+`masks.layer_counts`, i.e. the very functions the trainer calls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ndsnn_cli.data import dataset_info
+from ndsnn_cli.errors import UserError
+from ndsnn_cli.recipe import Recipe, parse_recipe, sparse_epochs
+from ndsnn_cli.snn.models import NeuronConfig, create_model
+from ndsnn_cli.sparse.masks import layer_counts, sparse_parameter_names
+from ndsnn_cli.sparse.methods import build_method
+from ndsnn_cli.sparse.schedules import lth_round_sparsities
+
+METHOD_ORDER = ("dense", "lth", "set", "rigl", "gmp", "ndsnn", "static")
+PAPER_NDSNN_OF_LTH = {"resnet19": 0.4089, "vgg16": 0.3135}  # DAC 2023, CIFAR-10; shown, never fitted
+ENERGY_AC_PJ = 0.9   # 45 nm, 32-bit float add (Horowitz, ISSCC 2014)
+ENERGY_MAC_PJ = 4.6  # 45 nm, 32-bit float multiply (3.7) + add (0.9)
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    """One conv/linear weight: dense forward FLOPs per sample per time step, and how often it runs."""
+
+    name: str                 # parameter name, e.g. "body.1.conv1.weight"
+    kind: str                 # "conv" | "linear"
+    shape: tuple[int, ...]
+    numel: int
+    flops_per_run: int        # dense forward FLOPs per sample for one run (one time step)
+    runs: int                 # T in the body, 1 in the encoder
+    needs_input_grad: bool    # False for the first layer: its input is the image
+    sparse: bool              # False when the recipe keeps it dense
+    input_source: str         # "image" | "analog" | "spikes:<LIF module>" (for synaptic operations)
+
+    @property
+    def forward_flops(self) -> int:
+        return self.flops_per_run * self.runs
+
+    @property
+    def train_factor(self) -> int:
+        return 3 if self.needs_input_grad else 2
+
+
+def layer_flops(arch: str, *, num_classes: int, in_channels: int, image_size: int, timesteps: int,
+                dense: tuple[str, ...] | list[str] = ()) -> list[LayerFlops]:
+    """Dense per-layer FLOPs of the registry model, traced on the meta device (no memory, no compute)."""
+    with torch.device("meta"):
+        model = create_model(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                             neuron=NeuronConfig(timesteps=timesteps, backend="reference"))
+    model.eval()  # BatchNorm1d refuses a batch of one in training mode; eval changes no conv/linear FLOPs
+    sparse_names = set(sparse_parameter_names(model, dense))
+    images = torch.zeros(1, in_channels, image_size, image_size, device="meta")
+    sources: dict[int, str] = {id(images): "image"}
+    keep: list[torch.Tensor] = [images]  # keeps ids unique while tracing
+    calls: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
+    names = {module: name for name, module in model.named_modules()}
+    lif_type = type(model.lif_layers()[0]) if model.lif_layers() else None
+    passthrough = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if list(module.children()):
+            return
+        src = sources.get(id(inputs[0]), "analog") if inputs else "analog"
+        if lif_type is not None and isinstance(module, lif_type):
+            sources[id(output)] = f"spikes:{names[module]}"
+        elif isinstance(module, passthrough) and (src.startswith("spikes:") or src == "image"):
+            sources[id(output)] = src
+        else:
+            sources[id(output)] = "analog"
+        keep.append(output)
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Linear):
+            calls.append((names[module], module, inputs[0], output))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    layers = []
+    for index, (name, module, inp, out) in enumerate(calls):
+        weight = module.weight
+        per_output = math.prod(weight.shape[1:])  # (C_in/groups) x kernel, or in_features
+        runs = 1 if name.startswith("encoder") else timesteps
+        flops_per_run = 2 * (out.numel() // out.shape[0]) * per_output  # out is [B] or [T*B] with B = 1
+        src = sources.get(id(inp), "analog")
+        param = f"{name}.weight"
+        layers.append(LayerFlops(param, "linear" if isinstance(module, nn.Linear) else "conv",
+                                 tuple(weight.shape), weight.numel(), flops_per_run, runs,
+                                 needs_input_grad=not (index == 0 and src == "image"),
+                                 sparse=param in sparse_names, input_source=src))
+    return layers
+
+
+def model_layers(recipe: Recipe) -> list[LayerFlops]:
+    info = dataset_info(recipe.data.dataset)
+    return layer_flops(recipe.model.arch, num_classes=info.num_classes, in_channels=info.in_channels,
+                       image_size=info.image_size, timesteps=recipe.model.timesteps, dense=recipe.sparsity.dense)
+
+
+@dataclass
+class Segment:
+    """Steps (start, end] trained with the same per-layer active counts."""
+
+    start: int
+    end: int
+    counts: dict[str, int]
+
+
+@dataclass
+class MethodCost:
+    method: str
+    train_flops: float
+    mean_density: float          # sparse layers, averaged over training samples
+    final_density: float
+    inference_flops: float       # forward FLOPs per sample at the final masks
+    total_steps: int
+    total_epochs: float
+    update_flops: float          # the part of train_flops spent on dense gradients at updates
+    layer_train_flops: dict[str, float]
+    final_counts: dict[str, int]
+    curve: dict[str, list[float]] = field(default_factory=dict)  # epochs, density, cumulative FLOPs
+    note: str = ""
+
+
+def _samples_per_step(train_size: int, batch_size: int, epochs: int) -> np.ndarray:
+    steps_per_epoch = math.ceil(train_size / batch_size)
+    per_epoch = np.full(steps_per_epoch, batch_size, dtype=np.float64)
+    per_epoch[-1] = train_size - (steps_per_epoch - 1) * batch_size
+    return np.tile(per_epoch, epochs)
+
+
+def _weights(layers: list[LayerFlops]) -> dict[str, torch.Tensor]:
+    return {lay.name: torch.empty(lay.shape, device="meta") for lay in layers if lay.sparse}
+
+
+def _split(distribution: str) -> str:
+    """Global magnitude needs trained weights, so the cost model splits a global budget like ERK."""
+    return "erk" if distribution == "global" else distribution
+
+
+def schedule_segments(recipe: Recipe, layers: list[LayerFlops], steps_per_epoch: int,
+                      total_steps: int) -> tuple[list[Segment], list[int], str]:
+    """Per-layer active counts over training, replaying the trainer's mask updates (methods._update)."""
+    weights = _weights(layers)
+    numels = {n: w.numel() for n, w in weights.items()}
+    schedule = build_method(recipe, steps_per_epoch).schedule
+    if schedule is None:
+        return [Segment(0, total_steps, dict(numels))], [], "none"
+    split = _split(recipe.sparsity.distribution)
+    current = layer_counts(weights, 1 - schedule.initial_sparsity, split)
+    segments, updates, start = [], [], 0
+    ramps = schedule.initial_sparsity != schedule.final_sparsity
+    for step in schedule.update_steps():
+        if step > total_steps:
+            break
+        updates.append(step)
+        if ramps and schedule.ramp_start_step < step <= schedule.ramp_end_step:
+            targets = layer_counts(weights, 1 - schedule.sparsity(step), split)
+            targets = {n: min(targets[n], current[n]) for n in targets}
+            if targets != current:
+                segments.append(Segment(start, step, current))
+                current, start = targets, step
+    segments.append(Segment(start, total_steps, current))
+    return segments, updates, schedule.grow
+
+
+def integrate(layers: list[LayerFlops], segments: list[Segment], samples: np.ndarray,
+              gradient_updates: list[int], offset_epochs: float = 0.0,
+              steps_per_epoch: int = 1) -> tuple[dict[str, float], float, float, dict[str, list[float]]]:
+    """Sum density x 3F (2F for the first layer) x samples over segments, plus dense-gradient updates."""
+    cum = np.concatenate([[0.0], np.cumsum(samples)])
+    numel_sparse = sum(lay.numel for lay in layers if lay.sparse) or 1
+    per_layer = {lay.name: 0.0 for lay in layers}
+    density_samples = 0.0
+    curve: dict[str, list[float]] = {"epochs": [offset_epochs], "density": [], "flops": [0.0]}
+    running = 0.0
+    for seg in segments:
+        n = cum[seg.end] - cum[seg.start]
+        cost_per_sample = 0.0
+        for lay in layers:
+            d = seg.counts[lay.name] / lay.numel if lay.sparse else 1.0
+            per_layer[lay.name] += d * lay.forward_flops * lay.train_factor * n
+            cost_per_sample += d * lay.forward_flops * lay.train_factor
+        active = sum(seg.counts.values())
+        density_samples += active / numel_sparse * n
+        # curve points at every epoch end inside the segment, so a constant density still draws a ramp
+        ends = [e for e in range(seg.start + 1, seg.end) if e % steps_per_epoch == 0] + [seg.end]
+        for end in ends:
+            curve["epochs"].append(offset_epochs + end / steps_per_epoch)
+            curve["density"].append(active / numel_sparse)
+            curve["flops"].append(running + cost_per_sample * (cum[end] - cum[seg.start]))
+        running += cost_per_sample * n
+    update_flops = 0.0
+    if gradient_updates:
+        steps = np.asarray(gradient_updates)
+        starts = np.asarray([seg.start for seg in segments])
+        which = np.searchsorted(starts, steps, side="left") - 1  # the segment holding step u (start < u <= end)
+        for u, k in zip(steps, which, strict=True):
+            counts = segments[max(0, int(k))].counts
+            for lay in layers:
+                if lay.sparse:
+                    extra = (1 - counts[lay.name] / lay.numel) * lay.forward_flops * samples[u - 1]
+                    per_layer[lay.name] += extra
+                    update_flops += extra
+    return per_layer, density_samples, update_flops, curve
+
+
+def _inference_flops(layers: list[LayerFlops], counts: dict[str, int]) -> float:
+    return float(sum((counts[lay.name] / lay.numel if lay.sparse else 1.0) * lay.forward_flops for lay in layers))
+
+
+def method_recipe(base: Recipe, method: str) -> Recipe:
+    """The base recipe switched to `method`, with the keys that only apply to other methods reset."""
+    sp = base.sparsity
+    values: dict[str, Any] = {"method": method}
+    if method == "lth":
+        values["prune_rate"] = sp.prune_rate if sp.prune_rate != -1 else 0.25
+        values["rewind_epoch"] = sp.rewind_epoch if sp.rewind_epoch != -1 else min(20, base.train.epochs - 1)
+    else:
+        values["prune_rate"], values["rewind_epoch"] = -1.0, -1
+    if method == "ndsnn" and sp.initial > sp.final:
+        values["initial"] = sp.final
+    return base.replace(sparsity=values)
+
+
+def method_cost(base: Recipe, method: str, layers: list[LayerFlops], train_size: int) -> MethodCost:
+    recipe = method_recipe(base, method)
+    batch, epochs = recipe.data.batch_size, recipe.train.epochs
+    steps_per_epoch = math.ceil(train_size / batch)
+    note = ""
+    if method == "lth":
+        sp = recipe.sparsity
+        round_epochs = sp.round_epochs or epochs
+        samples = _samples_per_step(train_size, batch, round_epochs)
+        per_layer = {lay.name: 0.0 for lay in layers}
+        density_samples, curve = 0.0, {"epochs": [0.0], "density": [], "flops": [0.0]}
+        counts: dict[str, int] = {}
+        rounds = lth_round_sparsities(sp.final, sp.prune_rate)
+        for index, sparsity in enumerate(rounds):
+            counts = layer_counts(_weights(layers), 1 - sparsity, _split(sp.distribution))
+            seg = [Segment(0, len(samples), counts)]
+            round_layer, round_density, _, round_curve = integrate(layers, seg, samples, [],
+                                                                     index * round_epochs, steps_per_epoch)
+            for name, value in round_layer.items():
+                per_layer[name] += value
+            density_samples += round_density
+            curve["epochs"] += round_curve["epochs"][1:]
+            curve["density"] += round_curve["density"]
+            curve["flops"] += [curve["flops"][-1] + f for f in round_curve["flops"][1:]]
+        total_samples = float(samples.sum()) * len(rounds)
+        note = f"{len(rounds)} rounds x {round_epochs} epochs"
+        return MethodCost(method, sum(per_layer.values()), density_samples / total_samples,
+                          sum(counts.values()) / sum(lay.numel for lay in layers if lay.sparse),
+                          _inference_flops(layers, counts), len(samples) * len(rounds),
+                          float(round_epochs * len(rounds)), 0.0, per_layer, counts, curve, note)
+    samples = _samples_per_step(train_size, batch, epochs)
+    segments, updates, grow = schedule_segments(recipe, layers, steps_per_epoch, len(samples))
+    gradient_updates = updates if grow == "gradient" else []
+    per_layer, density_samples, update_flops, curve = integrate(layers, segments, samples, gradient_updates,
+                                                                0.0, steps_per_epoch)
+    final = segments[-1].counts
+    numel_sparse = sum(lay.numel for lay in layers if lay.sparse) or 1
+    if gradient_updates:
+        note = f"{len(gradient_updates)} dense-gradient updates"
+    return MethodCost(method, sum(per_layer.values()), density_samples / float(samples.sum()),
+                      sum(final.values()) / numel_sparse, _inference_flops(layers, final), len(samples),
+                      float(epochs), update_flops, per_layer, final, curve, note)
+
+
+@dataclass
+class CostReport:
+    arch: str
+    dataset: str
+    sparsity: float
+    assumptions: dict[str, Any]
+    layers: list[LayerFlops]
+    methods: dict[str, MethodCost]
+
+    def relative(self, method: str, to: str) -> float | None:
+        if to not in self.methods or self.methods[to].train_flops == 0:
+            return None
+        return self.methods[method].train_flops / self.methods[to].train_flops
+
+    def to_json(self) -> dict[str, Any]:
+        """Stable keys: assumptions, layers, methods (in METHOD_ORDER), paper figure where published."""
+        methods = {}
+        for name, mc in self.methods.items():
+            methods[name] = {
+                "train_flops": mc.train_flops, "relative_to_lth": self.relative(name, "lth"),
+                "relative_to_dense": self.relative(name, "dense"), "mean_density": mc.mean_density,
+                "final_density": mc.final_density, "inference_flops": mc.inference_flops,
+                "total_steps": mc.total_steps, "total_epochs": mc.total_epochs, "update_flops": mc.update_flops,
+                "note": mc.note, "layers": {n: {"train_flops": mc.layer_train_flops[n],
+                                                "final_active": mc.final_counts.get(n)} for n in mc.layer_train_flops},
+            }
+        return {
+            "arch": self.arch, "dataset": self.dataset, "sparsity": self.sparsity, "assumptions": self.assumptions,
+            "layers": [{**asdict(lay), "shape": list(lay.shape), "forward_flops": lay.forward_flops,
+                        "train_factor": lay.train_factor} for lay in self.layers],
+            "methods": methods,
+            "paper_ndsnn_relative_to_lth": PAPER_NDSNN_OF_LTH.get(self.arch) if self.dataset == "cifar10" else None,
+        }
+
+
+def assumptions(base: Recipe, train_size: int) -> dict[str, Any]:
+    sp = base.sparsity
+    lth = method_recipe(base, "lth").sparsity
+    nd = method_recipe(base, "ndsnn").sparsity
+    t0, t1, t_end = sparse_epochs(base)
+    return {
+        "dataset": base.data.dataset, "train_size": train_size, "epochs": base.train.epochs,
+        "batch_size": base.data.batch_size, "steps_per_epoch": math.ceil(train_size / base.data.batch_size),
+        "timesteps": base.model.timesteps, "final_sparsity": sp.final, "distribution": sp.distribution,
+        "split_used": _split(sp.distribution), "dense_layers": list(sp.dense),
+        "lth_prune_rate": lth.prune_rate, "lth_rewind_epoch": lth.rewind_epoch,
+        "lth_round_epochs": lth.round_epochs or base.train.epochs,
+        "lth_rounds": len(lth_round_sparsities(sp.final, lth.prune_rate)),
+        "ndsnn_initial_sparsity": nd.initial, "update_every_steps": sp.update_every_steps,
+        "ramp_start_epoch": t0, "ramp_end_epoch": t1, "update_end_epoch": t_end, "grow": sp.grow,
+        "flops_per_mac": 2, "train_step": "3x forward (2x for the first layer: no input gradient)",
+        "gradient_growth": "update step pays the dense weight gradient: F instead of d*F per sparse layer",
+        "counted": "conv and linear weights only (BN, LIF, pooling, optimizer not counted)",
+    }
+
+
+def training_cost(base: Recipe, train_size: int | None = None,
+                  methods: tuple[str, ...] = METHOD_ORDER) -> CostReport:
+    """Training FLOPs of every method for the recipe's model, data and schedule settings."""
+    info = dataset_info(base.data.dataset)
+    train_size = train_size or (min(base.data.train_limit, info.train_size) if base.data.train_limit
+                                else info.train_size)
+    layers = model_layers(base)
+    results = {m: method_cost(base, m, layers, train_size) for m in methods}
+    return CostReport(base.model.arch, base.data.dataset, base.sparsity.final, assumptions(base, train_size),
+                      layers, results)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "summary.json").is_file() or (path / "metrics.jsonl").is_file())
+
+
+@dataclass
+class RunCost:
+    """What one finished run actually cost, from its recorded masks, and its spike-driven inference energy."""
+
+    run_dir: str
+    method: str
+    train_flops: float
+    predicted_train_flops: float
+    mean_density: float
+    final_density: float
+    layers: list[dict[str, Any]]
+    spike_rates: dict[str, float]
+    synaptic_ops: dict[str, float]   # per sample: "ac", "mac", "dense_mac"
+    energy_pj: dict[str, float]      # per sample: "snn", "dense_ann"
+    assumptions: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_cost(run_dir: str | Path) -> RunCost:
+    """Realised training FLOPs from metrics.jsonl mask updates, synaptic ops and energy from summary.json."""
+    from ndsnn_cli.train import read_metrics
+
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir):
+        raise UserError(f"{run_dir}: not a run directory (no summary.json or metrics.jsonl)")
+    recipe_path = run_dir / "recipe.toml"
+    if not recipe_path.is_file():
+        raise UserError(f"{run_dir}: run directory has no recipe.toml")
+    recipe = parse_recipe(recipe_path.read_text(encoding="utf-8"), str(recipe_path))
+    if recipe.sparsity.method == "lth":
+        raise UserError(f"{run_dir}: realised cost of an LTH run is not supported yet; "
+                        "use `ndsnn cost` on its recipe.toml for the model")
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise UserError(f"{run_dir}: run has no summary.json yet (unfinished run)")
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    info = dataset_info(recipe.data.dataset)
+    train_size = min(recipe.data.train_limit, info.train_size) if recipe.data.train_limit else info.train_size
+    layers = model_layers(recipe)
+    steps_per_epoch = math.ceil(train_size / recipe.data.batch_size)
+    samples = _samples_per_step(train_size, recipe.data.batch_size, summary["epochs"])[: summary["steps"]]
+    predicted, _, _ = schedule_segments(recipe, layers, steps_per_epoch, len(samples))
+    schedule = build_method(recipe, steps_per_epoch).schedule
+    records = [r for r in read_metrics(run_dir) if r.get("kind") == "mask_update"]
+    # Initial masks: the trainer's setup (layer_counts at the initial sparsity), then each recorded update.
+    segments, current, start = [], dict(predicted[0].counts), 0
+    for record in records:
+        new = {n: int(v["active"]) for n, v in record["layers"].items()}
+        if new != current:
+            segments.append(Segment(start, record["step"], current))
+            current, start = new, record["step"]
+    segments.append(Segment(start, len(samples), current))
+    final_layers = summary["sparsity"]["layers"]
+    final_nnz = {n: int(v["nnz"]) for n, v in final_layers.items()}
+    if schedule is not None and final_nnz != current:
+        raise UserError(f"{run_dir}: summary.json sparsity.layers disagrees with the last mask update in metrics.jsonl")
+    grow_updates = [r["step"] for r in records] if schedule is not None and schedule.grow == "gradient" else []
+    per_layer, density_samples, _, _ = integrate(layers, segments, samples, grow_updates, 0.0, steps_per_epoch)
+    predicted_flops, _, _, _ = integrate(layers, predicted, samples,
+                                         list(schedule.update_steps()) if grow_updates else [], 0.0, steps_per_epoch)
+    rates = {k: float(v) for k, v in summary.get("spike_rates", {}).items()}
+    ac = mac = dense_mac = 0.0
+    rows = []
+    for lay in layers:
+        density = final_nnz.get(lay.name, lay.numel) / lay.numel if lay.sparse else 1.0
+        macs = lay.forward_flops / 2 * density  # per sample, all runs
+        dense_mac += lay.forward_flops / 2 / lay.runs  # a non-spiking network runs each layer once
+        if lay.input_source.startswith("spikes:"):
+            rate = rates.get(lay.input_source.removeprefix("spikes:"))
+            ops = macs * (rate if rate is not None else 1.0)
+            ac += ops
+            kind = "ac"
+        else:
+            rate, ops, kind = None, macs, "mac"
+            mac += ops
+        rows.append({"name": lay.name, "input": lay.input_source, "input_spike_rate": rate,
+                     "density": density, "nnz": int(round(density * lay.numel)), "numel": lay.numel,
+                     "ops": ops, "op": kind, "train_flops": per_layer[lay.name]})
+    numel_sparse = sum(lay.numel for lay in layers if lay.sparse) or 1
+    return RunCost(str(run_dir), recipe.sparsity.method, sum(per_layer.values()), sum(predicted_flops.values()),
+                   density_samples / float(samples.sum()), sum(final_nnz.get(n, 0) for n in final_nnz) / numel_sparse,
+                   rows, rates, {"ac": ac, "mac": mac, "dense_mac": dense_mac},
+                   {"snn": ac * ENERGY_AC_PJ + mac * ENERGY_MAC_PJ, "dense_ann": dense_mac * ENERGY_MAC_PJ},
+                   {"train_size": train_size, "epochs": summary["epochs"], "steps": summary["steps"],
+                    "batch_size": recipe.data.batch_size, "timesteps": recipe.model.timesteps,
+                    "energy_ac_pj": ENERGY_AC_PJ, "energy_mac_pj": ENERGY_MAC_PJ,
+                    "energy_source": "Horowitz, ISSCC 2014, 45 nm, 32-bit float",
+                    "spike_rates": "summary.json spike_rates (LIF output rate on a 64-image test probe); a max-pooled "
+                                   "spike map is charged the rate of the LIF before it (a lower bound)",
+                    "mask_updates": len(records)})

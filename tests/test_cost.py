@@ -1,0 +1,193 @@
+"""The training-FLOPs accountant: layer FLOPs vs torch's counter, schedule integration vs a per-step loop,
+a real run's recorded masks vs the schedule model, and the CLI's output and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ndsnn_cli.cost import ENERGY_AC_PJ, ENERGY_MAC_PJ, layer_flops, method_cost, run_cost, training_cost
+from ndsnn_cli.recipe import Recipe
+from ndsnn_cli.snn.models import NeuronConfig, create_model
+from ndsnn_cli.sparse.masks import layer_counts
+from ndsnn_cli.sparse.methods import build_method
+
+
+def _recipe(**sparsity: object) -> Recipe:
+    """mlp on synthetic (2048 images, 1x28x28), batch 128 -> 16 steps/epoch, 4 epochs, T=3."""
+    return Recipe().replace(model={"arch": "mlp", "timesteps": 3}, data={"dataset": "synthetic", "batch_size": 128},
+                            train={"epochs": 4},
+                            sparsity={"distribution": "uniform", "update_every_steps": 5, **sparsity})
+
+
+@pytest.mark.parametrize(("arch", "in_channels", "size", "classes"),
+                         [("scnn", 1, 28, 10), ("mlp", 1, 28, 10), ("resnet19", 3, 32, 10), ("vgg16", 3, 32, 10)])
+def test_layer_flops_match_torch_flop_counter_forward_and_backward(arch, in_channels, size, classes):
+    torch.set_num_threads(1)
+    timesteps, batch = 2, 2
+    layers = layer_flops(arch, num_classes=classes, in_channels=in_channels, image_size=size, timesteps=timesteps)
+    model = create_model(arch, num_classes=classes, in_channels=in_channels, image_size=size,
+                         neuron=NeuronConfig(timesteps=timesteps))
+    images = torch.randn(batch, in_channels, size, size)
+    with FlopCounterMode(display=False) as forward_counter:
+        with torch.no_grad():
+            model(images)
+    with FlopCounterMode(display=False) as train_counter:
+        model(images).sum().backward()
+    fwd, train = forward_counter.get_flop_counts(), train_counter.get_flop_counts()
+    for lay in layers:
+        key = "SpikingNet." + lay.name.removesuffix(".weight")
+        assert sum(fwd[key].values()) == lay.forward_flops * batch, lay.name
+        # The first layer's input is the image: torch computes no input gradient there (2x, not 3x).
+        # torch's module tracker misattributes backward ops across ResNet's branches, so per-module
+        # backward is checked on the chain models and ResNet-19 is checked by the global total below.
+        if arch != "resnet19":
+            assert sum(train[key].values()) == lay.forward_flops * lay.train_factor * batch, lay.name
+    assert layers[0].train_factor == 2 and all(lay.train_factor == 3 for lay in layers[1:])
+    assert layers[0].runs == 1 and all(lay.runs == timesteps for lay in layers[1:])
+    total_train = sum(train["Global"].values())
+    assert total_train == sum(lay.forward_flops * lay.train_factor for lay in layers) * batch
+
+
+def test_dense_and_static_match_hand_computed_flops():
+    # mlp: encoder Linear 784->128 once per sample (x2: no input gradient), body Linear 128->10 x T x 3.
+    per_sample = 2 * 784 * 128 * 2 + 2 * 128 * 10 * 3 * 3
+    report = training_cost(_recipe(final=0.75), methods=("dense", "static"))
+    assert report.methods["dense"].train_flops == per_sample * 2048 * 4
+    # uniform 25% density: 784*128 and 128*10 are multiples of 4, so the counts are exact.
+    assert report.methods["static"].train_flops == per_sample * 2048 * 4 / 4
+    assert report.methods["static"].inference_flops == (2 * 784 * 128 + 2 * 128 * 10 * 3) / 4
+    assert report.methods["static"].mean_density == 0.25
+
+
+def test_lth_sums_its_rounds_each_at_its_density():
+    report = training_cost(_recipe(final=0.75, prune_rate=0.5, rewind_epoch=1, method="lth"),
+                           methods=("dense", "lth"))
+    # rounds at sparsity 0, 0.5, 0.75 -> 1 + 0.5 + 0.25 dense trainings
+    assert report.methods["lth"].train_flops == pytest.approx(1.75 * report.methods["dense"].train_flops, rel=1e-12)
+    assert report.methods["lth"].total_epochs == 12
+    assert report.relative("dense", "lth") == pytest.approx(1 / 1.75)
+
+
+def test_rigl_adds_the_dense_weight_gradient_at_each_update():
+    recipe = _recipe(final=0.75)
+    layers = layer_flops("mlp", num_classes=10, in_channels=1, image_size=28, timesteps=3)
+    static = method_cost(recipe, "static", layers, 2048)
+    rigl = method_cost(recipe, "rigl", layers, 2048)
+    updates = list(build_method(recipe.replace(sparsity={"method": "rigl"}), 16).schedule.update_steps())
+    assert updates == [5, 10, 15, 20, 25, 30, 35, 40, 45]  # t_end = 0.75 * 4 epochs = 48 steps
+    extra = len(updates) * 128 * 0.75 * sum(lay.forward_flops for lay in layers)
+    assert rigl.update_flops == extra
+    assert rigl.train_flops == static.train_flops + extra
+    set_cost = method_cost(recipe, "set", layers, 2048)
+    assert set_cost.train_flops == static.train_flops  # random growth needs no dense gradient
+
+
+def test_ndsnn_integration_matches_a_per_step_loop_over_the_trainers_schedule():
+    recipe = _recipe(final=0.9, initial=0.5, method="ndsnn")
+    layers = layer_flops("mlp", num_classes=10, in_channels=1, image_size=28, timesteps=3)
+    result = method_cost(recipe, "ndsnn", layers, 2048)
+    schedule = build_method(recipe, 16).schedule
+    weights = {lay.name: torch.empty(lay.shape, device="meta") for lay in layers}
+    counts = layer_counts(weights, 0.5, "uniform")
+    updates = set(schedule.update_steps())
+    total = 0.0
+    for step in range(1, 16 * 4 + 1):  # plain loop: step uses the masks left by updates before it
+        for lay in layers:
+            total += counts[lay.name] / lay.numel * lay.forward_flops * lay.train_factor * 128
+            if step in updates:
+                total += (1 - counts[lay.name] / lay.numel) * lay.forward_flops * 128
+        if step in updates and schedule.ramp_start_step < step <= schedule.ramp_end_step:
+            counts = layer_counts(weights, 1 - schedule.sparsity(step), "uniform")
+    assert result.train_flops == pytest.approx(total, rel=1e-12)
+    assert result.final_density == pytest.approx(0.1, abs=1e-4)
+    assert 0.1 < result.mean_density < 0.5
+
+
+def test_run_directory_realised_cost_and_energy(tmp_path):
+    from ndsnn_cli.train import train
+
+    torch.set_num_threads(1)
+    recipe = Recipe().replace(
+        name="cost-run", model={"arch": "mlp", "timesteps": 2},
+        data={"dataset": "synthetic", "batch_size": 64, "train_limit": 512, "test_limit": 128, "augment": False},
+        train={"epochs": 1, "lr": 0.05},
+        sparsity={"method": "ndsnn", "final": 0.9, "initial": 0.5, "update_every_steps": 2})
+    run_dir = tmp_path / "run"
+    train(recipe, run_dir)
+    result = run_cost(run_dir)
+    # The recorded masks (metrics.jsonl) and the schedule model give the same FLOPs: one schedule, no copy.
+    assert result.train_flops == pytest.approx(result.predicted_train_flops, rel=1e-12)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    enc, out = result.layers
+    assert enc["op"] == "mac" and enc["input"] == "image"
+    assert out["op"] == "ac" and out["input"] == "spikes:body.0"
+    nnz_enc = summary["sparsity"]["layers"]["encoder.1.weight"]["nnz"]
+    nnz_out = summary["sparsity"]["layers"]["body.1.weight"]["nnz"]
+    rate = summary["spike_rates"]["body.0"]
+    assert enc["ops"] == pytest.approx(nnz_enc)  # one MAC per active weight per image (1 output position)
+    assert out["ops"] == pytest.approx(rate * nnz_out * 2)  # rate x nnz fan-out x T
+    assert result.energy_pj["snn"] == pytest.approx(ENERGY_MAC_PJ * nnz_enc + ENERGY_AC_PJ * rate * nnz_out * 2)
+    assert result.final_density == pytest.approx(summary["sparsity"]["nnz"] / summary["sparsity"]["numel"])
+
+
+def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    from ndsnn_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ndsnn", "cost", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def _cli_ok(monkeypatch, capsys, *args: str) -> str:
+    from ndsnn_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ndsnn", "cost", *args])
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    return capsys.readouterr().out
+
+
+def test_cli_resnet19_table_json_and_plot(monkeypatch, capsys, tmp_path):
+    out = _cli_ok(monkeypatch, capsys, "--model", "resnet19", "--sparsity", "0.99")
+    for word in ("dense", "lth", "set", "rigl", "gmp", "ndsnn", "static", "50,000 images", "T=5", "40.89%"):
+        assert word in out
+    plot = tmp_path / "cost.png"
+    data = json.loads(_cli_ok(monkeypatch, capsys, "--model", "resnet19", "--sparsity", "0.99", "--json",
+                              "--plot", str(plot)))
+    assert list(data["methods"]) == ["dense", "lth", "set", "rigl", "gmp", "ndsnn", "static"]
+    assert data["methods"]["lth"]["relative_to_lth"] == 1.0
+    assert data["assumptions"]["lth_rounds"] == 18 and data["assumptions"]["steps_per_epoch"] == 391
+    assert data["paper_ndsnn_relative_to_lth"] == 0.4089
+    dense_fwd = sum(lay["forward_flops"] for lay in data["layers"])
+    assert data["methods"]["dense"]["inference_flops"] == dense_fwd
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_recipe_and_overrides(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[model]\narch = "scnn"\ntimesteps = 2\n[data]\ndataset = "synthetic"\nbatch_size = 256\n'
+                    '[train]\nepochs = 2\n[sparsity]\nmethod = "ndsnn"\nfinal = 0.8\n')
+    data = json.loads(_cli_ok(monkeypatch, capsys, str(path), "--sparsity", "0.95", "--json", "--epochs", "3"))
+    a = data["assumptions"]
+    assert (a["epochs"], a["batch_size"], a["timesteps"], a["final_sparsity"]) == (3, 256, 2, 0.95)
+    assert data["arch"] == "scnn" and a["steps_per_epoch"] == math.ceil(2048 / 256)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--model", "resnet99"), "known: "),
+    (("--sparsity", "1.0"), "must be in [0, 1)"),
+    (("nowhere.toml",), "no such recipe file or run directory"),
+])
+def test_cli_bad_input_is_one_line_exit_2(monkeypatch, capsys, args, needle):
+    code, out, err = _cli(monkeypatch, capsys, *args)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and out == ""
