@@ -1,0 +1,188 @@
+"""`ndsnn export`, `ndsnn inspect`, `ndsnn run`: deployable artefacts, what a file holds, and running one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ndsnn_cli.cli import app
+from ndsnn_cli.errors import UserError
+
+FORMATS = ("csr", "onnx", "nir")
+
+
+@app.command()
+def export(
+    source: Annotated[Path, typer.Argument(metavar="RUN_OR_CKPT", help="Run directory or checkpoint .safetensors.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="csr (sparse safetensors), onnx or nir.")] = "csr",
+    out: Annotated[Path | None, typer.Option("--out", "-o",
+                                             help="Output file (default: <run>/export/last.<ext>).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="CSR value dtype: fp32, fp16 or bf16.")] = "fp32",
+    fold_bn: Annotated[bool, typer.Option("--fold-bn",
+                                          help="CSR: fold BatchNorm into the preceding conv/linear.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify",
+                                         help="ONNX: check onnxruntime against PyTorch.")] = True,
+    sparse_initializers: Annotated[bool, typer.Option(
+        "--sparse-initializers", help="ONNX: store masked weights as sparse (COO) initializers.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Export a trained run as a CSR-packed safetensors artefact or a verified ONNX model.
+
+    Example: [bold]ndsnn export runs/quick --format csr --fold-bn -o quick.safetensors[/bold]
+    Example: [bold]ndsnn export runs/quick --format onnx -o quick.onnx[/bold]
+    Example: [bold]ndsnn export runs/quick --format nir -o quick.nir[/bold] (BN folded; no max-pooling models)
+    """
+    if format not in FORMATS:
+        raise UserError(f"--format {format}: unknown (known: {', '.join(FORMATS)})")
+    if format == "csr":
+        from ndsnn_cli.export.csr import export_csr
+
+        path, meta = export_csr(source, out, dtype=dtype, fold_bn=fold_bn)
+        result: dict[str, Any] = {"path": str(path), "format": meta["format"], "bytes": path.stat().st_size,
+                                  "dtype": dtype, "bn_folded": fold_bn, "sparsity": meta["sparsity"]["sparsity"],
+                                  "nnz": meta["sparsity"]["nnz"], "recipe_sha256": meta["recipe_sha256"]}
+    elif format == "nir":
+        from ndsnn_cli.export.nir import export_nir
+
+        path, meta = export_nir(source, out)
+        result = {"path": str(path), "format": "nir", "bytes": path.stat().st_size, "nodes": meta["nodes"],
+                  "sparsity": meta["sparsity"], "nnz": meta["nnz"], "recipe_sha256": meta["recipe_sha256"]}
+    else:
+        from ndsnn_cli.export.onnx import ExportVerificationError, export_onnx
+
+        try:
+            path, report = export_onnx(source, out, run_verify=verify, sparse_initializers=sparse_initializers)
+        except ExportVerificationError as exc:
+            if json_output:
+                typer.echo(json.dumps({"error": str(exc), **exc.report}, indent=2))
+            typer.echo(f"error: {exc}: {json.dumps(exc.report['verify']['inputs'])}; no file written", err=True)
+            raise typer.Exit(1) from None
+        result = {"path": str(path), "format": "onnx", **report}
+        if sparse_initializers and not json_output:
+            typer.echo(f"note: {report['sparse_initializers']} weights stored as sparse (COO) initializers; "
+                       "onnxruntime and most runtimes densify them on load (smaller file, same compute)", err=True)
+    if json_output:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(f"wrote [bold]{result['path']}[/bold] ({result['bytes']:,} bytes, {result['format']})")
+    if "verify" in result:
+        for label, check in result["verify"]["inputs"].items():
+            console.print(f"  verify {label}: {check['same_predictions']}/{check['samples']} same predictions, "
+                          f"max |logit diff| {check['max_abs_diff']:.3g} (tolerance {result['verify']['atol']:g} "
+                          f"+ {result['verify']['rtol']:g}*|logit|)")
+    elif "nodes" in result:
+        console.print(f"  {result['nodes']} NIR nodes, sparsity {result['sparsity']:.4f} (weights stored dense)")
+    elif "sparsity" in result:
+        console.print(f"  sparsity {result['sparsity']:.4f}, {result['nnz']:,} stored weights, values {dtype}")
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Checkpoint, CSR artefact or .onnx file.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print as JSON instead of a table.")] = False,
+) -> None:
+    """Show what a checkpoint or artefact holds: format, recipe, per-layer shape, density, nnz and bytes.
+
+    Example: [bold]ndsnn inspect runs/quick/export/last.csr.safetensors[/bold]
+    """
+    from ndsnn_cli.export import inspect_file
+
+    info = inspect_file(str(file))
+    if json_output:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    recipe = info.get("recipe") or {}
+    title = f"{info['file']}: {info['kind']} {info['format']} (version {info['version']}), {info['bytes']:,} bytes"
+    table = Table(title=title)
+    for column in ("layer", "shape", "storage", "dtype", "nnz", "density", "bytes"):
+        table.add_column(column, justify="right" if column in ("nnz", "density", "bytes") else "left")
+    for layer in info["layers"]:
+        table.add_row(layer["name"], "x".join(map(str, layer["shape"])), layer["storage"], layer["dtype"],
+                      f"{layer['nnz']:,}", f"{layer['density']:.4f}", f"{layer['bytes']:,}")
+    console = Console()
+    console.print(table)
+    if recipe:
+        console.print(f"recipe {recipe.get('name')}: {recipe.get('arch')} on {recipe.get('dataset')}, "
+                      f"T={recipe.get('timesteps')}, method {recipe.get('method')} "
+                      f"(final sparsity {recipe.get('final_sparsity')}), {recipe.get('epochs')} epochs")
+    if info.get("sparsity") is not None:
+        console.print(f"overall sparsity of sparse layers: {float(info['sparsity']):.4f}")
+
+
+@app.command()
+def run(
+    artefact: Annotated[Path, typer.Argument(metavar="ARTEFACT", help="An ndsnn-csr .safetensors artefact.")],
+    input_file: Annotated[Path | None, typer.Option("--input", help="A .pt file: images [B,C,H,W], or "
+                                                    "{'images': ..., 'labels': ...}.")] = None,
+    dataset_test: Annotated[bool, typer.Option("--dataset-test", help="Run the recipe's test set.")] = False,
+    limit: Annotated[int, typer.Option("--limit", help="At most N images (0 = all).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per runtime call.")] = 256,
+    json_output: Annotated[bool, typer.Option("--json", help="Print predictions/accuracy as JSON.")] = False,
+) -> None:
+    """Run a CSR artefact with the reference sparse runtime (no training code) and print predictions/accuracy.
+
+    Example: [bold]ndsnn run quick.safetensors --dataset-test --limit 1000[/bold]
+    """
+    import torch
+
+    from ndsnn_cli.export.runtime import load_network
+
+    if (input_file is None) == (not dataset_test):
+        raise UserError("give exactly one of --input FILE.pt or --dataset-test")
+    net = load_network(artefact)
+    images, labels = (_read_input(input_file) if input_file is not None else _test_set(net.metadata, limit))
+    if limit:
+        images, labels = images[:limit], (labels[:limit] if labels is not None else None)
+    predictions = torch.cat([net.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    result: dict[str, Any] = {"samples": len(images), "predictions": predictions.tolist()}
+    if labels is not None:
+        result["accuracy"] = float((predictions == labels).float().mean())
+    if json_output:
+        typer.echo(json.dumps(result))
+        return
+    shown = ", ".join(map(str, result["predictions"][:20])) + (" ..." if len(images) > 20 else "")
+    typer.echo(f"predictions ({len(images)}): {shown}")
+    if "accuracy" in result:
+        typer.echo(f"accuracy: {result['accuracy']:.2%}")
+
+
+def _read_input(path: Path) -> tuple[Any, Any]:
+    import torch
+
+    if not path.is_file():
+        raise UserError(f"{path}: input file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors of many kinds
+        raise UserError(f"{path}: not a readable tensor file ({type(exc).__name__})") from None
+    if isinstance(obj, dict):
+        if "images" not in obj:
+            raise UserError(f"{path}: dict input needs an 'images' key")
+        images, labels = obj["images"], obj.get("labels")
+    else:
+        images, labels = obj, None
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise UserError(f"{path}: images must be a [B, C, H, W] tensor")
+    return images, labels
+
+
+def _test_set(metadata: dict[str, Any], limit: int) -> tuple[Any, Any]:
+    import torch
+
+    from ndsnn_cli.data import build_datasets
+    from ndsnn_cli.recipe import parse_recipe
+
+    recipe = parse_recipe(metadata["recipe"], "artefact recipe")
+    recipe = recipe.replace(data={"test_limit": limit, "train_limit": 1})
+    _, test = build_datasets(recipe.data)
+    pairs = [test[i] for i in range(len(test))]
+    return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])

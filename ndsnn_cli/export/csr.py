@@ -1,0 +1,186 @@
+"""The `ndsnn-csr` artefact: sparse weights as CSR arrays in a safetensors file, everything else plain.
+
+Per sparse parameter P (its 2-D view `[out, in*kh*kw]`): `P.crow_indices` (int32, int64 if nnz does
+not fit), `P.col_indices` (int16 when cols < 32768, else int32), `P.values`, `P.shape` (int64, the
+original shape). Positions come from the checkpoint's mask, so a grown weight that is exactly zero
+is kept. The arrays go unchanged into `scipy.sparse.csr_matrix((values, col, crow), shape)` or
+`torch.sparse_csr_tensor(crow, col, values, shape)`.
+
+This module imports no training code: the runtime reads artefacts through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ndsnn_cli.atomic import write_bytes
+from ndsnn_cli.errors import UserError
+from ndsnn_cli.export import CSR_FORMAT, CSR_VERSION
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CSR_PARTS = ("crow_indices", "col_indices", "values", "shape")
+# Metadata values stored as JSON; the rest are plain strings.
+JSON_KEYS = ("version", "timesteps", "neuron", "dataset", "sparsity", "graph", "bn_folded", "source")
+
+
+def to_csr(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """CSR arrays of `weight`'s 2-D view at the mask's positions (not at weight != 0)."""
+    rows = weight.shape[0]
+    mask2d = mask.reshape(rows, -1).to(torch.bool)
+    cols = mask2d.shape[1]
+    nnz = int(mask2d.sum())
+    index_dtype = torch.int32 if nnz < 2**31 else torch.int64
+    crow = torch.zeros(rows + 1, dtype=torch.int64)
+    crow[1:] = mask2d.sum(1).cumsum(0)
+    col = mask2d.nonzero()[:, 1]  # row-major order: sorted by row, then column
+    return {
+        "crow_indices": crow.to(index_dtype),
+        "col_indices": col.to(torch.int16 if cols < 32768 else torch.int32),
+        "values": weight.detach().reshape(rows, -1)[mask2d].to(dtype).contiguous(),
+        "shape": torch.tensor(list(weight.shape), dtype=torch.int64),
+    }
+
+
+def from_csr(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The dense tensor (original shape) of one parameter's CSR arrays."""
+    shape = [int(s) for s in parts["shape"]]
+    rows = shape[0]
+    cols = math.prod(shape[1:])
+    crow = parts["crow_indices"].to(torch.int64)
+    dense = torch.zeros(rows, cols, dtype=parts["values"].dtype)
+    row_of = torch.repeat_interleave(torch.arange(rows), crow[1:] - crow[:-1])
+    dense[row_of, parts["col_indices"].to(torch.int64)] = parts["values"]
+    return dense.reshape(shape)
+
+
+def pack(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], metadata: dict[str, Any],
+         dtype: str = "fp32") -> bytes:
+    """The artefact's bytes: masked params as CSR, other floating tensors cast to `dtype`, all else as is."""
+    target = DTYPES[dtype]
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name in masks:
+            tensors.update({f"{name}.{part}": t for part, t in to_csr(tensor, masks[name], target).items()})
+        else:
+            tensors[name] = (tensor.to(target) if tensor.is_floating_point() else tensor).contiguous()
+    header = {"format": CSR_FORMAT, "dtype": dtype, **metadata, "version": CSR_VERSION}
+    strings = {k: json.dumps(v) if k in JSON_KEYS else str(v) for k, v in header.items()}
+    return save_safetensors(tensors, metadata=strings)
+
+
+def load_raw(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The artefact's tensors as stored (CSR parts separate) and its decoded metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: artefact not found")
+    raw = path.read_bytes()
+    try:
+        tensors = load_safetensors(raw)
+        header_len = int.from_bytes(raw[:8], "little")
+        strings = json.loads(raw[8:8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable safetensors file (truncated or corrupt: {reason})") from None
+    if strings.get("format") != CSR_FORMAT:
+        raise UserError(f"{path}: not an {CSR_FORMAT} artefact (format is {strings.get('format')!r})")
+    try:
+        metadata = {k: json.loads(v) if k in JSON_KEYS else v for k, v in strings.items()}
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: corrupt artefact metadata ({exc.msg})") from None
+    if metadata["version"] > CSR_VERSION:
+        raise UserError(f"{path}: {CSR_FORMAT} version {metadata['version']} is newer than this ndsnn ({CSR_VERSION})")
+    return tensors, metadata
+
+
+def split_csr(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(sparse params: name -> CSR parts, plain tensors)."""
+    sparse: dict[str, dict[str, torch.Tensor]] = {}
+    for key in tensors:
+        if key.endswith(".crow_indices"):
+            name = key.removesuffix(".crow_indices")
+            sparse[name] = {part: tensors[f"{name}.{part}"] for part in CSR_PARTS}
+    packed = {f"{name}.{part}" for name in sparse for part in CSR_PARTS}
+    return sparse, {k: v for k, v in tensors.items() if k not in packed}
+
+
+def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict with every sparse param rebuilt dense, metadata): the exact stored tensors."""
+    tensors, metadata = load_raw(path)
+    sparse, plain = split_csr(tensors)
+    state = dict(plain)
+    for name, parts in sparse.items():
+        state[name] = from_csr(parts)
+    return state, metadata
+
+
+def export_csr(source: str | Path, out: str | Path | None = None, *, dtype: str = "fp32",
+               fold_bn: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Checkpoint (or run dir) -> artefact file; returns (path, metadata)."""
+    from ndsnn_cli.export.fold import fold_batchnorm, load_trained
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: unknown (known: {', '.join(DTYPES)})")
+    trained = load_trained(source)
+    model = fold_batchnorm(trained.model) if fold_bn else trained.model
+    metadata = artefact_metadata(trained, model, bn_folded=fold_bn)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    data = pack(state, trained.masks, metadata, dtype)
+    target = Path(out) if out is not None else default_output(trained.path, "csr.safetensors")
+    return write_checked(target, data), {"format": CSR_FORMAT, "dtype": dtype, **metadata}
+
+
+def artefact_metadata(trained: Any, model: Any, *, bn_folded: bool) -> dict[str, Any]:
+    """What a deployment needs besides the tensors: network, neuron, data set, sparsity, provenance."""
+    from ndsnn_cli import __version__
+    from ndsnn_cli.data import dataset_info
+    from ndsnn_cli.export.fold import inference_graph
+
+    recipe = trained.recipe
+    info = dataset_info(recipe.data.dataset)
+    m = recipe.model
+    params = dict(model.named_parameters())
+    layers = {}
+    for name, mask in trained.masks.items():
+        nnz = int(mask.sum())
+        layers[name] = {"shape": list(params[name].shape), "numel": mask.numel(), "nnz": nnz,
+                        "sparsity": 1 - nnz / mask.numel()}
+    numel = sum(layer["numel"] for layer in layers.values())
+    nnz = sum(layer["nnz"] for layer in layers.values())
+    toml = recipe.to_toml()
+    return {
+        "arch": m.arch, "timesteps": m.timesteps,
+        "neuron": {"model": "lif", "tau": m.tau, "v_threshold": m.v_threshold, "reset": "hard", "v_reset": 0.0,
+                   "surrogate": m.surrogate, "surrogate_alpha": m.surrogate_alpha},
+        "dataset": {"name": info.name, "num_classes": info.num_classes, "in_channels": info.in_channels,
+                    "image_size": info.image_size},
+        "sparsity": {"layers": layers, "numel": numel, "nnz": nnz, "sparsity": 1 - nnz / numel if numel else 0.0},
+        "graph": inference_graph(model), "bn_folded": bn_folded,
+        "recipe": toml, "recipe_sha256": hashlib.sha256(toml.encode()).hexdigest(),
+        "source": {"checkpoint": str(trained.path), "epoch": trained.meta.get("epoch"),
+                   "step": trained.meta.get("step")},
+        "ndsnn_version": __version__,
+    }
+
+
+def default_output(checkpoint: Path, suffix: str) -> Path:
+    """runs/x/checkpoints/last.safetensors -> runs/x/export/last.<suffix>."""
+    return checkpoint.parent.parent / "export" / f"{checkpoint.name.removesuffix('.safetensors')}.{suffix}"
+
+
+def write_checked(target: Path, data: bytes) -> Path:
+    """Atomic write; an unwritable place is a UserError naming the path (nothing is left behind)."""
+    if target.exists() and target.is_dir():
+        raise UserError(f"{target}: output path is a directory")
+    try:
+        return write_bytes(target, data)
+    except OSError as exc:
+        raise UserError(f"{target}: cannot write output ({exc.strerror or exc})") from None

@@ -1,0 +1,141 @@
+"""From a checkpoint to an inference model: load it, fold BatchNorm into the layer before, describe the graph.
+
+Folding `BN(conv(x))` into `conv'(x)` scales each output row of the weight, so the sparsity pattern
+(the mask) is unchanged. `inference_graph` writes the network as an ordered op list that the
+reference runtime executes without the training code.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ndsnn_cli.checkpoint import load_checkpoint
+from ndsnn_cli.errors import UserError
+from ndsnn_cli.recipe import Recipe, parse_recipe
+from ndsnn_cli.snn.models import BasicBlock, SpikingNet
+from ndsnn_cli.snn.neuron import LIF
+
+CHECKPOINT_IN_RUN = Path("checkpoints") / "last.safetensors"
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint's model in eval mode, its masks (param -> bool tensor) and where it came from."""
+
+    model: SpikingNet
+    masks: dict[str, torch.Tensor]
+    recipe: Recipe
+    path: Path
+    meta: dict[str, Any]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory means its checkpoints/last.safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_IN_RUN
+        if not path.is_file():
+            raise UserError(f"{path}: run directory has no checkpoint (train it first)")
+    elif not path.exists():
+        raise UserError(f"{path}: no such run directory or checkpoint")
+    return path
+
+
+def load_trained(path: str | Path) -> TrainedModel:
+    """Rebuild the checkpoint's model from its recipe and load weights; bad files are one-line UserErrors."""
+    from ndsnn_cli.train import build_model
+
+    path = resolve_checkpoint(path)
+    checkpoint = load_checkpoint(path)
+    if "recipe" not in checkpoint.meta:
+        raise UserError(f"{path}: checkpoint has no recipe (an LTH rewind file?); export a run's last.safetensors")
+    recipe = parse_recipe(checkpoint.meta["recipe"], f"{path} (embedded recipe)")
+    model = build_model(recipe)
+    try:
+        model.load_state_dict(checkpoint.model_state)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: weights do not fit the recipe's model ({str(exc).splitlines()[0]})") from None
+    masks = {name: mask.to(torch.bool) for name, mask in checkpoint.masks.items()}
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        if name not in params or params[name].shape != mask.shape:
+            raise UserError(f"{path}: mask::{name} matches no parameter of the model's shape")
+    model.eval()
+    return TrainedModel(model, masks, recipe, path, checkpoint.meta)
+
+
+def _fold_pair(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
+    """In place: layer <- BN(layer), computed in float64 and rounded once to the layer's dtype."""
+    weight = layer.weight.detach().double()
+    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64)
+    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    folded_weight = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    folded_bias = (bias - bn.running_mean.double()) * scale + bn.bias.detach().double()
+    dtype = layer.weight.dtype
+    layer.weight = nn.Parameter(folded_weight.to(dtype))
+    layer.bias = nn.Parameter(folded_bias.to(dtype))
+
+
+def fold_batchnorm(model: SpikingNet) -> SpikingNet:
+    """A copy with every BatchNorm that directly follows a conv/linear folded into it (BN -> Identity)."""
+    folded = copy.deepcopy(model).eval()
+    for module in folded.modules():
+        if not isinstance(module, nn.Sequential | BasicBlock):
+            continue
+        children = list(module.named_children())
+        for (_, first), (second_name, second) in zip(children, children[1:], strict=False):
+            if (isinstance(first, nn.Conv2d | nn.Linear) and isinstance(second, nn.BatchNorm1d | nn.BatchNorm2d)
+                    and second.track_running_stats and second.affine):
+                _fold_pair(first, second)
+                setattr(module, second_name, nn.Identity())
+    return folded
+
+
+def _module_ops(module: nn.Module, prefix: str) -> list[dict[str, Any]]:
+    """The op list of one module (recursing into Sequential and BasicBlock)."""
+    name = prefix.rstrip(".")
+    if isinstance(module, nn.Sequential):
+        ops: list[dict[str, Any]] = []
+        for child_name, child in module.named_children():
+            ops += _module_ops(child, f"{prefix}{child_name}.")
+        return ops
+    if isinstance(module, BasicBlock):
+        main = []
+        for child_name in ("conv1", "bn1", "lif1", "conv2", "bn2"):
+            main += _module_ops(getattr(module, child_name), f"{prefix}{child_name}.")
+        shortcut = _module_ops(module.shortcut, f"{prefix}shortcut.")
+        return [{"op": "residual", "main": main, "shortcut": shortcut}] + _module_ops(module.lif2, f"{prefix}lif2.")
+    if isinstance(module, nn.Identity):
+        return []
+    if isinstance(module, nn.Conv2d):
+        bias = f"{name}.bias" if module.bias is not None else None
+        return [{"op": "conv2d", "weight": f"{name}.weight", "bias": bias,
+                 "stride": list(module.stride), "padding": list(module.padding), "dilation": list(module.dilation),
+                 "groups": module.groups}]
+    if isinstance(module, nn.Linear):
+        return [{"op": "linear", "weight": f"{name}.weight",
+                 "bias": f"{name}.bias" if module.bias is not None else None}]
+    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+        return [{"op": "batchnorm", "prefix": name, "eps": module.eps}]
+    if isinstance(module, LIF):
+        return [{"op": "lif", "tau": module.tau, "v_threshold": module.v_threshold}]
+    if isinstance(module, nn.MaxPool2d):
+        pair = nn.modules.utils._pair
+        return [{"op": "maxpool2d", "kernel": list(pair(module.kernel_size)), "stride": list(pair(module.stride)),
+                 "padding": list(pair(module.padding)), "ceil_mode": module.ceil_mode}]
+    if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
+        return [{"op": "global_avgpool"}]
+    if isinstance(module, nn.Flatten):
+        return [{"op": "flatten"}]
+    raise UserError(f"layer {name} ({type(module).__name__}) has no export op")
+
+
+def inference_graph(model: SpikingNet) -> list[dict[str, Any]]:
+    """Encoder ops (run once), `repeat_timesteps`, then body ops on the [T*B] batch."""
+    return _module_ops(model.encoder, "encoder.") + [{"op": "repeat_timesteps"}] + _module_ops(model.body, "body.")

@@ -1,0 +1,156 @@
+"""A reference runtime for `ndsnn-csr` artefacts: sparse kernels, no training code.
+
+The network is rebuilt from the artefact's metadata (`graph`: an ordered op list, `timesteps`,
+neuron constants). Linear layers run `torch.sparse.mm` on the CSR weight; convolutions run im2col
+(one strided copy of the whole `[T*B]` batch per layer) followed by the same sparse matmul. The LIF
+arithmetic matches the training neuron exactly: `h = v + (x - v) / tau`, spike `h >= v_th`, hard
+reset `v = h * (1 - s)`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ndsnn_cli.errors import UserError
+from ndsnn_cli.export.csr import load_raw, split_csr
+
+OPS = ("conv2d", "linear", "batchnorm", "lif", "maxpool2d", "global_avgpool", "flatten", "repeat_timesteps",
+       "residual")
+
+
+class SparseNetwork:
+    """An artefact ready to run: `logits = net(images)` gives per-step logits [T, B, classes]."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+        self.metadata = metadata
+        self.timesteps = int(metadata["timesteps"])
+        self.graph = metadata["graph"]
+        sparse, plain = split_csr(tensors)
+        self.dense = {k: v.float() if v.is_floating_point() else v for k, v in plain.items()}
+        self.sparse: dict[str, tuple[torch.Tensor, list[int]]] = {}
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore")
+            for name, parts in sparse.items():
+                shape = [int(s) for s in parts["shape"]]
+                cols = 1
+                for s in shape[1:]:
+                    cols *= s
+                matrix = torch.sparse_csr_tensor(parts["crow_indices"].to(torch.int64),
+                                                 parts["col_indices"].to(torch.int64),
+                                                 parts["values"].float(), (shape[0], cols))
+                self.sparse[name] = (matrix, shape)
+        self._check(self.graph)
+
+    def _check(self, ops: list[dict[str, Any]]) -> None:
+        for op in ops:
+            if op["op"] not in OPS:
+                raise UserError(f"artefact op {op['op']!r} is not supported by this runtime (known: {', '.join(OPS)})")
+            if op["op"] == "residual":
+                self._check(op["main"])
+                self._check(op["shortcut"])
+            for key in ("weight", "bias"):
+                name = op.get(key)
+                if name and name not in self.sparse and name not in self.dense:
+                    raise UserError(f"artefact lacks tensor {name!r} needed by its {op['op']} op")
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = self._run(self.graph, images.float())
+        return x.reshape(self.timesteps, images.shape[0], -1)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self(images).sum(0).argmax(-1)
+
+    def _run(self, ops: list[dict[str, Any]], x: torch.Tensor) -> torch.Tensor:
+        for op in ops:
+            x = getattr(self, f"_{op['op']}")(op, x)
+        return x
+
+    def _bias(self, op: dict[str, Any]) -> torch.Tensor | None:
+        return self.dense[op["bias"]] if op.get("bias") else None
+
+    def _conv2d(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        bias = self._bias(op)
+        if op["weight"] not in self.sparse:
+            return F.conv2d(x, self.dense[op["weight"]], bias, op["stride"], op["padding"], op["dilation"],
+                            op["groups"])
+        if op["groups"] != 1:
+            raise UserError(f"{op['weight']}: grouped sparse convolution is not supported by this runtime")
+        matrix, shape = self.sparse[op["weight"]]
+        batch = x.shape[0]
+        columns, out_h, out_w = _im2col(x, shape[2:], op["stride"], op["padding"], op["dilation"])
+        out = torch.sparse.mm(matrix, columns).reshape(shape[0], batch, out_h, out_w).transpose(0, 1)
+        if bias is not None:
+            out = out + bias.reshape(1, -1, 1, 1)
+        return out.contiguous()
+
+    def _linear(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        bias = self._bias(op)
+        if op["weight"] not in self.sparse:
+            return F.linear(x, self.dense[op["weight"]], bias)
+        matrix, _ = self.sparse[op["weight"]]
+        out = torch.sparse.mm(matrix, x.t().contiguous()).t()
+        return out + bias if bias is not None else out
+
+    def _batchnorm(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        p = op["prefix"]
+        return F.batch_norm(x, self.dense[f"{p}.running_mean"], self.dense[f"{p}.running_var"],
+                            self.dense.get(f"{p}.weight"), self.dense.get(f"{p}.bias"), False, 0.0, op["eps"])
+
+    def _lif(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        tau, v_threshold = op["tau"], op["v_threshold"]
+        x_seq = x.reshape(self.timesteps, -1, *x.shape[1:])
+        h_seq = torch.empty_like(x_seq)
+        v = torch.zeros_like(x_seq[0])
+        for t in range(self.timesteps):
+            h = h_seq[t]
+            torch.sub(x_seq[t], v, out=h)  # in place, as the fused training neuron: v + (x - v) / tau
+            h.div_(tau).add_(v)
+            torch.mul(h, h < v_threshold, out=v)
+        return (h_seq >= v_threshold).to(x.dtype).reshape(x.shape)
+
+    def _maxpool2d(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x, op["kernel"], op["stride"], op["padding"], ceil_mode=op["ceil_mode"])
+
+    def _global_avgpool(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, 1)
+
+    def _flatten(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+    def _repeat_timesteps(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(0).expand(self.timesteps, *x.shape).reshape(-1, *x.shape[1:])
+
+    def _residual(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        return self._run(op["main"], x) + self._run(op["shortcut"], x)
+
+
+def _im2col(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int],
+            dilation: list[int]) -> tuple[torch.Tensor, int, int]:
+    """`[C*kh*kw, N*OH*OW]` patch matrix (unfold's row order) written by one strided copy.
+
+    `F.unfold` followed by the transpose to this layout costs two passes over the largest tensor of
+    the layer and dominated the runtime's profile; a strided view of the padded `[C, N, H, W]` input
+    needs one copy.
+    """
+    batch, channels, height, width = x.shape
+    out_h = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0])).transpose(0, 1).contiguous()
+    s_c, s_n, s_h, s_w = padded.stride()
+    patches = padded.as_strided((channels, kernel[0], kernel[1], batch, out_h, out_w),
+                                (s_c, dilation[0] * s_h, dilation[1] * s_w, s_n, stride[0] * s_h, stride[1] * s_w))
+    return patches.reshape(channels * kernel[0] * kernel[1], batch * out_h * out_w), out_h, out_w
+
+
+def load_network(path: str | Path) -> SparseNetwork:
+    """Read an `ndsnn-csr` artefact into a runnable network."""
+    tensors, metadata = load_raw(path)
+    if "graph" not in metadata:
+        raise UserError(f"{path}: artefact has no layer graph in its metadata")
+    return SparseNetwork(tensors, metadata)

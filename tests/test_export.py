@@ -1,0 +1,351 @@
+"""Export: CSR artefact round trip, BN folding, the reference runtime, ONNX, inspect and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from typer.testing import CliRunner
+
+from ndsnn_cli.checkpoint import load_checkpoint
+from ndsnn_cli.data import build_datasets
+from ndsnn_cli.export import csr
+from ndsnn_cli.export.fold import fold_batchnorm, inference_graph, load_trained
+from ndsnn_cli.export.runtime import SparseNetwork, load_network
+from ndsnn_cli.recipe import Recipe
+from ndsnn_cli.snn.models import NeuronConfig, create_model
+from ndsnn_cli.sparse.masks import active_count, random_mask
+from ndsnn_cli.train import train
+
+NDSNN = str(Path(sys.executable).parent / "ndsnn")
+LOGIT_TOL = 1e-4  # runtime vs PyTorch: same fp32 weights, only summation order differs
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny NDSNN-trained scnn (T=2, 90% sparse, synthetic data): ~2 s on one core."""
+    torch.set_num_threads(1)
+    recipe = Recipe().replace(
+        name="export-test", model={"arch": "scnn", "timesteps": 2},
+        data={"dataset": "synthetic", "train_limit": 512, "test_limit": 128, "batch_size": 32, "augment": False},
+        train={"epochs": 1, "device": "cpu", "optimizer": "adam", "lr": 0.02, "weight_decay": 0.0},
+        sparsity={"method": "ndsnn", "final": 0.9, "initial": 0.5, "update_every_steps": 4})
+    out = tmp_path_factory.mktemp("export") / "run"
+    train(recipe, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def test_images(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    _, test = build_datasets(load_trained(run_dir).recipe.data)
+    return torch.stack([test[i][0] for i in range(len(test))]), torch.tensor([test[i][1] for i in range(len(test))])
+
+
+def _with_exact_zero(run_dir: Path, target: Path) -> tuple[str, int]:
+    """A copy of the checkpoint where one masked-in weight is exactly 0.0 (as a freshly grown weight is)."""
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
+    tensors = dict(checkpoint.tensors)
+    name = "body.1.weight"
+    flat_mask = tensors[f"mask::{name}"].reshape(-1)
+    position = int(flat_mask.nonzero()[0])
+    weight = tensors[f"model::{name}"].clone()
+    weight.view(-1)[position] = 0.0
+    tensors[f"model::{name}"] = weight
+    target.write_bytes(save_safetensors(tensors, metadata={"ndsnn": json.dumps(checkpoint.meta)}))
+    return name, position
+
+
+def test_csr_round_trip_is_bit_exact_and_keeps_a_masked_in_zero(run_dir: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "zero.safetensors"
+    zero_name, position = _with_exact_zero(run_dir, ckpt)
+    path, _ = csr.export_csr(ckpt, tmp_path / "a.safetensors")
+    state, meta = csr.load(path)
+    checkpoint = load_checkpoint(ckpt)
+    masks = checkpoint.masks
+    assert set(masks) == {"encoder.0.weight", "body.1.weight", "body.6.weight", "body.8.weight"}
+    for name, original in checkpoint.model_state.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        rebuilt = state[name]
+        assert rebuilt.dtype == original.dtype and rebuilt.shape == original.shape
+        if name in masks:
+            mask = masks[name].bool()
+            # bit-exact at every stored position; masked-out positions are zero (+0.0 or -0.0 in the checkpoint)
+            assert torch.equal(rebuilt[mask].view(torch.int32), original[mask].view(torch.int32))
+            assert torch.equal(rebuilt, original)
+            assert int((rebuilt != 0).sum()) <= int(mask.sum())
+        else:
+            assert torch.equal(rebuilt.view(torch.uint8), original.view(torch.uint8))
+    raw, _ = csr.load_raw(path)
+    assert raw[f"{zero_name}.values"].numel() == int(masks[zero_name].sum())  # the zero is stored
+    assert state[zero_name].view(-1)[position].item() == 0.0
+    assert meta["format"] == "ndsnn-csr" and meta["version"] == 1 and meta["timesteps"] == 2
+    assert meta["dataset"] == {"name": "synthetic", "num_classes": 10, "in_channels": 1, "image_size": 28}
+    assert meta["neuron"]["tau"] == pytest.approx(4 / 3) and meta["neuron"]["v_threshold"] == 1.0
+    import hashlib
+    assert meta["recipe_sha256"] == hashlib.sha256(meta["recipe"].encode()).hexdigest()
+    layer = meta["sparsity"]["layers"][zero_name]
+    assert layer["nnz"] == int(masks[zero_name].sum()) and layer["numel"] == masks[zero_name].numel()
+
+
+def test_csr_arrays_load_in_scipy_and_torch_as_stored(run_dir: Path, tmp_path: Path) -> None:
+    path, _ = csr.export_csr(run_dir, tmp_path / "a.safetensors")
+    raw, _ = csr.load_raw(path)
+    state, _ = csr.load(path)
+    for name in ("body.1.weight", "body.6.weight"):
+        crow, col, values = raw[f"{name}.crow_indices"], raw[f"{name}.col_indices"], raw[f"{name}.values"]
+        assert crow.dtype == torch.int32 and col.dtype == torch.int16 and values.dtype == torch.float32
+        dense2d = state[name].reshape(state[name].shape[0], -1)
+        matrix = scipy.sparse.csr_matrix((values.numpy(), col.numpy(), crow.numpy()), shape=tuple(dense2d.shape))
+        assert np.array_equal(matrix.toarray(), dense2d.numpy())
+        tensor = torch.sparse_csr_tensor(crow, col, values, tuple(dense2d.shape))
+        assert torch.equal(tensor.to_dense(), dense2d)
+        assert raw[f"{name}.shape"].tolist() == list(state[name].shape)
+
+
+def test_csr_sizes_follow_the_format(run_dir: Path, tmp_path: Path) -> None:
+    masks = load_checkpoint(run_dir / "checkpoints" / "last.safetensors").masks
+    sizes = {}
+    for dtype, width in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
+        path, _ = csr.export_csr(run_dir, tmp_path / f"{dtype}.safetensors", dtype=dtype)
+        raw, _ = csr.load_raw(path)
+        for name, mask in masks.items():
+            nnz, rows = int(mask.sum()), mask.shape[0]
+            assert raw[f"{name}.values"].nbytes == nnz * width
+            assert raw[f"{name}.col_indices"].nbytes == nnz * 2
+            assert raw[f"{name}.crow_indices"].nbytes == (rows + 1) * 4
+        sizes[dtype] = path.stat().st_size
+    model_bytes = sum(t.nbytes for t in load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
+                      .model_state.values())
+    # 90% sparse: values + int16 columns = 6 bytes per stored weight vs 4 per dense weight
+    assert sizes["fp32"] < 0.25 * model_bytes
+    # same tensor bytes; the JSON header differs by a few bytes ("F16" vs "BF16" dtype tags)
+    assert sizes["fp16"] < 0.75 * sizes["fp32"] and abs(sizes["fp16"] - sizes["bf16"]) < 64
+
+
+def _spike_trains(model: torch.nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    trains: list[torch.Tensor] = []
+    hooks = [lif.register_forward_hook(lambda m, i, o: trains.append(o.clone())) for lif in model.lif_layers()]
+    with torch.no_grad():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    return trains
+
+
+def test_bn_folding_keeps_spike_trains_identical_and_the_sparsity_pattern(run_dir: Path, test_images) -> None:
+    trained = load_trained(run_dir)
+    folded = fold_batchnorm(trained.model)
+    images, _ = test_images
+    before, after = _spike_trains(trained.model, images), _spike_trains(folded, images)
+    assert len(before) == 3 and sum(int(s.sum()) for s in before) > 0
+    differing = sum(int((a != b).sum()) for a, b in zip(before, after, strict=True))
+    assert differing == 0  # measured: 0 of ~1.3 M spike decisions on 128 images in fp32, eval mode
+    assert not any(isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d) for m in folded.modules())
+    params = dict(folded.named_parameters())
+    for name, mask in trained.masks.items():
+        assert not params[name][~mask].any()
+    assert [op["op"] for op in inference_graph(folded)].count("batchnorm") == 0
+
+
+def test_runtime_matches_pytorch_and_imports_no_training_code(run_dir: Path, test_images, tmp_path: Path,
+                                                             capsys, monkeypatch) -> None:
+    images, labels = test_images
+    trained = load_trained(run_dir)
+    with torch.no_grad():
+        expected = trained.model(images)
+    for fold in (False, True):
+        path, _ = csr.export_csr(run_dir, tmp_path / f"fold{fold}.safetensors", fold_bn=fold)
+        got = load_network(path)(images)
+        assert (got - expected).abs().max().item() <= LOGIT_TOL
+        assert torch.equal(got.sum(0).argmax(-1), expected.sum(0).argmax(-1))
+    torch.save({"images": images, "labels": labels}, tmp_path / "input.pt")
+    script = (
+        "import sys, json, torch\n"
+        "from ndsnn_cli.export.runtime import load_network\n"
+        f"net = load_network({str(path)!r})\n"
+        f"x = torch.load({str(tmp_path / 'input.pt')!r}, weights_only=True)['images']\n"
+        "print(json.dumps({'pred': net.predict(x).tolist(), 'loaded': sorted(m for m in sys.modules "
+        "if m.startswith(('ndsnn_cli.train', 'ndsnn_cli.snn', 'ndsnn_cli.sparse', 'ndsnn_cli.recipe', "
+        "'ndsnn_cli.data')))}))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    out = json.loads(result.stdout)
+    assert out["loaded"] == []
+    assert out["pred"] == expected.sum(0).argmax(-1).tolist()
+    accuracy = float((expected.sum(0).argmax(-1) == labels).float().mean())
+    code, out_text, err = _main(capsys, monkeypatch, "run", str(path), "--input", str(tmp_path / "input.pt"), "--json")
+    assert code == 0, err
+    report = json.loads(out_text)
+    assert report["predictions"] == out["pred"] and report["accuracy"] == pytest.approx(accuracy)
+    assert accuracy > 0.5  # the fixture learned something, so equal predictions are not all one class
+
+
+def _random_sparse(arch: str, image_size: int, channels: int, sparsity: float) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10, in_channels=channels, image_size=image_size,
+                         neuron=NeuronConfig(timesteps=2)).eval()
+    generator = torch.Generator().manual_seed(0)
+    masks = {}
+    for name, param in model.named_parameters():
+        if name.endswith("weight") and param.dim() > 1:
+            masks[name] = random_mask(param.shape, active_count(param.numel(), 1 - sparsity), generator)
+            with torch.no_grad():
+                param.mul_(masks[name]).mul_(1 / (1 - sparsity) ** 0.5)  # keep activity alive at depth
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
+            module.running_mean.uniform_(-0.1, 0.1, generator=generator)
+            module.running_var.uniform_(0.5, 1.5, generator=generator)
+            with torch.no_grad():
+                module.weight.uniform_(1.0, 2.0, generator=generator)
+                module.bias.uniform_(0.5, 1.5, generator=generator)
+    return model, masks
+
+
+@pytest.mark.parametrize(("arch", "size", "channels"), [("mlp", 28, 1), ("vgg16", 32, 3), ("resnet19", 16, 3)])
+def test_runtime_runs_sequential_and_residual_models(arch: str, size: int, channels: int) -> None:
+    model, masks = _random_sparse(arch, size, channels, 0.9)
+    folded = fold_batchnorm(model)
+    metadata = {"timesteps": 2, "graph": inference_graph(folded)}
+    raw = load_safetensors(csr.pack(folded.state_dict(), masks, metadata))
+    sparse, _ = csr.split_csr(raw)
+    images = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = folded(images)
+    got = SparseNetwork(raw, {**metadata, "format": "ndsnn-csr"})(images)
+    assert set(sparse) == set(masks)
+    assert sum(int(s.sum()) for s in _spike_trains(folded, images)[-2:]) > 0  # activity reaches the top
+    mismatched = int(((got - expected).abs() > LOGIT_TOL).sum())
+    # im2col + sparse matmul sums in another order than the dense conv kernel; a membrane within float
+    # rounding of v_th then flips one spike. Measured: 0 for mlp/vgg16; resnet19 (16 conv layers, untrained
+    # BN stats that put many membranes near threshold) 1 of 40 logits, off by one fc weight (0.13).
+    assert mismatched <= (0 if arch != "resnet19" else 2)
+
+
+def test_onnx_export_matches_pytorch_with_dynamic_batch_and_metadata(run_dir: Path, test_images, tmp_path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from ndsnn_cli.export.onnx import export_onnx
+
+    images, _ = test_images
+    trained = load_trained(run_dir)
+    with torch.no_grad():
+        expected = trained.model(images)
+    dense_path, report = export_onnx(run_dir, tmp_path / "m.onnx")
+    assert report["verify"]["passed"] and set(report["verify"]["inputs"]) == {"random", "test"}
+    sparse_path, sparse_report = export_onnx(run_dir, tmp_path / "s.onnx", sparse_initializers=True)
+    assert sparse_report["sparse_initializers"] == 4 and sparse_report["verify"]["passed"]
+    assert sparse_path.stat().st_size < 0.5 * dense_path.stat().st_size
+    proto = onnx.load(str(dense_path))
+    onnx.checker.check_model(proto, full_check=True)
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["ndsnn.timesteps"] == "2" and len(props["ndsnn.recipe_sha256"]) == 64
+    assert float(props["ndsnn.sparsity"]) == pytest.approx(trained_sparsity(trained), abs=1e-6)
+    assert "Conv" in {n.op_type for n in proto.graph.node} and "BatchNormalization" not in {
+        n.op_type for n in proto.graph.node}
+    for path in (dense_path, sparse_path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for batch in (1, 5, 128):
+            summed, per_step = session.run(None, {"images": images[:batch].numpy()})
+            assert per_step.shape == (2, batch, 10) and summed.shape == (batch, 10)
+            assert np.abs(summed - expected[:, :batch].sum(0).numpy()).max() <= LOGIT_TOL
+            assert np.array_equal(summed.argmax(-1), expected[:, :batch].sum(0).argmax(-1).numpy())
+
+
+def trained_sparsity(trained) -> float:
+    numel = sum(m.numel() for m in trained.masks.values())
+    return 1 - sum(int(m.sum()) for m in trained.masks.values()) / numel
+
+
+def test_onnx_verification_failure_exits_1_and_leaves_no_file(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from ndsnn_cli.cli import app
+    from ndsnn_cli.export import onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "LOGIT_ATOL", -1.0)  # nothing can pass: exercises the failure path
+    target = tmp_path / "m.onnx"
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--format", "onnx", "-o", str(target)])
+    assert result.exit_code == 1
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_inspect_reports_checkpoint_and_artefact_layers(run_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    path, _ = csr.export_csr(run_dir, tmp_path / "a.safetensors", fold_bn=True, dtype="fp16")
+    masks = load_checkpoint(run_dir / "checkpoints" / "last.safetensors").masks
+    code, out, _ = _main(capsys, monkeypatch, "inspect", str(path), "--json")
+    assert code == 0
+    artefact = json.loads(out)
+    assert artefact["kind"] == "artefact" and artefact["format"] == "ndsnn-csr" and artefact["version"] == 1
+    layers = {layer["name"]: layer for layer in artefact["layers"]}
+    for name, mask in masks.items():
+        nnz = int(mask.sum())
+        assert layers[name]["storage"] == "csr" and layers[name]["nnz"] == nnz
+        assert layers[name]["density"] == pytest.approx(nnz / mask.numel())
+        assert layers[name]["bytes"] == nnz * (2 + 2) + (mask.shape[0] + 1) * 4 + mask.dim() * 8
+    assert artefact["recipe"]["method"] == "ndsnn" and artefact["bn_folded"] is True
+    code, out, _ = _main(capsys, monkeypatch, "inspect", str(run_dir), "--json")
+    assert code == 0
+    ckpt = json.loads(out)
+    assert ckpt["kind"] == "checkpoint" and ckpt["format"] == "ndsnn-checkpoint"
+    clayers = {layer["name"]: layer for layer in ckpt["layers"]}
+    assert clayers["body.6.weight"]["nnz"] == int(masks["body.6.weight"].sum())
+    assert clayers["body.6.weight"]["bytes"] == masks["body.6.weight"].numel() * 4
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The installed `ndsnn` entry point in a fresh process (the honest check of exit codes and stderr)."""
+    return subprocess.run([NDSNN, *args], capture_output=True, text=True)
+
+
+def _main(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
+    """`ndsnn_cli.cli.main()` in this process (same UserError -> exit 2 mapping, no interpreter start-up)."""
+    from ndsnn_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ndsnn", *args])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_bad_input_is_one_line_exit_2_and_leaves_no_file(run_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(save_safetensors({"w": torch.zeros(3)}))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes((run_dir / "checkpoints" / "last.safetensors").read_bytes()[:5000])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    out = tmp_path / "out.safetensors"
+    cases = {
+        "missing": ["export", str(tmp_path / "nope"), "-o", str(out)],
+        "foreign": ["export", str(foreign), "-o", str(out)],
+        "corrupt": ["export", str(corrupt), "-o", str(out)],
+        "unknown format": ["export", str(run_dir), "--format", "tflite", "-o", str(out)],
+        "unknown dtype": ["export", str(run_dir), "--dtype", "int8", "-o", str(out)],
+        "unwritable": ["export", str(run_dir), "-o", str(blocker / "sub" / "x.safetensors")],
+        "inspect corrupt": ["inspect", str(corrupt)],
+        "run on a checkpoint": ["run", str(run_dir / "checkpoints" / "last.safetensors"), "--dataset-test"],
+    }
+    for index, (label, args) in enumerate(cases.items()):
+        if index < 2:  # the installed entry point, in a fresh process
+            result = _cli(*args)
+            code, stderr = result.returncode, result.stderr
+        else:
+            code, _, stderr = _main(capsys, monkeypatch, *args)
+        assert code == 2, (label, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (label, stderr)
+        assert "Traceback" not in stderr
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "corrupt.safetensors", "foreign.safetensors"]
