@@ -1,0 +1,459 @@
+"""prune-compare: train every (method, sparsity, seed) of one recipe and tabulate test accuracy and cost.
+
+Each run is a plain `ndsnn train` run directory `OUT/<method>-s<sparsity>-seed<k>/`, so the grid is
+resumable for free: a run with summary.json is done and skipped, a run with a checkpoint resumes.
+Dense runs once per seed (sparsity 0). The core never prints: progress goes to an `on_event` callable.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ndsnn_cli.atomic import write_bytes, write_json, write_text
+from ndsnn_cli.errors import UserError
+from ndsnn_cli.recipe import METHODS, Recipe, parse_recipe
+
+LTH_DEFAULT_PRUNE_RATE = 0.25  # LTH-SNN's default: prune 25% of the remaining weights per round
+LTH_MAX_REWIND_EPOCH = 20      # LTH-SNN rewinds to epoch 20 (of 300); shorter runs use epochs // 10
+
+Event = Callable[[str, str, dict[str, Any]], None]  # (run key, status, info)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell-sample of the grid: its recipe and its run directory."""
+
+    method: str
+    sparsity: float  # 0.0 for dense
+    seed: int
+    recipe: Recipe
+    run_dir: Path
+
+    @property
+    def key(self) -> str:
+        return run_key(self.method, self.sparsity, self.seed)
+
+
+@dataclass
+class Plan:
+    runs: list[RunSpec]
+    notes: list[str] = field(default_factory=list)  # assumptions shown on screen and in the reports
+
+
+def run_key(method: str, sparsity: float, seed: int) -> str:
+    return f"{method}-s{sparsity:g}-seed{seed}"
+
+
+def parse_methods(text: str) -> list[str]:
+    """`"ndsnn,rigl"` -> ["ndsnn", "rigl"]; an unknown name is a UserError listing the known ones."""
+    methods = [m.strip().lower() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise UserError("--methods is empty (known: " + ", ".join(METHODS) + ")")
+    for method in methods:
+        if method not in METHODS:
+            raise UserError(f"--methods: unknown method '{method}' (known: {', '.join(METHODS)})")
+    return list(dict.fromkeys(methods))
+
+
+def parse_sparsities(text: str) -> list[float]:
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise UserError(f"--sparsities: '{part}' is not a number") from None
+        if not 0 < value < 1:
+            raise UserError(f"--sparsities: {part} must be in (0, 1)")
+        values.append(value)
+    if not values:
+        raise UserError("--sparsities is empty (e.g. 0.9,0.95,0.98,0.99)")
+    return sorted(set(values))
+
+
+def run_recipe(base: Recipe, method: str, sparsity: float, seed: int) -> tuple[Recipe, list[str]]:
+    """The base recipe with method, final sparsity and seed set; LTH keys set for lth and unset for others."""
+    notes: list[str] = []
+    sp = base.sparsity
+    changes: dict[str, Any] = {"method": method, "prune_rate": -1.0, "rewind_epoch": -1}
+    if method != "dense":
+        changes["final"] = sparsity
+    if method == "ndsnn" and sp.initial > sparsity:
+        changes["initial"] = sparsity
+        notes.append(f"ndsnn at sparsity {sparsity:g}: initial sparsity {sp.initial:g} > final, "
+                     f"clamped to {sparsity:g}")
+    if method == "lth":
+        round_epochs = sp.round_epochs or base.train.epochs
+        if sp.method == "lth":
+            changes["prune_rate"], changes["rewind_epoch"] = sp.prune_rate, sp.rewind_epoch
+        else:
+            changes["prune_rate"] = LTH_DEFAULT_PRUNE_RATE
+            changes["rewind_epoch"] = min(LTH_MAX_REWIND_EPOCH, round_epochs // 10)
+            notes.append(f"lth: the recipe has no LTH settings; using LTH-SNN defaults prune_rate = "
+                         f"{LTH_DEFAULT_PRUNE_RATE:g}, rewind_epoch = min({LTH_MAX_REWIND_EPOCH}, "
+                         f"{round_epochs} // 10) = {changes['rewind_epoch']}")
+    recipe = base.replace(name=f"{base.name}-{run_key(method, sparsity, seed)}", seed=seed, sparsity=changes)
+    return recipe, notes
+
+
+def plan_runs(base: Recipe, methods: Sequence[str], sparsities: Sequence[float], seeds: int,
+              out: str | Path) -> Plan:
+    """Every (method, sparsity, seed) run; dense once per seed. Seeds are base.seed, base.seed + 1, ..."""
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds} must be >= 1")
+    out = Path(out)
+    plan = Plan([])
+    for method in methods:
+        for sparsity in ([0.0] if method == "dense" else sparsities):
+            for seed in range(base.seed, base.seed + seeds):
+                recipe, notes = run_recipe(base, method, sparsity, seed)
+                plan.notes += [n for n in notes if n not in plan.notes]
+                plan.runs.append(RunSpec(method, sparsity, seed, recipe, out / run_key(method, sparsity, seed)))
+    if "lth" in methods:
+        from ndsnn_cli.sparse.schedules import lth_round_sparsities
+
+        lth = next(r.recipe for r in plan.runs if r.method == "lth")
+        round_epochs = lth.sparsity.round_epochs or lth.train.epochs
+        counts = ", ".join(f"{s:g}: {len(lth_round_sparsities(s, lth.sparsity.prune_rate))}" for s in sparsities)
+        plan.notes.append(f"lth: {round_epochs} epoch(s) per round, rewind to epoch {lth.sparsity.rewind_epoch}, "
+                          f"prune_rate {lth.sparsity.prune_rate:g}; rounds incl. the dense one per sparsity: {counts}")
+    return plan
+
+
+def run_status(spec: RunSpec) -> str:
+    """done (summary.json), partial (started, resumable) or pending."""
+    if (spec.run_dir / "summary.json").exists():
+        return "done"
+    return "partial" if (spec.run_dir / "recipe.toml").exists() else "pending"
+
+
+def check_run_dirs(plan: Plan) -> None:
+    """Refuse to resume or report a run directory that holds a different recipe (stale or foreign results)."""
+    for spec in plan.runs:
+        existing = spec.run_dir / "recipe.toml"
+        if existing.exists():
+            previous = parse_recipe(existing.read_text(encoding="utf-8"), str(existing))
+            if previous.to_toml() != spec.recipe.to_toml():
+                raise UserError(f"{spec.run_dir}: holds a run of a different recipe; use another --out "
+                                "or remove that directory")
+
+
+class _EventCallbacks:
+    """TrainCallbacks that forward progress as (key, status, info) events."""
+
+    def __init__(self, key: str, emit: Event) -> None:
+        self.key, self.emit = key, emit
+        self.round = ""
+
+    def on_run_start(self, recipe: Recipe, total_steps: int, steps_per_epoch: int, start_step: int) -> None:
+        self.total = total_steps
+        self.emit(self.key, "running", {"step": start_step, "total": total_steps, "round": self.round})
+
+    def on_step(self, step: int, epoch: int, loss: float, accuracy: float) -> None:
+        self.emit(self.key, "running", {"step": step, "total": self.total, "round": self.round,
+                                        "epoch": epoch + 1, "loss": loss})
+
+    def on_epoch_end(self, record: dict[str, Any]) -> None:
+        self.emit(self.key, "running", {"step": record["step"], "total": self.total, "round": self.round,
+                                        "epoch": record["epoch"], "test_accuracy": record["test_accuracy"]})
+
+    def on_mask_update(self, update: Any) -> None: ...
+
+    def on_round_start(self, index: int, rounds: int, sparsity: float) -> None:
+        self.round = f"round {index + 1}/{rounds}"
+
+
+def _train_one(spec: RunSpec, emit: Event) -> dict[str, Any]:
+    from ndsnn_cli.train import train
+
+    emit(spec.key, "running", {})
+    return train(spec.recipe, spec.run_dir, resume=True, callbacks=_EventCallbacks(spec.key, emit))
+
+
+_worker_queue: Any = None
+
+
+def _init_worker(queue: Any, threads: int) -> None:
+    global _worker_queue
+    import torch
+
+    _worker_queue = queue
+    torch.set_num_threads(threads)
+
+
+def _worker_run(recipe_toml: str, method: str, sparsity: float, seed: int, run_dir: str) -> dict[str, Any]:
+    spec = RunSpec(method, sparsity, seed, parse_recipe(recipe_toml), Path(run_dir))
+    return _train_one(spec, lambda key, status, info: _worker_queue.put((key, status, info)))
+
+
+def execute(plan: Plan, *, jobs: int = 1, on_event: Event | None = None) -> dict[str, str]:
+    """Train every run that is not done (resuming partial ones); returns key -> done/failed: message.
+
+    `jobs` > 1 trains in that many spawned processes, each with cores // jobs torch threads (a recipe's
+    own `train.threads`, if set, wins). A failed run does not stop the others.
+    """
+    emit = on_event or (lambda key, status, info: None)
+    results: dict[str, str] = {}
+    todo = []
+    for spec in plan.runs:
+        if run_status(spec) == "done":
+            results[spec.key] = "done"
+            emit(spec.key, "done", {"skipped": True})
+        else:
+            todo.append(spec)
+    if jobs <= 1:
+        for spec in todo:
+            results[spec.key] = _run_guarded(lambda s=spec: _train_one(s, emit), spec.key, emit)
+        return results
+
+    import multiprocessing
+    import queue as queue_module
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools start can deadlock
+    events = ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(events, threads)) as pool:
+        futures = {pool.submit(_worker_run, s.recipe.to_toml(), s.method, s.sparsity, s.seed, str(s.run_dir)): s
+                   for s in todo}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=0.2)
+            _drain(events, emit, queue_module)
+            for future in finished:
+                spec = futures[future]
+                results[spec.key] = _run_guarded(future.result, spec.key, emit)
+        _drain(events, emit, queue_module)
+    return results
+
+
+def _drain(events: Any, emit: Event, queue_module: Any) -> None:
+    while True:
+        try:
+            emit(*events.get_nowait())
+        except queue_module.Empty:
+            return
+
+
+def _run_guarded(fn: Callable[[], Any], key: str, emit: Event) -> str:
+    try:
+        fn()
+    except Exception as exc:  # one failed run (diverged, bad data, ...) must not stop the grid
+        message = (str(exc).splitlines() or [type(exc).__name__])[0]
+        emit(key, "failed", {"error": message})
+        return f"failed: {message}"
+    emit(key, "done", {})
+    return "done"
+
+
+# ---------------------------------------------------------------- results
+
+
+def training_flops_for_run(recipe: Recipe, run_dir: Path) -> float | None:
+    """The single hook to the project's FLOPs model: `ndsnn cost`'s prediction for the run's recipe.
+
+    The model (not the run's recorded masks) so that LTH, whose realised cost `cost.run_cost` does not
+    cover, is counted the same way as the methods it is the baseline for. None where it cannot say.
+    """
+    from ndsnn_cli import cost
+
+    method = recipe.sparsity.method
+    # seed and name do not change the predicted FLOPs: one computation per (method, sparsity, settings)
+    key = recipe.replace(name="flops", seed=0).to_toml()
+    if key not in _flops_cache:
+        try:
+            info = cost.dataset_info(recipe.data.dataset)
+            train_size = min(recipe.data.train_limit or info.train_size, info.train_size)
+            _flops_cache[key] = cost.method_cost(recipe, method, cost.model_layers(recipe), train_size).train_flops
+        except UserError:
+            _flops_cache[key] = None
+    return _flops_cache[key]
+
+
+_flops_cache: dict[str, float | None] = {}
+
+
+def read_summaries(plan: Plan) -> dict[str, dict[str, Any]]:
+    """key -> summary.json of every finished run of the plan."""
+    found = {}
+    for spec in plan.runs:
+        path = spec.run_dir / "summary.json"
+        if path.exists():
+            try:
+                found[spec.key] = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                raise UserError(f"{path}: is not valid JSON (delete it to retrain that run)") from None
+    return found
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(plan: Plan, summaries: dict[str, dict[str, Any]], *,
+              flops: Callable[[RunSpec], float | None] | None = None) -> dict[str, Any]:
+    """Mean ± sample std (n - 1; 0 for one seed) of test accuracy per (method, sparsity), best per column,
+    wall time, and training FLOPs relative to LTH at the same sparsity (when the FLOPs model answers)."""
+    flops = flops or (lambda spec: training_flops_for_run(spec.recipe, spec.run_dir))
+    methods = list(dict.fromkeys(s.method for s in plan.runs))
+    columns = sorted({s.sparsity for s in plan.runs})
+    cells: list[dict[str, Any]] = []
+    for method in methods:
+        for sparsity in columns:
+            specs = [s for s in plan.runs if s.method == method and s.sparsity == sparsity]
+            if not specs:
+                continue
+            done = [(s, summaries[s.key]) for s in specs if s.key in summaries]
+            accuracies = [float(summary["test_accuracy"]) for _, summary in done]
+            walls = [float(summary["wall_time_s"]) for _, summary in done]
+            realised = [float(summary["sparsity"]["sparsity"]) for _, summary in done]
+            run_flops = [flops(s) for s, _ in done] if done else []
+            cell = {"method": method, "sparsity": sparsity, "runs": len(specs), "done": len(done),
+                    "seeds": [s.seed for s, _ in done], "test_accuracy": accuracies,
+                    "accuracy_mean": statistics.fmean(accuracies) if accuracies else None,
+                    "accuracy_std": _std(accuracies) if accuracies else None,
+                    "realised_sparsity_mean": statistics.fmean(realised) if realised else None,
+                    "wall_time_s_mean": statistics.fmean(walls) if walls else None,
+                    "epochs": done[0][1].get("total_epochs", done[0][1]["epochs"]) if done else None,
+                    "training_flops": (statistics.fmean(run_flops)
+                                       if run_flops and all(f is not None for f in run_flops) else None)}
+            cells.append(cell)
+    for sparsity in columns:
+        column = [c for c in cells if c["sparsity"] == sparsity and c["accuracy_mean"] is not None]
+        best = max((c["accuracy_mean"] for c in column), default=None)
+        lth = next((c["training_flops"] for c in cells if c["method"] == "lth" and c["sparsity"] == sparsity), None)
+        for cell in column:
+            cell["best"] = cell["accuracy_mean"] == best
+        for cell in (c for c in cells if c["sparsity"] == sparsity):
+            cell.setdefault("best", False)
+            f = cell["training_flops"]
+            cell["flops_vs_lth"] = f / lth if f is not None and lth else None
+    notes = list(plan.notes) + ["training FLOPs: the `ndsnn cost` model (ndsnn_cli.cost.method_cost) of each "
+                                "run's recipe, relative to LTH at the same sparsity"]
+    return {"methods": methods, "sparsities": columns, "cells": cells, "notes": notes}
+
+
+def cell(table: dict[str, Any], method: str, sparsity: float) -> dict[str, Any] | None:
+    return next((c for c in table["cells"] if c["method"] == method and c["sparsity"] == sparsity), None)
+
+
+def format_accuracy(c: dict[str, Any] | None) -> str:
+    """`87.12 ± 0.34` (percent); `—` where no run finished, `(2/3)` where only some seeds did."""
+    if c is None or c["accuracy_mean"] is None:
+        return "—"
+    text = f"{100 * c['accuracy_mean']:.2f} ± {100 * c['accuracy_std']:.2f}"
+    return text if c["done"] == c["runs"] else f"{text} ({c['done']}/{c['runs']})"
+
+
+def format_sparsity(sparsity: float) -> str:
+    return "0 (dense)" if sparsity == 0 else f"{sparsity:g}"
+
+
+def to_csv(table: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "sparsity", "runs_done", "runs", "accuracy_mean", "accuracy_std", "best",
+                     "test_accuracies", "realised_sparsity_mean", "epochs", "wall_time_s_mean", "training_flops",
+                     "flops_vs_lth"])
+    for c in table["cells"]:
+        writer.writerow([c["method"], f"{c['sparsity']:g}", c["done"], c["runs"], _num(c["accuracy_mean"]),
+                         _num(c["accuracy_std"]), int(c["best"]), ";".join(repr(a) for a in c["test_accuracy"]),
+                         _num(c["realised_sparsity_mean"]), _num(c["epochs"]), _num(c["wall_time_s_mean"]),
+                         _num(c["training_flops"]), _num(c["flops_vs_lth"])])
+    return buffer.getvalue()
+
+
+def _num(value: float | int | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def to_markdown(table: dict[str, Any]) -> str:
+    cols = table["sparsities"]
+    lines = ["## Test accuracy (%), mean ± std over seeds; best per sparsity in bold", "",
+             "| method | " + " | ".join(format_sparsity(s) for s in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for method in table["methods"]:
+        row = []
+        for sparsity in cols:
+            c = cell(table, method, sparsity)
+            text = format_accuracy(c)
+            row.append(f"**{text}**" if c and c["best"] else text)
+        lines.append(f"| {method} | " + " | ".join(row) + " |")
+    lines += ["", "## Cost: training FLOPs relative to LTH at the same sparsity; mean wall time per run", "",
+              "| method | " + " | ".join(format_sparsity(s) for s in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for method in table["methods"]:
+        lines.append(f"| {method} | " + " | ".join(format_cost(cell(table, method, s)) for s in cols) + " |")
+    if table["notes"]:
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in table["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def format_cost(c: dict[str, Any] | None) -> str:
+    if c is None or c["wall_time_s_mean"] is None:
+        return "—"
+    if c["flops_vs_lth"] is not None:
+        flops = f"{100 * c['flops_vs_lth']:.1f}% of LTH"
+    else:  # no LTH run at this sparsity (e.g. the dense column): the absolute count
+        flops = "FLOPs n/a" if c["training_flops"] is None else f"{c['training_flops']:.3g} FLOPs"
+    return f"{flops}, {c['wall_time_s_mean']:.1f} s"
+
+
+def plot_png(table: dict[str, Any]) -> bytes:
+    """Accuracy vs sparsity per method (error bars = std over seeds); dense as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for method in table["methods"]:
+        cs = [c for c in table["cells"] if c["method"] == method and c["accuracy_mean"] is not None]
+        if not cs:
+            continue
+        if method == "dense":
+            ax.axhline(100 * cs[0]["accuracy_mean"], color="grey", linestyle="--", label="dense")
+            continue
+        xs = [c["sparsity"] for c in cs]
+        ax.errorbar(xs, [100 * c["accuracy_mean"] for c in cs], yerr=[100 * c["accuracy_std"] for c in cs],
+                    marker="o", capsize=3, label=method)
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_reports(table: dict[str, Any], out: str | Path) -> dict[str, Path]:
+    """results.csv/.json/.md/.png in OUT, each written atomically."""
+    out = Path(out)
+    paths = {"csv": write_text(out / "results.csv", to_csv(table)),
+             "json": write_json(out / "results.json", json_safe(table)),
+             "md": write_text(out / "results.md", to_markdown(table))}
+    if any(c["accuracy_mean"] is not None for c in table["cells"]):
+        paths["png"] = write_bytes(out / "results.png", plot_png(table))
+    return paths
+
+
+def json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
