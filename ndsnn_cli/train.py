@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ndsnn_cli import __version__
+from ndsnn_cli import __version__, distributed
 from ndsnn_cli.atomic import append_line, write_json, write_text
 from ndsnn_cli.checkpoint import Checkpoint, load_checkpoint, optimizer_from_tensors, restore_rng, save_checkpoint
 from ndsnn_cli.data import build_datasets, dataset_info, make_loader
@@ -130,11 +130,38 @@ def train(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
     """Train one recipe into `run_dir`; returns the summary (also written to summary.json)."""
     run_dir = Path(run_dir)
     callbacks = callbacks or TrainCallbacks()
-    with run_lock(run_dir):
-        _prepare_run_dir(recipe, run_dir, resume)
-        if recipe.sparsity.method == "lth":
-            return _train_lth(recipe, run_dir, resume, callbacks)
-        return _train_once(recipe, run_dir, resume=resume, callbacks=callbacks)
+    datasets = _check_inputs(recipe)
+    distributed.init_from_env(recipe.train.device)
+    try:
+        if distributed.active() and recipe.sparsity.method == "lth":
+            raise UserError('[sparsity] method = "lth" does not support multi-process training; use one process')
+        with contextlib.ExitStack() as stack:
+            def claim() -> None:  # rank 0 only: it alone writes the run directory
+                stack.enter_context(run_lock(run_dir))
+                _prepare_run_dir(recipe, run_dir, resume)
+
+            distributed.on_main(claim)
+            if recipe.sparsity.method == "lth":
+                return _train_lth(recipe, run_dir, resume, callbacks)
+            return _train_once(recipe, run_dir, resume=resume, callbacks=callbacks, datasets=datasets)
+    finally:
+        distributed.shutdown()
+
+
+def _check_inputs(recipe: Recipe) -> tuple[Any, Any]:
+    """Device, model and data problems surface before the run dir is touched, naming the recipe file."""
+    from ndsnn_cli.snn.models import MODELS
+
+    try:
+        resolve_device(recipe.train.device)
+        if recipe.model.arch not in MODELS:
+            raise UserError(f"[model] arch = {recipe.model.arch!r} is not a known model "
+                            f"(known: {', '.join(sorted(MODELS))})")
+        return build_datasets(recipe.data)
+    except UserError as exc:
+        if str(exc).startswith(f"{recipe.source}:"):
+            raise
+        raise UserError(f"{recipe.source}: {exc}") from None
 
 
 def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
@@ -145,6 +172,9 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
         previous = parse_recipe(existing.read_text(), str(existing))
         if previous.to_toml() != recipe.to_toml():
             raise UserError(f"{run_dir}: --resume with a recipe that differs from the run's recipe.toml")
+        # Temp files of a write killed mid-way (atomic.write_bytes); we hold the lock, so no writer is live.
+        for stale in [*run_dir.glob(".*.tmp"), *(run_dir / CHECKPOINT.parent).glob(".*.tmp")]:
+            stale.unlink(missing_ok=True)
     else:
         write_text(existing, recipe.to_toml())
 
@@ -152,7 +182,8 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
 def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: TrainCallbacks,
                 initial_state: dict[str, torch.Tensor] | None = None,
                 initial_masks: dict[str, torch.Tensor] | None = None,
-                epochs: int | None = None, rewind: tuple[int, Path] | None = None) -> dict[str, Any]:
+                epochs: int | None = None, rewind: tuple[int, Path] | None = None,
+                datasets: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """One training run. LTH rounds pass their rewound weights, masks and epoch count."""
     started = time.perf_counter()
     t = recipe.train
@@ -161,8 +192,13 @@ def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: Train
         torch.set_num_threads(t.threads)
     device = resolve_device(t.device)
     torch.manual_seed(recipe.seed)
-    train_set, test_set = build_datasets(recipe.data)
-    steps_per_epoch = math.ceil(len(train_set) / recipe.data.batch_size)
+    if distributed.active() and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    train_set, test_set = datasets or build_datasets(recipe.data)
+    rank, world = distributed.rank(), distributed.world_size()
+    main = distributed.is_main()
+    # batch_size is per rank: each rank trains on its 1/world share of every epoch
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / world) / recipe.data.batch_size)
     total_steps = steps_per_epoch * epochs
     model = build_model(recipe).to(device)
     if initial_state is not None:
@@ -184,13 +220,21 @@ def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: Train
     if resume and checkpoint_path.exists():
         checkpoint = load_checkpoint(checkpoint_path)
         state = _restore(checkpoint, model, optimizer, method, scaler)
-        _truncate_metrics(metrics_path, state.step)
-    elif metrics_path.exists():
+        if main:
+            _truncate_metrics(metrics_path, state.step, state.epoch)
+    elif main and metrics_path.exists():
         metrics_path.unlink()
+    if distributed.sum_values(state.step)[0] != state.step * world:
+        raise UserError(f"{checkpoint_path}: ranks resumed from different steps; "
+                        "multi-node runs need the run directory on a shared file system")
+    train_model = _wrap_ddp(model, device) if distributed.active() else model
     if rewind is not None and rewind[0] == 0 and state.step == 0:
         _save_weights(rewind[1], model)
 
     def checkpoint() -> None:
+        _check_weights_finite(model, state.step, checkpoint_path)  # never overwrite a good checkpoint with NaN
+        if not main:
+            return
         tensors, method_meta = method.state_dict()
         meta = {"recipe": recipe.to_toml(), "epoch": state.epoch, "step": state.step,
                 "batch_in_epoch": state.batch_in_epoch, "loss_sum": state.loss_sum, "correct": state.correct,
@@ -203,7 +247,8 @@ def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: Train
     for epoch in range(state.epoch, epochs):
         model.train()
         loader = make_loader(train_set, recipe.data.batch_size, shuffle=True, seed=recipe.seed, epoch=epoch,
-                             start_batch=state.batch_in_epoch, num_workers=recipe.data.num_workers)
+                             start_batch=state.batch_in_epoch, num_workers=recipe.data.num_workers,
+                             distributed_rank=rank, world_size=world)
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
@@ -211,11 +256,14 @@ def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: Train
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(images)
+                logits = train_model(images)
             loss = spiking_loss(logits, labels, t.label_smoothing)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(f"loss is {loss_value} at step {state.step + 1} (epoch {epoch + 1}); "
+            correct = int((predict(logits.detach()) == labels).sum())
+            # summed over ranks, so every rank sees the same numbers and stops together on NaN
+            batch_loss, correct, batch = distributed.sum_values(loss.item() * labels.shape[0], correct,
+                                                                labels.shape[0])
+            if not math.isfinite(batch_loss):
+                raise TrainingDiverged(f"loss is {batch_loss / batch} at step {state.step + 1} (epoch {epoch + 1}); "
                                        f"the last good checkpoint is {checkpoint_path}")
             optimizer.zero_grad(set_to_none=False)
             scaler.scale(loss).backward()
@@ -227,18 +275,22 @@ def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: Train
             state.step += 1
             update = method.after_step(state.step, optimizer)
             if update is not None:
-                append_line(metrics_path, json.dumps(update.to_record()))
+                # identical on every rank already (all-reduced gradients, same seeded generator); cheap insurance
+                distributed.broadcast_tensors(method.masks.masks.values())
+                method.masks.apply(optimizer)
+                if main:
+                    append_line(metrics_path, json.dumps(update.to_record()))
                 callbacks.on_mask_update(update)
-            correct = int((predict(logits.detach()) == labels).sum())
             state.batch_in_epoch += 1
-            state.loss_sum += loss_value * labels.shape[0]
-            state.correct += correct
-            state.seen += labels.shape[0]
+            state.loss_sum += batch_loss
+            state.correct += int(correct)
+            state.seen += int(batch)
             if state.step % t.log_every_steps == 0 or state.batch_in_epoch == steps_per_epoch:
                 callbacks.on_step(state.step, epoch, state.loss_sum / state.seen, state.correct / state.seen)
             if t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0:
                 checkpoint()
         _check_weights_finite(model, state.step, checkpoint_path)
+        distributed.broadcast_tensors(model.buffers())  # BN statistics: each rank updated its own
         test_loss, test_accuracy = evaluate(model, test_set, recipe, device)
         state.best_accuracy = max(state.best_accuracy, test_accuracy)
         last_record = {"kind": "epoch", "epoch": epoch + 1, "step": state.step,
@@ -247,19 +299,34 @@ def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: Train
                        "train_accuracy": state.correct / max(1, state.seen),
                        "test_loss": test_loss, "test_accuracy": test_accuracy,
                        "sparsity": method.masks.sparsity() if method.masks else 0.0}
-        append_line(metrics_path, json.dumps(last_record))
+        if main:
+            append_line(metrics_path, json.dumps(last_record))
         state.epoch, state.batch_in_epoch, state.loss_sum, state.correct, state.seen = epoch + 1, 0, 0.0, 0, 0
+        if rewind is not None and rewind[0] == epoch + 1:
+            # Before the checkpoint: a kill in between redoes this epoch and rewrites the same weights.
+            _save_weights(rewind[1], model)
         checkpoint()
         callbacks.on_epoch_end(last_record)
-        if rewind is not None and rewind[0] == epoch + 1:
-            _save_weights(rewind[1], model)
 
     if not last_record:  # resumed a finished run: report from its metrics
         last_record = [r for r in read_metrics(run_dir) if r["kind"] == "epoch"][-1]
     summary = _summary(recipe, model, method, test_set, device, last_record, state, epochs,
                        time.perf_counter() - started)
-    write_json(run_dir / "summary.json", summary)
+    if distributed.active():
+        distributed.broadcast_tensors(model.buffers())
+        tensors = [*model.state_dict().values(), *(method.masks.masks.values() if method.masks else [])]
+        summary.update(world_size=world, ranks_in_sync=distributed.in_sync(tensors))
+    if main:
+        write_json(run_dir / "summary.json", summary)
+    distributed.barrier()
     return summary
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel: all-reduces (averages) gradients, so every rank takes the same step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, method: SparseMethod,
@@ -275,8 +342,12 @@ def _restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Op
                      meta["seen"], meta["best_accuracy"])
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint (and a torn last line) so a resumed run's log is exact."""
+def _truncate_metrics(path: Path, step: int, epoch: int) -> None:
+    """Drop records written after the checkpoint (and a torn last line) so a resumed run's log is exact.
+
+    An epoch record can carry the checkpoint's own step (a mid-epoch checkpoint on the epoch's last
+    batch, killed before the epoch-end one): it is kept only if the checkpoint counts that epoch as done.
+    """
     if not path.exists():
         return
     kept = []
@@ -285,7 +356,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             break
-        if record["step"] > step:
+        if record["step"] > step or (record["kind"] == "epoch" and record["epoch"] > epoch):
             break
         kept.append(line)
     write_text(path, "".join(line + "\n" for line in kept))
@@ -312,8 +383,14 @@ def _check_weights_finite(model: nn.Module, step: int, checkpoint_path: Path) ->
 @torch.no_grad()
 def evaluate(model: nn.Module, test_set: torch.utils.data.Dataset, recipe: Recipe,
              device: torch.device) -> tuple[float, float]:
-    """Test loss and accuracy (prediction = argmax of the summed per-step logits)."""
+    """Test loss and accuracy (prediction = argmax of the summed per-step logits).
+
+    Under DDP each rank scores every world_size-th image (no padding) and the sums are all-reduced.
+    """
     model.eval()
+    if distributed.active():
+        test_set = torch.utils.data.Subset(test_set, range(distributed.rank(), len(test_set),
+                                                           distributed.world_size()))
     loader = make_loader(test_set, recipe.data.eval_batch_size, shuffle=False, seed=0, epoch=0,
                          num_workers=recipe.data.num_workers)
     loss_sum, correct, seen = 0.0, 0, 0
@@ -326,6 +403,7 @@ def evaluate(model: nn.Module, test_set: torch.utils.data.Dataset, recipe: Recip
         correct += int((predict(logits) == labels).sum())
         seen += labels.shape[0]
     model.train()
+    loss_sum, correct, seen = distributed.sum_values(loss_sum, correct, seen)
     return loss_sum / max(1, seen), correct / max(1, seen)
 
 

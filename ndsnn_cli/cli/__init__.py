@@ -45,6 +45,9 @@ def fail(message: str) -> typer.Exit:
 
 
 from ndsnn_cli.cli import train as _train_cmd  # noqa: E402,F401  (registers the command)
+from ndsnn_cli.cli import compare as _compare_cmd  # noqa: E402,F401  (registers the command)
+from ndsnn_cli.cli import cost as _cost_cmd  # noqa: E402,F401  (registers the command)
+from ndsnn_cli.cli import export as _export_cmd  # noqa: E402,F401  (registers export, inspect, run)
 
 
 def main() -> None:
@@ -62,9 +65,12 @@ def main() -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        import click
+        try:
+            from click import ClickException
+        except ModuleNotFoundError:  # typer >= 0.2x vendors click as typer._click
+            from typer._click.exceptions import ClickException
 
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, ClickException):
             exc.show()
             sys.exit(exc.exit_code)
         raise

@@ -21,25 +21,55 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the run directory from its last checkpoint.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Train with N processes on this machine "
+                                       "(DistributedDataParallel via torchrun; batch_size is per process).")] = 1,
 ) -> None:
     """Train one spiking network with the recipe's sparse method (ndsnn, rigl, set, lth, static, gmp, dense).
 
     Example: [bold]ndsnn train recipes/quickstart.toml --out runs/quick[/bold]
+    Two processes: [bold]ndsnn train recipes/quickstart.toml --nproc 2[/bold]
+    (same as [bold]torchrun --nproc-per-node 2 -m ndsnn_cli train recipes/quickstart.toml[/bold])
     """
     import json
+    import os
 
     from ndsnn_cli.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)  # before the torch import, so a bad recipe fails instantly
+
     from ndsnn_cli.train import default_run_dir
     from ndsnn_cli.train import train as run_training
 
-    recipe = load_recipe(recipe_path)
     run_dir = out or default_run_dir(recipe)
-    with RichTrainProgress(enabled=not quiet and not json_output) as progress:
-        summary = run_training(recipe, run_dir, resume=resume, callbacks=progress)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_launch_torchrun(nproc, recipe_path, run_dir, resume, json_output, quiet))
+    rank = int(os.environ.get("RANK", "0") or 0)
+    try:
+        with RichTrainProgress(enabled=not quiet and not json_output and rank == 0) as progress:
+            summary = run_training(recipe, run_dir, resume=resume, callbacks=progress)
+    except Exception:
+        if rank != 0:  # rank 0 reports (errors are shared across ranks); the others leave quietly
+            raise typer.Exit(2) from None
+        raise
+    if rank != 0:
+        return
     if json_output:
         typer.echo(json.dumps(summary, indent=2))
     else:
         print_summary(summary, run_dir)
+
+
+def _launch_torchrun(nproc: int, recipe_path: Path, run_dir: Path, resume: bool, json_output: bool,
+                     quiet: bool) -> int:
+    """Re-run this command under `torch.distributed.run` with `nproc` local processes; its exit code."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "ndsnn_cli", "train", str(recipe_path), "--out", str(run_dir)]
+    argv += ["--resume"] * resume + ["--json"] * json_output + ["--quiet"] * quiet
+    code = subprocess.call(argv)
+    return 2 if code == 1 else code  # torchrun exits 1 when a rank failed; ranks fail on bad input (2)
 
 
 class RichTrainProgress:
