@@ -118,7 +118,8 @@ def read_metadata(path: str | Path, raw: bytes | None = None) -> dict[str, Any]:
 
 def restore_rng(checkpoint: Checkpoint) -> None:
     torch.set_rng_state(checkpoint.tensors["rng::torch"])
-    cuda_keys = sorted((k for k in checkpoint.tensors if k.startswith("rng::cuda::")), key=lambda k: int(k.split("::")[2]))
+    cuda_keys = sorted((k for k in checkpoint.tensors if k.startswith("rng::cuda::")),
+                       key=lambda k: int(k.split("::")[2]))
     cuda_states = [checkpoint.tensors[k] for k in cuda_keys]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])

@@ -20,10 +20,7 @@ from typing import Any
 
 from ndsnn_cli.atomic import write_bytes, write_json, write_text
 from ndsnn_cli.errors import UserError
-from ndsnn_cli.recipe import METHODS, Recipe, parse_recipe
-
-LTH_DEFAULT_PRUNE_RATE = 0.25  # LTH-SNN's default: prune 25% of the remaining weights per round
-LTH_MAX_REWIND_EPOCH = 20      # LTH-SNN rewinds to epoch 20 (of 300); shorter runs use epochs // 10
+from ndsnn_cli.recipe import METHODS, Recipe, parse_recipe, with_method
 
 Event = Callable[[str, str, dict[str, Any]], None]  # (run key, status, info)
 
@@ -83,27 +80,8 @@ def parse_sparsities(text: str) -> list[float]:
 
 def run_recipe(base: Recipe, method: str, sparsity: float, seed: int) -> tuple[Recipe, list[str]]:
     """The base recipe with method, final sparsity and seed set; LTH keys set for lth and unset for others."""
-    notes: list[str] = []
-    sp = base.sparsity
-    changes: dict[str, Any] = {"method": method, "prune_rate": -1.0, "rewind_epoch": -1}
-    if method != "dense":
-        changes["final"] = sparsity
-    if method == "ndsnn" and sp.initial > sparsity:
-        changes["initial"] = sparsity
-        notes.append(f"ndsnn at sparsity {sparsity:g}: initial sparsity {sp.initial:g} > final, "
-                     f"clamped to {sparsity:g}")
-    if method == "lth":
-        round_epochs = sp.round_epochs or base.train.epochs
-        if sp.method == "lth":
-            changes["prune_rate"], changes["rewind_epoch"] = sp.prune_rate, sp.rewind_epoch
-        else:
-            changes["prune_rate"] = LTH_DEFAULT_PRUNE_RATE
-            changes["rewind_epoch"] = min(LTH_MAX_REWIND_EPOCH, round_epochs // 10)
-            notes.append(f"lth: the recipe has no LTH settings; using LTH-SNN defaults prune_rate = "
-                         f"{LTH_DEFAULT_PRUNE_RATE:g}, rewind_epoch = min({LTH_MAX_REWIND_EPOCH}, "
-                         f"{round_epochs} // 10) = {changes['rewind_epoch']}")
-    recipe = base.replace(name=f"{base.name}-{run_key(method, sparsity, seed)}", seed=seed, sparsity=changes)
-    return recipe, notes
+    renamed = base.replace(name=f"{base.name}-{run_key(method, sparsity, seed)}", seed=seed)
+    return with_method(renamed, method, **({} if method == "dense" else {"final": sparsity}))
 
 
 def plan_runs(base: Recipe, methods: Sequence[str], sparsities: Sequence[float], seeds: int,

@@ -25,10 +25,10 @@ from torch import nn
 
 from ndsnn_cli.data import dataset_info
 from ndsnn_cli.errors import UserError
-from ndsnn_cli.recipe import Recipe, parse_recipe, sparse_epochs
+from ndsnn_cli.recipe import Recipe, parse_recipe, sparse_epochs, with_method
 from ndsnn_cli.snn.models import NeuronConfig, create_model
 from ndsnn_cli.sparse.masks import layer_counts, sparse_parameter_names
-from ndsnn_cli.sparse.methods import build_method
+from ndsnn_cli.sparse.methods import build_method, target_counts
 from ndsnn_cli.sparse.schedules import lth_round_sparsities
 
 METHOD_ORDER = ("dense", "lth", "set", "rigl", "gmp", "ndsnn", "static")
@@ -170,17 +170,14 @@ def schedule_segments(recipe: Recipe, layers: list[LayerFlops], steps_per_epoch:
     split = _split(recipe.sparsity.distribution)
     current = layer_counts(weights, 1 - schedule.initial_sparsity, split)
     segments, updates, start = [], [], 0
-    ramps = schedule.initial_sparsity != schedule.final_sparsity
     for step in schedule.update_steps():
         if step > total_steps:
             break
         updates.append(step)
-        if ramps and schedule.ramp_start_step < step <= schedule.ramp_end_step:
-            targets = layer_counts(weights, 1 - schedule.sparsity(step), split)
-            targets = {n: min(targets[n], current[n]) for n in targets}
-            if targets != current:
-                segments.append(Segment(start, step, current))
-                current, start = targets, step
+        targets = target_counts(schedule, step, current, weights, split)
+        if targets != current:
+            segments.append(Segment(start, step, current))
+            current, start = targets, step
     segments.append(Segment(start, total_steps, current))
     return segments, updates, schedule.grow
 
@@ -232,16 +229,7 @@ def _inference_flops(layers: list[LayerFlops], counts: dict[str, int]) -> float:
 
 def method_recipe(base: Recipe, method: str) -> Recipe:
     """The base recipe switched to `method`, with the keys that only apply to other methods reset."""
-    sp = base.sparsity
-    values: dict[str, Any] = {"method": method}
-    if method == "lth":
-        values["prune_rate"] = sp.prune_rate if sp.prune_rate != -1 else 0.25
-        values["rewind_epoch"] = sp.rewind_epoch if sp.rewind_epoch != -1 else min(20, base.train.epochs - 1)
-    else:
-        values["prune_rate"], values["rewind_epoch"] = -1.0, -1
-    if method == "ndsnn" and sp.initial > sp.final:
-        values["initial"] = sp.final
-    return base.replace(sparsity=values)
+    return with_method(base, method)[0]
 
 
 def method_cost(base: Recipe, method: str, layers: list[LayerFlops], train_size: int) -> MethodCost:

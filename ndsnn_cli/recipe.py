@@ -280,6 +280,35 @@ def _check_cross_fields(recipe: Recipe) -> None:
         raise err(key, f"only applies to method = \"lth\" (method is \"{sp.method}\")")
 
 
+LTH_PRUNE_RATE = 0.25  # LTH-SNN: prune 25% of the remaining weights per round
+LTH_MAX_REWIND_EPOCH = 20  # LTH-SNN rewinds to epoch 20 (of 300); shorter rounds use round_epochs // 10
+
+
+def with_method(base: Recipe, method: str, **sparsity: Any) -> tuple[Recipe, list[str]]:
+    """`base` switched to another method (for `cost` and `prune-compare`), plus notes on what was assumed.
+
+    Keys that only apply to LTH are reset for other methods; LTH gets the recipe's own settings or
+    LTH-SNN's defaults; NDSNN's initial sparsity is clamped to the final one.
+    """
+    sp, notes = base.sparsity, []
+    changes: dict[str, Any] = {"method": method, "prune_rate": -1.0, "rewind_epoch": -1, **sparsity}
+    final = changes.get("final", sp.final)
+    if method == "ndsnn" and sp.initial > final:
+        changes["initial"] = final
+        notes.append(f"ndsnn at sparsity {final:g}: initial sparsity {sp.initial:g} > final, clamped to {final:g}")
+    if method == "lth":
+        round_epochs = sp.round_epochs or base.train.epochs
+        if sp.prune_rate != -1 and sp.rewind_epoch != -1:
+            changes["prune_rate"], changes["rewind_epoch"] = sp.prune_rate, sp.rewind_epoch
+        else:
+            changes["prune_rate"] = LTH_PRUNE_RATE
+            changes["rewind_epoch"] = min(LTH_MAX_REWIND_EPOCH, round_epochs // 10)
+            notes.append(f"lth: the recipe has no LTH settings; using LTH-SNN defaults prune_rate = "
+                         f"{LTH_PRUNE_RATE:g}, rewind_epoch = min({LTH_MAX_REWIND_EPOCH}, {round_epochs} // 10) "
+                         f"= {changes['rewind_epoch']}")
+    return base.replace(sparsity=changes), notes
+
+
 def sparse_epochs(recipe: Recipe) -> tuple[float, float, float]:
     """(t0, t1, t_end) in epochs with the defaults resolved: t_end 75% of training, t1 75% of t_end."""
     sp = recipe.sparsity

@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 @app.command()
 def train(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE.toml", help="Recipe file (see recipes/).")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<recipe name>).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the run directory from its last checkpoint.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o",
+                                             help="Run directory (default: runs/<recipe name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume",
+                                         help="Continue the run from its last checkpoint.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Train with N processes on this machine "

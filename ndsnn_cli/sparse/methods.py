@@ -8,7 +8,7 @@ in `ndsnn_cli.train`, that uses a static mask per round.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -68,6 +68,22 @@ def drop_and_grow(weight: torch.Tensor, mask: torch.Tensor, target_active: int, 
     return LayerChange(new_mask, grown.reshape(mask.shape), active - remain)
 
 
+def target_counts(schedule: SparseSchedule, step: int, current: dict[str, int],
+                  weights: Mapping[str, torch.Tensor], distribution: str,
+                  masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """Active weights per layer after the update at `step` (the trainer and `ndsnn cost` both use this).
+
+    Inside the ramp: the distribution's counts at s(step), never above the current ones (a ramp only
+    removes weights, so a rounding change never regrows a layer). Elsewhere the counts stay.
+    """
+    ramping = (schedule.initial_sparsity != schedule.final_sparsity
+               and schedule.ramp_start_step < step <= schedule.ramp_end_step)
+    if not ramping:
+        return dict(current)
+    targets = layer_counts(weights, 1 - schedule.sparsity(step), distribution, masks)
+    return {n: min(targets[n], current[n]) for n in targets}
+
+
 class SparseMethod:
     """The drop-and-grow engine; `schedule=None` is dense training (no masks)."""
 
@@ -116,15 +132,7 @@ class SparseMethod:
         schedule, masks = self.schedule, self.masks
         target_sparsity = schedule.sparsity(step)
         drop_fraction = schedule.drop_fraction_at(step)
-        current = masks.nnz()
-        ramping = (schedule.initial_sparsity != schedule.final_sparsity
-                   and schedule.ramp_start_step < step <= schedule.ramp_end_step)
-        if not ramping:
-            targets = current
-        else:
-            targets = layer_counts(masks.params, 1 - target_sparsity, self.distribution, masks.masks)
-            # A ramp only removes weights: a layer never gains active weights from a rounding change.
-            targets = {n: min(targets[n], current[n]) for n in targets}
+        targets = target_counts(schedule, step, masks.nnz(), masks.params, self.distribution, masks.masks)
         layers, dropped_total, grown_total = {}, 0, 0
         for name, param in masks.params.items():
             if schedule.grow == "gradient":
