@@ -62,13 +62,16 @@ class LayerFlops:
 
 def layer_flops(arch: str, *, num_classes: int, in_channels: int, image_size: int, timesteps: int,
                 dense: tuple[str, ...] | list[str] = ()) -> list[LayerFlops]:
-    """Dense per-layer FLOPs of the registry model, traced on the meta device (no memory, no compute)."""
-    with torch.device("meta"):
-        model = create_model(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                             neuron=NeuronConfig(timesteps=timesteps, backend="reference"))
+    """Dense per-layer FLOPs of the registry model, from the shapes of one zero image traced through it.
+
+    A CPU trace at T = 1 (FLOPs are per time step); a meta-device trace would import torch's compiler
+    stack, which costs seconds of `ndsnn cost` start-up.
+    """
+    model = create_model(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                         neuron=NeuronConfig(timesteps=1, backend="reference"))
     model.eval()  # BatchNorm1d refuses a batch of one in training mode; eval changes no conv/linear FLOPs
     sparse_names = set(sparse_parameter_names(model, dense))
-    images = torch.zeros(1, in_channels, image_size, image_size, device="meta")
+    images = torch.zeros(1, in_channels, image_size, image_size)
     sources: dict[int, str] = {id(images): "image"}
     keep: list[torch.Tensor] = [images]  # keeps ids unique while tracing
     calls: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
