@@ -36,6 +36,7 @@ lint: install
 	$(BIN)/ruff check ndsnn_cli tests benchmarks
 
 bench: install
+	$(BIN)/pip install -q --no-deps spikingjelly==2.0.0 && $(BIN)/pip install -q -e '.[bench]'
 	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 $(BIN)/python -m benchmarks.train_step
 
 clean:
