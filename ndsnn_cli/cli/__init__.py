@@ -44,10 +44,10 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-from ndsnn_cli.cli import train as _train_cmd  # noqa: E402,F401  (registers the command)
 from ndsnn_cli.cli import compare as _compare_cmd  # noqa: E402,F401  (registers the command)
 from ndsnn_cli.cli import cost as _cost_cmd  # noqa: E402,F401  (registers the command)
 from ndsnn_cli.cli import export as _export_cmd  # noqa: E402,F401  (registers export, inspect, run)
+from ndsnn_cli.cli import train as _train_cmd  # noqa: E402,F401  (registers the command)
 
 
 def main() -> None:

@@ -1,0 +1,221 @@
+"""CSR artefact size and reference-runtime latency against the dense model, vgg16/resnet19 on CIFAR-10 shapes.
+
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python -m benchmarks.export_sizes
+
+Freshly built models (no training; T from recipes/paper-<arch>-cifar10.toml), random ERK masks at
+each sparsity, saved as a real checkpoint (`model::`/`mask::` tensors) so `export_csr` runs as for a
+trained run. Sizes: file bytes of the CSR artefact (fp32, fp16, fp16 with BN folded) vs a dense fp32
+safetensors file of the same state_dict. Latency: batch-1 forward, reference runtime on the
+BN-folded fp32 artefact vs the dense PyTorch model in eval mode, both timed in this process, runs
+interleaved (median of `--repeats` runs after warm-up). Writes benchmarks/export_sizes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from ndsnn_cli.atomic import write_text
+from ndsnn_cli.checkpoint import save_checkpoint
+from ndsnn_cli.export.csr import export_csr, load_raw, split_csr
+from ndsnn_cli.export.runtime import load_network
+from ndsnn_cli.recipe import load_recipe
+from ndsnn_cli.sparse.masks import layer_counts, random_mask, sparse_parameter_names
+from ndsnn_cli.train import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+OUT_MD = REPO / "benchmarks" / "export_sizes.md"
+WARMUP = 3
+NOTES_MARKER = "<!-- hand-written notes below: kept when the tables above are regenerated -->"
+
+
+def sparse_checkpoint(arch: str, sparsity: float, path: Path, seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    """A fresh model with a random ERK mask at `sparsity`, written as an ndsnn checkpoint."""
+    recipe = load_recipe(REPO / "recipes" / f"paper-{arch}-cifar10.toml").replace(
+        sparsity={"method": "static", "final": sparsity, "distribution": "erk"}, train={"device": "cpu"})
+    torch.manual_seed(seed)
+    model = build_model(recipe).eval()
+    params = dict(model.named_parameters())
+    names = sparse_parameter_names(model, recipe.sparsity.dense)
+    counts = layer_counts({n: params[n] for n in names}, 1 - sparsity, "erk")
+    generator = torch.Generator().manual_seed(seed)
+    masks = {n: random_mask(params[n].shape, counts[n], generator) for n in names}
+    with torch.no_grad():
+        for n, mask in masks.items():
+            params[n].mul_(mask)
+    save_checkpoint(path, model=model, optimizer=None, extra_tensors={f"mask::{n}": m for n, m in masks.items()},
+                    meta={"recipe": recipe.to_toml(), "epoch": 0, "step": 0})
+    return model, recipe
+
+
+def size_breakdown(path: Path) -> dict[str, int]:
+    """Bytes of CSR values, column and row indices, dense tensors and the JSON header of an artefact."""
+    tensors, _ = load_raw(path)
+    sparse, plain = split_csr(tensors)
+    out = {"values": 0, "col_indices": 0, "crow_indices": 0, "shape": 0}
+    for parts in sparse.values():
+        for part, tensor in parts.items():
+            out[part] += tensor.nbytes
+    out["dense_params"] = sum(t.nbytes for t in plain.values())
+    out["header"] = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    return out
+
+
+def paired_ms(dense: Any, runtime: Any, images: torch.Tensor, repeats: int) -> tuple[list[float], list[float]]:
+    """Per-run ms of dense and runtime forwards, interleaved so that load changes hit both sides alike."""
+    dense_ms, runtime_ms = [], []
+    with torch.no_grad():
+        for i in range(WARMUP + repeats):
+            for fn, times in ((dense, dense_ms), (runtime, runtime_ms)):
+                start = time.perf_counter()
+                fn(images)
+                if i >= WARMUP:
+                    times.append((time.perf_counter() - start) * 1e3)
+    return dense_ms, runtime_ms
+
+
+def measure(arch: str, sparsity: float, workdir: Path, repeats: int) -> dict[str, Any]:
+    ckpt = workdir / f"{arch}-{sparsity}.safetensors"
+    model, recipe = sparse_checkpoint(arch, sparsity, ckpt)
+    state = {k: v for k, v in model.state_dict().items()}
+    dense_bytes = len(save_safetensors({k: v.contiguous() for k, v in state.items()}))
+    files = {}
+    for label, dtype, fold in (("fp32", "fp32", False), ("fp16", "fp16", False), ("fp16_fold", "fp16", True),
+                               ("fp32_fold", "fp32", True)):
+        path, meta = export_csr(ckpt, workdir / f"{arch}-{sparsity}-{label}.safetensors", dtype=dtype, fold_bn=fold)
+        files[label] = path
+    row: dict[str, Any] = {"arch": arch, "sparsity": sparsity, "timesteps": recipe.model.timesteps,
+                           "realised_sparsity": meta["sparsity"]["sparsity"], "dense_bytes": dense_bytes,
+                           **{f"{k}_bytes": p.stat().st_size for k, p in files.items()},
+                           "breakdown_fp32": size_breakdown(files["fp32"]),
+                           "breakdown_fp16_fold": size_breakdown(files["fp16_fold"])}
+    net = load_network(files["fp32_fold"])
+    images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        row["max_abs_logit_diff"] = float((net(images) - model(images)).abs().max())
+    dense_ms, runtime_ms = paired_ms(model, net, images, repeats)
+    row["dense_ms"], row["runtime_ms"] = statistics.median(dense_ms), statistics.median(runtime_ms)
+    row["pair_speedup"] = statistics.median(d / r for d, r in zip(dense_ms, runtime_ms, strict=True))
+    row["dense_ms_range"] = (min(dense_ms), max(dense_ms))
+    row["runtime_ms_range"] = (min(runtime_ms), max(runtime_ms))
+    return row
+
+
+def profile(arch: str, sparsity: float, workdir: Path) -> str:
+    """torch.profiler top ops of one runtime forward (why it is as fast or slow as it is)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    ckpt = workdir / f"{arch}-{sparsity}-prof.safetensors"
+    sparse_checkpoint(arch, sparsity, ckpt)
+    path, _ = export_csr(ckpt, workdir / f"{arch}-prof.safetensors", fold_bn=True)
+    net = load_network(path)
+    images = torch.randn(1, 3, 32, 32)
+    for _ in range(WARMUP):
+        net(images)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            net(images)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+
+
+def markdown(rows: list[dict[str, Any]], context: dict[str, str], profiles: dict[str, str]) -> str:
+    lines = ["# Export: CSR artefact size and reference-runtime latency", "",
+             "Generated by `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python -m benchmarks.export_sizes` "
+             f"({context['args']}).", "",
+             f"- machine: {context['cpu']}, torch {torch.__version__}, {context['threads']} threads; "
+             f"shared machine, `uptime` before: `{context['uptime_before']}`, after: `{context['uptime_after']}`",
+             f"- malloc env: MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}, "
+             f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}",
+             "- models: freshly built (untrained), random ERK masks, CIFAR-10 shapes (3x32x32, 10 classes), "
+             "T from the paper recipes; dense = safetensors of the full fp32 state_dict (incl. BN running stats)",
+             "", "## Sizes", "",
+             "| model | sparsity | dense fp32 bytes | CSR fp32 | % dense | CSR fp16 | % dense | CSR fp16 + BN fold "
+             "| % dense | target <= 1.6% at 99% |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pct = {k: 100 * r[f"{k}_bytes"] / r["dense_bytes"] for k in ("fp32", "fp16", "fp16_fold")}
+        target = ", ".join(f"{k.replace('_fold', '+fold')} {'met' if v <= 1.6 else 'NOT met'}" for k, v in pct.items()
+                           ) if r["sparsity"] == 0.99 else ""
+        lines.append(f"| {r['arch']} | {r['sparsity']:.2f} | {r['dense_bytes']:,} | {r['fp32_bytes']:,} | "
+                     f"{pct['fp32']:.2f}% | {r['fp16_bytes']:,} | {pct['fp16']:.2f}% | {r['fp16_fold_bytes']:,} | "
+                     f"{pct['fp16_fold']:.2f}% | {target} |")
+    lines += ["", "Where the bytes go (CSR fp32, no folding / fp16 with BN folded):", "",
+              "| model | sparsity | values | col_indices (int16) | crow_indices (int32) | dense params | header |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a, b = r["breakdown_fp32"], r["breakdown_fp16_fold"]
+        lines.append(f"| {r['arch']} | {r['sparsity']:.2f} | {a['values']:,} / {b['values']:,} | "
+                     f"{a['col_indices']:,} | {a['crow_indices']:,} | {a['dense_params']:,} / {b['dense_params']:,} | "
+                     f"{a['header']:,} / {b['header']:,} |")
+    lines += ["", "## Batch-1 CPU latency", "",
+              "Reference runtime (BN-folded fp32 artefact) vs the dense PyTorch model (eval mode, same masked "
+              f"weights), {context['repeats']} runs each after {WARMUP} warm-up runs, same process, dense and runtime "
+              "runs interleaved so that the shared machine's load changes hit both; medians, [min-max], and the "
+              "median of the per-pair ratios.", "",
+              "| model | T | sparsity | dense ms [min-max] | runtime ms [min-max] | speed-up (ratio of medians) "
+              "| median per-pair speed-up | max abs logit diff | target >= 3x at 99% |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speedup = r["dense_ms"] / r["runtime_ms"]
+        target = ("met" if speedup >= 3 else "NOT met") if r["sparsity"] == 0.99 else ""
+        (d_lo, d_hi), (r_lo, r_hi) = r["dense_ms_range"], r["runtime_ms_range"]
+        lines.append(f"| {r['arch']} | {r['timesteps']} | {r['sparsity']:.2f} | "
+                     f"{r['dense_ms']:.1f} [{d_lo:.0f}-{d_hi:.0f}] | {r['runtime_ms']:.1f} [{r_lo:.0f}-{r_hi:.0f}] | "
+                     f"{speedup:.2f}x | {r['pair_speedup']:.2f}x | "
+                     f"{r['max_abs_logit_diff']:.2g} | {target} |")
+    for name, table in profiles.items():
+        lines += ["", f"### Profile: runtime forward, {name} (5 forwards, top ops by self CPU time)", "", "```",
+                  table.rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="vgg16,resnet19")
+    parser.add_argument("--sparsities", default="0.9,0.95,0.98,0.99")
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="append torch.profiler tables at 99%%")
+    parser.add_argument("--out", type=Path, default=OUT_MD)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    context = {"args": " ".join(f"--{k}={v}" for k, v in vars(args).items() if k != "out"), "cpu": cpu,
+               "threads": str(args.threads), "repeats": str(args.repeats),
+               "uptime_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
+    rows, profiles = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.models.split(","):
+            for sparsity in (float(s) for s in args.sparsities.split(",")):
+                row = measure(arch, sparsity, Path(tmp), args.repeats)
+                rows.append(row)
+                print(f"{arch} s={sparsity}: dense {row['dense_bytes']:,} B, csr fp32 {row['fp32_bytes']:,} B "
+                      f"({100 * row['fp32_bytes'] / row['dense_bytes']:.2f}%), fp16 {row['fp16_bytes']:,} B "
+                      f"({100 * row['fp16_bytes'] / row['dense_bytes']:.2f}%), fp16+fold {row['fp16_fold_bytes']:,} B "
+                      f"({100 * row['fp16_fold_bytes'] / row['dense_bytes']:.2f}%); latency dense "
+                      f"{row['dense_ms']:.1f} ms, runtime {row['runtime_ms']:.1f} ms "
+                      f"({row['dense_ms'] / row['runtime_ms']:.2f}x, per-pair {row['pair_speedup']:.2f}x)", flush=True)
+            if args.profile:
+                profiles[f"{arch} at 0.99"] = profile(arch, 0.99, Path(tmp))
+                print(profiles[f"{arch} at 0.99"], flush=True)
+    context["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    text = markdown(rows, context, profiles)
+    if args.out.exists() and NOTES_MARKER in args.out.read_text():  # keep the hand-written analysis
+        text += "\n" + NOTES_MARKER + args.out.read_text().split(NOTES_MARKER, 1)[1]
+    write_text(args.out, text)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""NIR export: node types and shapes, folded weights bit for bit, NIR LIF semantics, refusal of max-pooling."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ndsnn_cli.checkpoint import save_checkpoint
+from ndsnn_cli.data import build_datasets
+from ndsnn_cli.export.fold import fold_batchnorm, load_trained
+from ndsnn_cli.recipe import Recipe
+from ndsnn_cli.sparse.masks import active_count, random_mask, sparse_parameter_names
+from ndsnn_cli.train import build_model, train
+
+nir = pytest.importorskip("nir")
+LOGIT_TOL = 1e-4  # numpy float32 simulation vs PyTorch: same weights, summation order differs
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny NDSNN-trained spiking MLP (T=2, 90% sparse, synthetic data, 1 epoch): about a second."""
+    torch.set_num_threads(1)
+    recipe = Recipe().replace(
+        name="nir-test", model={"arch": "mlp", "timesteps": 2},
+        data={"dataset": "synthetic", "train_limit": 256, "test_limit": 64, "batch_size": 32, "augment": False},
+        train={"epochs": 1, "device": "cpu", "optimizer": "adam", "lr": 0.02, "weight_decay": 0.0},
+        sparsity={"method": "ndsnn", "final": 0.9, "initial": 0.5, "update_every_steps": 2})
+    out = tmp_path_factory.mktemp("nir") / "run"
+    train(recipe, out)
+    return out
+
+
+def _main(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
+    from ndsnn_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ndsnn", *args])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _simulate(graph, images: np.ndarray, timesteps: int) -> np.ndarray:
+    """The NIR graph of a feed-forward MLP run by NIR's own semantics: LIF forward Euler with dt=1."""
+    dt = float(graph.metadata["dt"])
+    order = ["input"]
+    while order[-1] != "output":
+        order.append(next(dst for src, dst in graph.edges if src == order[-1]))
+    state: dict[str, np.ndarray] = {}
+    outputs = []
+    for _ in range(timesteps):
+        x = images
+        for name in order[1:-1]:
+            node = graph.nodes[name]
+            if isinstance(node, nir.Flatten):
+                x = x.reshape(x.shape[0], -1)
+            elif isinstance(node, nir.Affine):
+                x = x @ node.weight.T + node.bias
+            elif isinstance(node, nir.LIF):
+                v = state.get(name, np.zeros_like(x))
+                v = v + dt / node.tau * (node.v_leak - v + node.r * x)
+                spikes = (v >= node.v_threshold).astype(np.float32)
+                state[name] = np.where(spikes > 0, node.v_reset, v).astype(np.float32)
+                x = spikes
+            else:
+                raise AssertionError(f"unexpected node {type(node).__name__}")
+        outputs.append(x)
+    return np.stack(outputs)
+
+
+def test_mlp_exports_to_nir_with_folded_weights_full_shape_lif_and_sparsity(run_dir: Path, tmp_path: Path,
+                                                                            capsys, monkeypatch) -> None:
+    target = tmp_path / "mlp.nir"
+    code, out, err = _main(capsys, monkeypatch, "export", str(run_dir), "--format", "nir", "-o", str(target), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    graph = nir.read(target)  # type-checks shapes between every pair of connected nodes
+    kinds = {name: type(node).__name__ for name, node in graph.nodes.items()}
+    assert kinds == {"input": "Input", "encoder.0": "Flatten", "encoder.1": "Affine", "body.0": "LIF",
+                     "body.1": "Affine", "output": "Output"}
+    assert sorted(graph.edges) == sorted([("input", "encoder.0"), ("encoder.0", "encoder.1"),
+                                          ("encoder.1", "body.0"), ("body.0", "body.1"), ("body.1", "output")])
+    assert graph.nodes["input"].input_type["input"].tolist() == [1, 28, 28]
+    assert graph.nodes["encoder.0"].output_type["output"].tolist() == [784]
+    assert graph.nodes["output"].output_type["output"].tolist() == [10]
+
+    trained = load_trained(run_dir)
+    folded = dict(fold_batchnorm(trained.model).named_parameters())
+    for name in ("encoder.1", "body.1"):
+        node = graph.nodes[name]
+        for part in ("weight", "bias"):
+            expected = folded[f"{name}.{part}"].detach().numpy()
+            assert node.__dict__[part].dtype == np.float32 and np.array_equal(node.__dict__[part], expected)
+        mask = trained.masks[f"{name}.weight"]
+        assert int(node.metadata["nnz"]) == int(mask.sum()) and int(node.metadata["numel"]) == mask.numel()
+        assert float(node.metadata["sparsity"]) == pytest.approx(1 - int(mask.sum()) / mask.numel())
+        assert not node.weight[~mask.numpy()].any()  # zero outside the mask
+    lif = graph.nodes["body.0"]
+    for field, value in (("tau", 4 / 3), ("r", 1.0), ("v_leak", 0.0), ("v_threshold", 1.0), ("v_reset", 0.0)):
+        array = getattr(lif, field)
+        assert array.shape == (128,) and np.all(array == np.float32(value)), field
+    numel = sum(m.numel() for m in trained.masks.values())
+    nnz = sum(int(m.sum()) for m in trained.masks.values())
+    assert int(graph.metadata["timesteps"]) == 2 and float(graph.metadata["dt"]) == 1.0
+    assert float(graph.metadata["sparsity"]) == pytest.approx(1 - nnz / numel) == pytest.approx(report["sparsity"])
+    assert graph.metadata["recipe_sha256"] == report["recipe_sha256"] and report["nodes"] == 6
+
+
+def test_nir_lif_semantics_with_dt_1_reproduce_the_pytorch_logits(run_dir: Path, tmp_path: Path) -> None:
+    from ndsnn_cli.export.nir import export_nir
+
+    path, _ = export_nir(run_dir, tmp_path / "mlp.nir")
+    trained = load_trained(run_dir)
+    _, test = build_datasets(trained.recipe.data)
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    with torch.no_grad():
+        expected = trained.model(images).numpy()
+    got = _simulate(nir.read(path), images.numpy(), timesteps=2)
+    assert got.shape == expected.shape == (2, 64, 10)
+    assert np.abs(got - expected).max() <= LOGIT_TOL
+    assert np.array_equal(got.sum(0).argmax(-1), expected.sum(0).argmax(-1))
+    assert len(set(got.sum(0).argmax(-1).tolist())) > 1  # spikes reach the readout: not just the bias
+
+
+def _fresh_checkpoint(arch: str, path: Path) -> Path:
+    """An untrained 90%-sparse checkpoint of `arch` on synthetic data (no training needed to test the graph)."""
+    recipe = Recipe().replace(model={"arch": arch, "timesteps": 2}, data={"dataset": "synthetic"},
+                              sparsity={"method": "static", "final": 0.9})
+    torch.manual_seed(0)
+    model = build_model(recipe).eval()
+    params = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(0)
+    masks = {n: random_mask(params[n].shape, active_count(params[n].numel(), 0.1), generator)
+             for n in sparse_parameter_names(model)}
+    with torch.no_grad():
+        for n, mask in masks.items():
+            params[n].mul_(mask)
+    return save_checkpoint(path, model=model, optimizer=None, extra_tensors={f"mask::{n}": m for n, m in masks.items()},
+                           meta={"recipe": recipe.to_toml(), "epoch": 0, "step": 0})
+
+
+def test_resnet19_maps_residual_sums_to_two_edges_and_global_pool_to_avgpool(tmp_path: Path) -> None:
+    from ndsnn_cli.export.nir import export_nir
+
+    path, meta = export_nir(_fresh_checkpoint("resnet19", tmp_path / "r.safetensors"), tmp_path / "r.nir")
+    graph = nir.read(path)
+    into = {}
+    for src, dst in graph.edges:
+        into.setdefault(dst, []).append(src)
+    assert sorted(into["body.1.lif2"]) == ["body.1.conv2", "body.1.shortcut.0"]  # projection shortcut
+    assert sorted(into["body.2.lif2"]) == ["body.1.lif2", "body.2.conv2"]  # identity shortcut
+    pool = graph.nodes["body.9"]
+    assert isinstance(pool, nir.AvgPool2d) and pool.kernel_size.tolist() == [4, 4]  # 28 -> 14 -> 7 -> 4
+    kinds = [type(n).__name__ for n in graph.nodes.values()]
+    # stem + 8 blocks x 2 + 3 projection shortcuts; stem LIF + 8 x 2 + fc LIF; fc 512->256, 256->10
+    assert kinds.count("Conv2d") == 20 and kinds.count("LIF") == 18 and kinds.count("Affine") == 2
+    assert meta["nodes"] == len(graph.nodes)
+
+
+@pytest.mark.parametrize("arch", ["scnn", "vgg16"])
+def test_max_pooling_models_are_refused_with_one_line_and_exit_2(arch: str, tmp_path: Path, capsys,
+                                                                 monkeypatch) -> None:
+    ckpt = _fresh_checkpoint(arch, tmp_path / "c.safetensors")
+    target = tmp_path / "m.nir"
+    code, _, err = _main(capsys, monkeypatch, "export", str(ckpt), "--format", "nir", "-o", str(target))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "MaxPool2d" in lines[0] and "NIR" in lines[0]
+    assert not target.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
