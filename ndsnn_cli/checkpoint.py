@@ -88,21 +88,32 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint; a missing, truncated or foreign file is a one-line UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    raw = path.read_bytes()
+    tensors, strings = read_safetensors(path, "checkpoint")
     try:
-        tensors = load_safetensors(raw)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path}: not a readable safetensors file (truncated or corrupt: {reason})") from None
-    meta = read_metadata(path, raw)
+        meta = json.loads(strings.get("ndsnn", "{}"))
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: corrupt checkpoint metadata") from None
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}: not an ndsnn checkpoint (format is {meta.get('format')!r}, expected {FORMAT!r})")
     if meta.get("version", 0) > VERSION:
         raise UserError(f"{path}: checkpoint version {meta['version']} is newer than this ndsnn ({VERSION})")
     return Checkpoint(tensors, meta)
+
+
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and `__metadata__` strings of a safetensors file; missing/truncated/corrupt -> one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    raw = path.read_bytes()
+    try:
+        tensors = load_safetensors(raw)
+        header_len = int.from_bytes(raw[:8], "little")
+        strings = json.loads(raw[8:8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: not a readable safetensors file (truncated or corrupt: {reason})") from None
+    return tensors, strings
 
 
 def read_metadata(path: str | Path, raw: bytes | None = None) -> dict[str, Any]:

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ndsnn_cli.atomic import write_bytes
+from ndsnn_cli.checkpoint import read_safetensors
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import CSR_FORMAT, CSR_VERSION
 
@@ -79,17 +78,7 @@ def pack(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], metadat
 
 def load_raw(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The artefact's tensors as stored (CSR parts separate) and its decoded metadata."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: artefact not found")
-    raw = path.read_bytes()
-    try:
-        tensors = load_safetensors(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        strings = json.loads(raw[8:8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path}: not a readable safetensors file (truncated or corrupt: {reason})") from None
+    tensors, strings = read_safetensors(path, "artefact")
     if strings.get("format") != CSR_FORMAT:
         raise UserError(f"{path}: not an {CSR_FORMAT} artefact (format is {strings.get('format')!r})")
     try:
