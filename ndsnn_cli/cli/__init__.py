@@ -38,12 +38,6 @@ def _root(
     """ndsnn: sparse spiking neural network training (NDSNN, DAC 2023) and export."""
 
 
-def fail(message: str) -> typer.Exit:
-    """Print a one-line error to stderr; the caller raises the returned Exit(2)."""
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
-
-
 from ndsnn_cli.cli import compare as _compare_cmd  # noqa: E402,F401  (registers the command)
 from ndsnn_cli.cli import cost as _cost_cmd  # noqa: E402,F401  (registers the command)
 from ndsnn_cli.cli import export as _export_cmd  # noqa: E402,F401  (registers export, inspect, run)
