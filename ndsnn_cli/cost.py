@@ -29,7 +29,7 @@ from ndsnn_cli.recipe import Recipe, parse_recipe, sparse_epochs, with_method
 from ndsnn_cli.snn.models import NeuronConfig, create_model
 from ndsnn_cli.sparse.masks import layer_counts, sparse_parameter_names
 from ndsnn_cli.sparse.methods import build_method, target_counts
-from ndsnn_cli.sparse.schedules import lth_round_sparsities
+from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities
 
 METHOD_ORDER = ("dense", "lth", "set", "rigl", "gmp", "ndsnn", "static")
 PAPER_NDSNN_OF_LTH = {"resnet19": 0.4089, "vgg16": 0.3135}  # DAC 2023, CIFAR-10; shown, never fitted
@@ -243,28 +243,31 @@ def method_cost(base: Recipe, method: str, layers: list[LayerFlops], train_size:
     if method == "lth":
         sp = recipe.sparsity
         round_epochs = sp.round_epochs or epochs
-        samples = _samples_per_step(train_size, batch, round_epochs)
         per_layer = {lay.name: 0.0 for lay in layers}
         density_samples, curve = 0.0, {"epochs": [0.0], "density": [], "flops": [0.0]}
         counts: dict[str, int] = {}
         rounds = lth_round_sparsities(sp.final, sp.prune_rate)
+        epochs_per_round = lth_round_epochs(round_epochs, sp.rewind_epoch, len(rounds))
+        total_samples = total_steps = 0.0
         for index, sparsity in enumerate(rounds):
+            samples = _samples_per_step(train_size, batch, epochs_per_round[index])
+            total_samples, total_steps = total_samples + float(samples.sum()), total_steps + len(samples)
             counts = layer_counts(_weights(layers), 1 - sparsity, _split(sp.distribution))
             seg = [Segment(0, len(samples), counts)]
             round_layer, round_density, _, round_curve = integrate(layers, seg, samples, [],
-                                                                     index * round_epochs, steps_per_epoch)
+                                                                     sum(epochs_per_round[:index]), steps_per_epoch)
             for name, value in round_layer.items():
                 per_layer[name] += value
             density_samples += round_density
             curve["epochs"] += round_curve["epochs"][1:]
             curve["density"] += round_curve["density"]
             curve["flops"] += [curve["flops"][-1] + f for f in round_curve["flops"][1:]]
-        total_samples = float(samples.sum()) * len(rounds)
-        note = f"{len(rounds)} rounds x {round_epochs} epochs"
+        note = (f"{len(rounds)} rounds: {round_epochs} epochs, then {epochs_per_round[-1]} each "
+                f"(from the weights rewound to epoch {sp.rewind_epoch})")
         return MethodCost(method, sum(per_layer.values()), density_samples / total_samples,
                           sum(counts.values()) / sum(lay.numel for lay in layers if lay.sparse),
-                          _inference_flops(layers, counts), len(samples) * len(rounds),
-                          float(round_epochs * len(rounds)), 0.0, per_layer, counts, curve, note)
+                          _inference_flops(layers, counts), int(total_steps),
+                          float(sum(epochs_per_round)), 0.0, per_layer, counts, curve, note)
     samples = _samples_per_step(train_size, batch, epochs)
     segments, updates, grow = schedule_segments(recipe, layers, steps_per_epoch, len(samples))
     gradient_updates = updates if grow == "gradient" else []

@@ -22,15 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ndsnn_cli import __version__, distributed
-from ndsnn_cli.atomic import append_line, write_json, write_text
+from ndsnn_cli.atomic import append_line, write_bytes, write_json, write_text
 from ndsnn_cli.checkpoint import Checkpoint, load_checkpoint, optimizer_from_tensors, restore_rng, save_checkpoint
 from ndsnn_cli.data import build_datasets, dataset_info, make_loader
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.recipe import Recipe, parse_recipe
 from ndsnn_cli.snn.models import NeuronConfig, SpikingNet, create_model
-from ndsnn_cli.sparse.masks import Masks, active_count, global_magnitude_counts, magnitude_mask, sparse_parameter_names
+from ndsnn_cli.sparse.masks import Masks, active_count, global_magnitude_masks, sparse_parameter_names
 from ndsnn_cli.sparse.methods import MaskUpdate, SparseMethod, build_method, static_schedule
-from ndsnn_cli.sparse.schedules import lth_round_sparsities
+from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
 
@@ -198,14 +198,17 @@ def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: Train
     rank, world = distributed.rank(), distributed.world_size()
     main = distributed.is_main()
     # batch_size is per rank: each rank trains on its 1/world share of every epoch
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / world) / recipe.data.batch_size)
+    share, batch_size = math.ceil(len(train_set) / world), recipe.data.batch_size
+    drop_last = share % batch_size == 1  # BatchNorm cannot normalise a last batch of one sample
+    steps_per_epoch = share // batch_size if drop_last else math.ceil(share / batch_size)
     total_steps = steps_per_epoch * epochs
     model = build_model(recipe).to(device)
     if initial_state is not None:
         model.load_state_dict(initial_state)
     optimizer = build_optimizer(recipe, model)
     if initial_masks is not None:
-        method = SparseMethod("lth", static_schedule(recipe.sparsity.final), seed=recipe.seed)
+        method = SparseMethod("lth", static_schedule(recipe.sparsity.final), recipe.sparsity.distribution,
+                              tuple(recipe.sparsity.dense), recipe.seed)
         method.setup(model, initial_masks=initial_masks)
     else:
         method = build_method(recipe, steps_per_epoch)
@@ -248,7 +251,7 @@ def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: Train
         model.train()
         loader = make_loader(train_set, recipe.data.batch_size, shuffle=True, seed=recipe.seed, epoch=epoch,
                              start_batch=state.batch_in_epoch, num_workers=recipe.data.num_workers,
-                             distributed_rank=rank, world_size=world)
+                             drop_last=drop_last, distributed_rank=rank, world_size=world)
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
@@ -269,7 +272,7 @@ def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: Train
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             if t.max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                clip_active_gradients(model, method.masks, t.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             state.step += 1
@@ -340,6 +343,23 @@ def _restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Op
     restore_rng(checkpoint)
     return _RunState(meta["epoch"], meta["step"], meta["batch_in_epoch"], meta["loss_sum"], meta["correct"],
                      meta["seen"], meta["best_accuracy"])
+
+
+def clip_active_gradients(model: nn.Module, masks: Masks | None, max_norm: float) -> None:
+    """Clip to `max_norm` measured on the active weights' gradients only.
+
+    Inactive weights are zero but keep their dense gradients (growth ranks them); counted in the norm,
+    they would clip a 99%-sparse model ~100x harder than asked. All gradients get the same factor, so
+    the growth ranking is unchanged.
+    """
+    active_mask = {id(p): masks.masks[n] for n, p in masks.params.items()} if masks else {}
+    grads = [(p.grad, active_mask.get(id(p))) for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    norm = torch.linalg.vector_norm(torch.stack([(g * m if m is not None else g).norm() for g, m in grads]))
+    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for grad, _ in grads:
+        grad.mul_(factor)
 
 
 def _truncate_metrics(path: Path, step: int, epoch: int) -> None:
@@ -452,9 +472,7 @@ def prune_global_magnitude(weights: dict[str, torch.Tensor], masks: dict[str, to
                            sparsity: float) -> dict[str, torch.Tensor]:
     """LTH pruning: keep the largest |w| across all sparse layers so that `sparsity` of them are zero."""
     total = sum(w.numel() for w in weights.values())
-    counts = global_magnitude_counts(weights, masks, active_count(total, 1 - sparsity))
-    scored = {n: w.detach().abs() * (masks[n] if masks else 1) for n, w in weights.items()}
-    return {n: magnitude_mask(scored[n], counts[n]) for n in weights}
+    return global_magnitude_masks(weights, masks, active_count(total, 1 - sparsity))
 
 
 def _train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallbacks) -> dict[str, Any]:
@@ -462,6 +480,7 @@ def _train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCall
     sp = recipe.sparsity
     sparsities = lth_round_sparsities(sp.final, sp.prune_rate)
     epochs = sp.round_epochs or recipe.train.epochs
+    round_epochs = lth_round_epochs(epochs, sp.rewind_epoch, len(sparsities))
     rewind_path = run_dir / "rewind.safetensors"
     rounds: list[dict[str, Any]] = []
     masks: dict[str, torch.Tensor] | None = None
@@ -481,9 +500,9 @@ def _train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCall
             else:
                 rewind_state = load_checkpoint(rewind_path).model_state
                 summary = _train_once(recipe, round_dir, resume=round_resume, callbacks=callbacks,
-                                      initial_state=rewind_state, initial_masks=masks, epochs=epochs)
+                                      initial_state=rewind_state, initial_masks=masks, epochs=round_epochs[index])
         rounds.append({"round": index, "target_sparsity": sparsity, "sparsity": summary["sparsity"]["sparsity"],
-                       "test_accuracy": summary["test_accuracy"], "epochs": epochs})
+                       "test_accuracy": summary["test_accuracy"], "epochs": round_epochs[index]})
         if index + 1 < len(sparsities):
             final = load_checkpoint(round_dir / CHECKPOINT)
             names = list(summary["sparsity"]["layers"])
@@ -492,7 +511,9 @@ def _train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCall
             masks = prune_global_magnitude(weights, previous, sparsities[index + 1])
     summary = dict(summary)
     summary.update({"method": "lth", "rounds": rounds, "round_epochs": epochs,
-                    "total_epochs": epochs * len(sparsities), "wall_time_s": time.perf_counter() - started})
+                    "total_epochs": sum(round_epochs), "wall_time_s": time.perf_counter() - started})
+    # The final round's checkpoint is the run's: `ndsnn export/inspect/cost RUN` find it where they look.
+    write_bytes(run_dir / CHECKPOINT, (run_dir / f"round_{len(sparsities) - 1:02d}" / CHECKPOINT).read_bytes())
     write_json(run_dir / "summary.json", summary)
     return summary
 

@@ -264,3 +264,27 @@ def test_realised_sparsity_is_exact_per_layer(ndsnn: tuple[SparseMethod, list[St
     total = sum(layer["numel"] for layer in report["layers"].values())
     assert report["sparsity"] == 1 - sum(counts.values()) / total
     assert abs(sum(counts.values()) - 0.1 * total) <= len(counts) / 2
+
+
+def test_an_update_skipped_for_non_finite_gradients_runs_at_the_next_finite_step() -> None:
+    """AMP skips steps with inf gradients; the ramp's update at t1 must still happen, one step later."""
+    recipe = BASE.replace(sparsity={"method": "ndsnn"})
+    torch.manual_seed(0)
+    model = create_model("scnn", num_classes=10, in_channels=1, image_size=8, neuron=NeuronConfig(timesteps=2))
+    method = build_method(recipe, STEPS_PER_EPOCH)
+    method.setup(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    images, labels = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    ramp_end = method.schedule.ramp_end_step
+    for step in range(1, ramp_end + 2):
+        optimizer.zero_grad()
+        spiking_loss(model(images), labels).backward()
+        if step == ramp_end:  # the update at t1 sees an overflowed gradient
+            next(iter(method.masks.params.values())).grad[0].fill_(float("inf"))
+        else:
+            optimizer.step()
+        update = method.after_step(step, optimizer)
+        if step == ramp_end:
+            assert update is None and method.pending_update
+    assert update is not None and update.step == ramp_end + 1 and not method.pending_update
+    assert nnz(method.masks.masks) == expected_counts(method, 0.9)

@@ -130,12 +130,27 @@ def test_final_sparsity_is_exact_per_layer(full_run: Path) -> None:
     assert abs(summary["sparsity"]["nnz"] - 0.1 * total) <= len(summary["sparsity"]["layers"]) / 2
 
 
+def test_lth_keeps_layers_listed_as_dense_dense_in_every_round(tiny_recipe: Callable[..., Recipe],
+                                                                 tmp_path: Path) -> None:
+    recipe = tiny_recipe(sparsity={"method": "lth", "final": 0.5, "prune_rate": 0.5, "rewind_epoch": 0,
+                                   "dense": ["encoder.1"]})
+    summary = train(recipe, tmp_path / "lth")
+    assert list(summary["sparsity"]["layers"]) == ["body.1.weight"]
+    final = load_checkpoint(tmp_path / "lth" / CHECKPOINT)
+    assert set(final.masks) == {"body.1.weight"}
+    assert bool((final.model_state["encoder.1.weight"] != 0).all())
+
+
 def test_lth_runs_every_round_into_round_folders(tiny_recipe: Callable[..., Recipe], tmp_path: Path) -> None:
     recipe = tiny_recipe(sparsity={"method": "lth", "final": 0.5, "prune_rate": 0.5, "rewind_epoch": 1})
     assert lth_round_sparsities(0.5, 0.5) == [0.0, 0.5]
     summary = train(recipe, tmp_path / "lth")
     assert [r["target_sparsity"] for r in summary["rounds"]] == [0.0, 0.5]
-    assert summary["total_epochs"] == 4
+    # LTH-SNN: the dense round trains all epochs, later rounds the ones after the rewind epoch
+    assert [r["epochs"] for r in summary["rounds"]] == [2, 1]
+    assert summary["total_epochs"] == 3
+    # the last round's checkpoint is also the run's, so export/inspect/cost RUN find it
+    assert (tmp_path / "lth" / CHECKPOINT).read_bytes() == (tmp_path / "lth" / "round_01" / CHECKPOINT).read_bytes()
     assert sorted(p.name for p in (tmp_path / "lth").glob("round_*")) == ["round_00", "round_01"]
     round0 = load_checkpoint(tmp_path / "lth" / "round_00" / CHECKPOINT)
     round1 = load_checkpoint(tmp_path / "lth" / "round_01" / CHECKPOINT)
@@ -200,3 +215,21 @@ def test_amp_bf16_on_cpu_trains(tiny_recipe: Callable[..., Recipe], tmp_path: Pa
     assert all(v.dtype == torch.float32 for k, v in checkpoint.model_state.items() if k.endswith("weight"))
     total = summary["sparsity"]["numel"]
     assert abs(summary["sparsity"]["nnz"] - 0.2 * total) <= len(summary["sparsity"]["layers"]) / 2
+
+
+def test_gradient_clipping_measures_only_the_active_weights() -> None:
+    from ndsnn_cli.sparse.masks import Masks
+    from ndsnn_cli.train import clip_active_gradients
+
+    layer = torch.nn.Linear(4, 2, bias=False)
+    layer.weight.grad = torch.tensor([[3.0, 100.0, 0.0, 0.0], [4.0, 100.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, False, False, False], [True, False, False, False]])
+    clip_active_gradients(layer, Masks({"weight": layer.weight}, {"weight": mask}), max_norm=1.0)
+    # the active gradients (3, 4) have norm 5: everything is scaled by 1/5, inactive ones included
+    assert torch.allclose(layer.weight.grad, torch.tensor([[0.6, 20.0, 0.0, 0.0], [0.8, 20.0, 0.0, 0.0]]), atol=1e-5)
+
+
+def test_a_last_batch_of_one_sample_is_dropped_so_batchnorm_can_train(tiny_recipe: Callable[..., Recipe],
+                                                                        tmp_path: Path) -> None:
+    summary = train(tiny_recipe(data={"train_limit": 129, "batch_size": 64}), tmp_path / "run")
+    assert summary["steps"] == 2 * 2  # 129 = 2 x 64 + 1: two steps per epoch, the single sample dropped

@@ -131,8 +131,9 @@ def print_report(report: CostReport, per_layer: bool) -> None:
     console.print(
         f"[dim]Assumptions: {a['train_size']:,} images x {a['epochs']} epochs, batch {a['batch_size']} "
         f"({a['steps_per_epoch']} steps/epoch), T={a['timesteps']}; LTH: prune {a['lth_prune_rate']:g} of the "
-        f"remaining per round, rewind to epoch {a['lth_rewind_epoch']}, {a['lth_rounds']} rounds x "
-        f"{a['lth_round_epochs']} epochs (the trainer retrains whole rounds), global magnitude split "
+        f"remaining per round, {a['lth_rounds']} rounds: {a['lth_round_epochs']} epochs dense, then "
+        f"{a['lth_round_epochs'] - a['lth_rewind_epoch']} per round from the weights rewound to epoch "
+        f"{a['lth_rewind_epoch']} (LTH-SNN), global magnitude split "
         f"estimated as {a['split_used']}; NDSNN s_i={a['ndsnn_initial_sparsity']:g}, t0={a['ramp_start_epoch']:g}, "
         f"t1={a['ramp_end_epoch']:g}, t_end={a['update_end_epoch']:g} epochs, dT={a['update_every_steps']} steps, "
         f"grow={a['grow']}; layer split {a['distribution']}"

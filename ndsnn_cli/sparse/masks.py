@@ -58,9 +58,9 @@ def erk_densities(shapes: Mapping[str, tuple[int, ...]], density: float) -> dict
     return {n: 1.0 if n in dense else min(1.0, max(0.0, epsilon * raw[n])) for n in shapes}
 
 
-def global_magnitude_counts(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None,
-                            total_active: int) -> dict[str, int]:
-    """Per-layer active counts when the `total_active` largest |w| (among active ones) are kept globally."""
+def global_magnitude_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None,
+                           total_active: int) -> dict[str, torch.Tensor]:
+    """Keep the `total_active` largest |w| (among active ones) across all layers in one ranking."""
     scores = []
     for name, w in weights.items():
         s = w.detach().abs().float().flatten()
@@ -72,11 +72,17 @@ def global_magnitude_counts(weights: Mapping[str, torch.Tensor], masks: Mapping[
     keep = torch.zeros_like(flat, dtype=torch.bool)
     if total_active > 0:
         keep[torch.topk(flat, total_active, sorted=False).indices] = True
-    counts, offset = {}, 0
+    kept, offset = {}, 0
     for name, w in weights.items():
-        counts[name] = int(keep[offset:offset + w.numel()].sum())
+        kept[name] = keep[offset:offset + w.numel()].reshape(w.shape).to(w.device)
         offset += w.numel()
-    return counts
+    return kept
+
+
+def global_magnitude_counts(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None,
+                            total_active: int) -> dict[str, int]:
+    """Per-layer active counts of `global_magnitude_masks`."""
+    return {name: int(m.sum()) for name, m in global_magnitude_masks(weights, masks, total_active).items()}
 
 
 def layer_counts(weights: Mapping[str, torch.Tensor], density: float, distribution: str,

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from ndsnn_cli.recipe import Recipe, sparse_epochs
-from ndsnn_cli.sparse.masks import Masks, layer_counts, magnitude_mask, random_mask, sparse_parameter_names
+from ndsnn_cli.sparse.masks import (
+    Masks,
+    active_count,
+    global_magnitude_masks,
+    layer_counts,
+    random_mask,
+    sparse_parameter_names,
+)
 from ndsnn_cli.sparse.schedules import SparseSchedule
 
 
@@ -73,11 +80,11 @@ def target_counts(schedule: SparseSchedule, step: int, current: dict[str, int],
                   masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Active weights per layer after the update at `step` (the trainer and `ndsnn cost` both use this).
 
-    Inside the ramp: the distribution's counts at s(step), never above the current ones (a ramp only
-    removes weights, so a rounding change never regrows a layer). Elsewhere the counts stay.
+    From the ramp's start on: the distribution's counts at s(step), never above the current ones (a
+    ramp only removes weights, so a rounding change never regrows a layer). After t1 this is a no-op
+    once the final counts are reached, and it catches up if the update at t1 was postponed.
     """
-    ramping = (schedule.initial_sparsity != schedule.final_sparsity
-               and schedule.ramp_start_step < step <= schedule.ramp_end_step)
+    ramping = schedule.initial_sparsity != schedule.final_sparsity and schedule.ramp_start_step < step
     if not ramping:
         return dict(current)
     targets = layer_counts(weights, 1 - schedule.sparsity(step), distribution, masks)
@@ -92,6 +99,7 @@ class SparseMethod:
         self.name, self.schedule, self.distribution, self.dense = name, schedule, distribution, dense
         self.generator = torch.Generator().manual_seed(seed + 7919)
         self.masks: Masks | None = None
+        self.pending_update = False  # an update step whose gradients were not finite (AMP skipped it)
 
     def setup(self, model: nn.Module, initial_masks: dict[str, torch.Tensor] | None = None) -> None:
         """Create the initial masks (random with exact per-layer counts) and zero the inactive weights."""
@@ -102,10 +110,11 @@ class SparseMethod:
         weights = {name: params[name] for name in names}
         if initial_masks is None:
             density = 1 - self.schedule.initial_sparsity
-            counts = layer_counts(weights, density, self.distribution)
             if self.distribution == "global":
-                initial_masks = {n: magnitude_mask(w, counts[n]) for n, w in weights.items()}
+                total = sum(w.numel() for w in weights.values())
+                initial_masks = global_magnitude_masks(weights, None, active_count(total, density))
             else:
+                counts = layer_counts(weights, density, self.distribution)
                 initial_masks = {n: random_mask(w.shape, counts[n], self.generator, w.device)
                                  for n, w in weights.items()}
         self.masks = Masks(weights, initial_masks)
@@ -116,8 +125,12 @@ class SparseMethod:
         if self.masks is None:
             return None
         update = None
-        if self.schedule.is_update_step(step) and self._gradients_finite():
-            update = self._update(step, optimizer)
+        if self.schedule.is_update_step(step) or self.pending_update:
+            if self._gradients_finite():
+                update = self._update(step, optimizer)
+                self.pending_update = False
+            else:  # postponed to the next step with usable gradients
+                self.pending_update = True
         self.masks.apply(optimizer)
         return update
 
@@ -157,6 +170,7 @@ class SparseMethod:
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
         tensors = {} if self.masks is None else {f"mask::{n}": m.cpu() for n, m in self.masks.masks.items()}
         tensors["method::generator"] = self.generator.get_state()
+        tensors["method::pending_update"] = torch.tensor([self.pending_update], dtype=torch.bool)
         return tensors, {"method": self.name}
 
     def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -164,6 +178,7 @@ class SparseMethod:
         if self.schedule is not None:
             self.setup(model, initial_masks=masks)
         self.generator.set_state(tensors["method::generator"])
+        self.pending_update = bool(tensors.get("method::pending_update", torch.tensor([False])).item())
 
 
 def _fixed(sparsity: float, grow: str, every: int, end: int, d0: float, d_min: float) -> SparseSchedule:

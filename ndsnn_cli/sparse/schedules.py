@@ -69,6 +69,12 @@ def is_update_step(step: int, every_steps: int, end_step: int) -> bool:
     return 0 < step < end_step and step % every_steps == 0
 
 
+def lth_round_epochs(round_epochs: int, rewind_epoch: int, rounds: int) -> list[int]:
+    """Epochs of each LTH round: the dense round trains them all; later rounds start from the weights
+    rewound to `rewind_epoch` and train the rest (LTH-SNN: `end_iter - rewinding_epoch`)."""
+    return [round_epochs] + [round_epochs - rewind_epoch] * (rounds - 1)
+
+
 def lth_round_sparsities(final: float, prune_rate: float) -> list[float]:
     """Sparsity of each LTH round: 0 (dense), then 1-(1-p)^r, the last one clamped to `final`."""
     sparsities = [0.0]
