@@ -78,7 +78,7 @@ def cost(
 
 def _base_recipe(target: Path | None, opts: dict[str, Any]) -> Recipe:
     """The paper's CIFAR-10 setup (or a recipe), with every given option applied on top."""
-    from ndsnn_cli.recipe import Recipe, load_recipe
+    from ndsnn_cli.recipe import LTH_MAX_REWIND_EPOCH, LTH_PRUNE_RATE, Recipe, load_recipe
     from ndsnn_cli.snn.models import MODELS
 
     if target is not None:
@@ -102,11 +102,11 @@ def _base_recipe(target: Path | None, opts: dict[str, Any]) -> Recipe:
     tables = {t: {k: v for k, v in kv.items() if v is not None} for t, kv in pairs.items()}
     tables["sparsity"].update(method="dense", prune_rate=-1.0, rewind_epoch=-1)
     lth_prune = opts["prune_rate"] if opts["prune_rate"] is not None else (
-        base.sparsity.prune_rate if base.sparsity.prune_rate != -1 else 0.25)
+        base.sparsity.prune_rate if base.sparsity.prune_rate != -1 else LTH_PRUNE_RATE)
     lth_rewind = opts["rewind_epoch"] if opts["rewind_epoch"] is not None else base.sparsity.rewind_epoch
     base = base.replace(**tables)
-    if lth_rewind == -1:  # LTH-SNN rewinds to epoch 20; a shorter round rewinds to its last epoch
-        lth_rewind = min(20, (base.sparsity.round_epochs or base.train.epochs) - 1)
+    if lth_rewind == -1:  # the LTH-SNN default of recipe.with_method
+        lth_rewind = min(LTH_MAX_REWIND_EPOCH, (base.sparsity.round_epochs or base.train.epochs) // 10)
     from ndsnn_cli.cost import method_recipe
 
     checked = base.replace(sparsity={"method": "lth", "prune_rate": lth_prune, "rewind_epoch": lth_rewind})
