@@ -251,9 +251,10 @@ def training_flops_for_run(recipe: Recipe, run_dir: Path) -> float | None:
     key = recipe.replace(name="flops", seed=0).to_toml()
     if key not in _flops_cache:
         try:
-            info = cost.dataset_info(recipe.data.dataset)
-            train_size = min(recipe.data.train_limit or info.train_size, info.train_size)
-            _flops_cache[key] = cost.method_cost(recipe, method, cost.model_layers(recipe), train_size).train_flops
+            from ndsnn_cli.data import train_size
+
+            _flops_cache[key] = cost.method_cost(recipe, method, cost.model_layers(recipe),
+                                                 train_size(recipe.data)).train_flops
         except UserError:
             _flops_cache[key] = None
     return _flops_cache[key]

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ndsnn_cli.data import dataset_info
+from ndsnn_cli.data import batches_per_epoch, dataset_info
+from ndsnn_cli.data import train_size as recipe_train_size
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.recipe import Recipe, parse_recipe, sparse_epochs, with_method
 from ndsnn_cli.snn.models import NeuronConfig, create_model
@@ -147,9 +148,10 @@ class MethodCost:
 
 
 def _samples_per_step(train_size: int, batch_size: int, epochs: int) -> np.ndarray:
-    steps_per_epoch = math.ceil(train_size / batch_size)
+    steps_per_epoch, drop_last = batches_per_epoch(train_size, batch_size)
     per_epoch = np.full(steps_per_epoch, batch_size, dtype=np.float64)
-    per_epoch[-1] = train_size - (steps_per_epoch - 1) * batch_size
+    if not drop_last:
+        per_epoch[-1] = train_size - (steps_per_epoch - 1) * batch_size
     return np.tile(per_epoch, epochs)
 
 
@@ -238,7 +240,7 @@ def method_recipe(base: Recipe, method: str) -> Recipe:
 def method_cost(base: Recipe, method: str, layers: list[LayerFlops], train_size: int) -> MethodCost:
     recipe = method_recipe(base, method)
     batch, epochs = recipe.data.batch_size, recipe.train.epochs
-    steps_per_epoch = math.ceil(train_size / batch)
+    steps_per_epoch = batches_per_epoch(train_size, batch)[0]
     note = ""
     if method == "lth":
         sp = recipe.sparsity
@@ -324,7 +326,7 @@ def assumptions(base: Recipe, train_size: int) -> dict[str, Any]:
     t0, t1, t_end = sparse_epochs(base)
     return {
         "dataset": base.data.dataset, "train_size": train_size, "epochs": base.train.epochs,
-        "batch_size": base.data.batch_size, "steps_per_epoch": math.ceil(train_size / base.data.batch_size),
+        "batch_size": base.data.batch_size, "steps_per_epoch": batches_per_epoch(train_size, base.data.batch_size)[0],
         "timesteps": base.model.timesteps, "final_sparsity": sp.final, "distribution": sp.distribution,
         "split_used": _split(sp.distribution), "dense_layers": list(sp.dense),
         "lth_prune_rate": lth.prune_rate, "lth_rewind_epoch": lth.rewind_epoch,
@@ -341,9 +343,7 @@ def assumptions(base: Recipe, train_size: int) -> dict[str, Any]:
 def training_cost(base: Recipe, train_size: int | None = None,
                   methods: tuple[str, ...] = METHOD_ORDER) -> CostReport:
     """Training FLOPs of every method for the recipe's model, data and schedule settings."""
-    info = dataset_info(base.data.dataset)
-    train_size = train_size or (min(base.data.train_limit, info.train_size) if base.data.train_limit
-                                else info.train_size)
+    train_size = train_size or recipe_train_size(base.data)
     layers = model_layers(base)
     results = {m: method_cost(base, m, layers, train_size) for m in methods}
     return CostReport(base.model.arch, base.data.dataset, base.sparsity.final, assumptions(base, train_size),
@@ -395,10 +395,9 @@ def run_cost(run_dir: str | Path) -> RunCost:
     if not summary_path.is_file():
         raise UserError(f"{run_dir}: run has no summary.json yet (unfinished run)")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    info = dataset_info(recipe.data.dataset)
-    train_size = min(recipe.data.train_limit, info.train_size) if recipe.data.train_limit else info.train_size
+    train_size = recipe_train_size(recipe.data)
     layers = model_layers(recipe)
-    steps_per_epoch = math.ceil(train_size / recipe.data.batch_size)
+    steps_per_epoch = batches_per_epoch(train_size, recipe.data.batch_size)[0]
     samples = _samples_per_step(train_size, recipe.data.batch_size, summary["epochs"])[: summary["steps"]]
     predicted, _, _ = schedule_segments(recipe, layers, steps_per_epoch, len(samples))
     schedule = build_method(recipe, steps_per_epoch).schedule

@@ -90,6 +90,22 @@ def dataset_info(name: str) -> DatasetInfo:
         raise UserError(f"[data] dataset: unknown dataset {name!r} (known: {known})") from None
 
 
+def train_size(cfg: DataConfig) -> int:
+    """Training images a recipe uses (the data set's nominal size, or `train_limit` when smaller)."""
+    size = dataset_info(cfg.dataset).train_size
+    return min(cfg.train_limit, size) if cfg.train_limit else size
+
+
+def batches_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> tuple[int, bool]:
+    """(optimizer steps per epoch, drop_last) for one rank's share of an epoch.
+
+    A last batch of a single sample is dropped: BatchNorm cannot normalise one sample in training.
+    """
+    share = math.ceil(num_samples / world_size)
+    drop_last = share % batch_size == 1
+    return (share // batch_size if drop_last else math.ceil(share / batch_size)), drop_last
+
+
 def build_datasets(cfg: DataConfig) -> Split:
     """(train, test) for the recipe's data set, cut to the first train_limit / test_limit images.
 

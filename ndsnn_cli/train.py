@@ -24,7 +24,7 @@ from torch import nn
 from ndsnn_cli import __version__, distributed
 from ndsnn_cli.atomic import append_line, write_bytes, write_json, write_text
 from ndsnn_cli.checkpoint import Checkpoint, load_checkpoint, optimizer_from_tensors, restore_rng, save_checkpoint
-from ndsnn_cli.data import build_datasets, dataset_info, make_loader
+from ndsnn_cli.data import batches_per_epoch, build_datasets, dataset_info, make_loader
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.recipe import Recipe, parse_recipe
 from ndsnn_cli.snn.models import NeuronConfig, SpikingNet, create_model
@@ -198,9 +198,7 @@ def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: Train
     rank, world = distributed.rank(), distributed.world_size()
     main = distributed.is_main()
     # batch_size is per rank: each rank trains on its 1/world share of every epoch
-    share, batch_size = math.ceil(len(train_set) / world), recipe.data.batch_size
-    drop_last = share % batch_size == 1  # BatchNorm cannot normalise a last batch of one sample
-    steps_per_epoch = share // batch_size if drop_last else math.ceil(share / batch_size)
+    steps_per_epoch, drop_last = batches_per_epoch(len(train_set), recipe.data.batch_size, world)
     total_steps = steps_per_epoch * epochs
     model = build_model(recipe).to(device)
     if initial_state is not None:
