@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -53,3 +54,26 @@ def tiny_recipe() -> Callable[..., Recipe]:
         return base.replace(**tables) if tables else base
 
     return make
+
+
+@pytest.fixture
+def run_main(capsys: pytest.CaptureFixture[str],
+             monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, str, str]]:
+    """`run_main(*args)`: `ndsnn_cli.cli.main()` in this process -> (exit code, stdout, stderr).
+
+    Same UserError -> exit 2 mapping as the console script, without an interpreter start-up per call.
+    """
+    from ndsnn_cli.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["ndsnn", *args])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

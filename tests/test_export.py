@@ -157,7 +157,7 @@ def test_bn_folding_keeps_spike_trains_identical_and_the_sparsity_pattern(run_di
 
 
 def test_runtime_matches_pytorch_and_imports_no_training_code(run_dir: Path, test_images, tmp_path: Path,
-                                                             capsys, monkeypatch) -> None:
+                                                             run_main) -> None:
     images, labels = test_images
     trained = load_trained(run_dir)
     with torch.no_grad():
@@ -181,7 +181,7 @@ def test_runtime_matches_pytorch_and_imports_no_training_code(run_dir: Path, tes
     assert out["loaded"] == []
     assert out["pred"] == expected.sum(0).argmax(-1).tolist()
     accuracy = float((expected.sum(0).argmax(-1) == labels).float().mean())
-    code, out_text, err = _main(capsys, monkeypatch, "run", str(path), "--input", str(tmp_path / "input.pt"), "--json")
+    code, out_text, err = run_main("run", str(path), "--input", str(tmp_path / "input.pt"), "--json")
     assert code == 0, err
     report = json.loads(out_text)
     assert report["predictions"] == out["pred"] and report["accuracy"] == pytest.approx(accuracy)
@@ -276,10 +276,10 @@ def test_onnx_verification_failure_exits_1_and_leaves_no_file(run_dir: Path, tmp
     assert not target.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_inspect_reports_checkpoint_and_artefact_layers(run_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_inspect_reports_checkpoint_and_artefact_layers(run_dir: Path, tmp_path: Path, run_main) -> None:
     path, _ = csr.export_csr(run_dir, tmp_path / "a.safetensors", fold_bn=True, dtype="fp16")
     masks = load_checkpoint(run_dir / "checkpoints" / "last.safetensors").masks
-    code, out, _ = _main(capsys, monkeypatch, "inspect", str(path), "--json")
+    code, out, _ = run_main("inspect", str(path), "--json")
     assert code == 0
     artefact = json.loads(out)
     assert artefact["kind"] == "artefact" and artefact["format"] == "ndsnn-csr" and artefact["version"] == 1
@@ -290,7 +290,7 @@ def test_inspect_reports_checkpoint_and_artefact_layers(run_dir: Path, tmp_path:
         assert layers[name]["density"] == pytest.approx(nnz / mask.numel())
         assert layers[name]["bytes"] == nnz * (2 + 2) + (mask.shape[0] + 1) * 4 + mask.dim() * 8
     assert artefact["recipe"]["method"] == "ndsnn" and artefact["bn_folded"] is True
-    code, out, _ = _main(capsys, monkeypatch, "inspect", str(run_dir), "--json")
+    code, out, _ = run_main("inspect", str(run_dir), "--json")
     assert code == 0
     ckpt = json.loads(out)
     assert ckpt["kind"] == "checkpoint" and ckpt["format"] == "ndsnn-checkpoint"
@@ -304,22 +304,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([NDSNN, *args], capture_output=True, text=True)
 
 
-def _main(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
-    """`ndsnn_cli.cli.main()` in this process (same UserError -> exit 2 mapping, no interpreter start-up)."""
-    from ndsnn_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["ndsnn", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
-def test_bad_input_is_one_line_exit_2_and_leaves_no_file(run_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_bad_input_is_one_line_exit_2_and_leaves_no_file(run_dir: Path, tmp_path: Path, run_main) -> None:
     foreign = tmp_path / "foreign.safetensors"
     foreign.write_bytes(save_safetensors({"w": torch.zeros(3)}))
     corrupt = tmp_path / "corrupt.safetensors"
@@ -342,7 +329,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_file(run_dir: Path, tmp_path
             result = _cli(*args)
             code, stderr = result.returncode, result.stderr
         else:
-            code, _, stderr = _main(capsys, monkeypatch, *args)
+            code, _, stderr = run_main(*args)
         assert code == 2, (label, stderr)
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (label, stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +34,6 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _main(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
-    from ndsnn_cli.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["ndsnn", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _simulate(graph, images: np.ndarray, timesteps: int) -> np.ndarray:
@@ -78,9 +65,9 @@ def _simulate(graph, images: np.ndarray, timesteps: int) -> np.ndarray:
 
 
 def test_mlp_exports_to_nir_with_folded_weights_full_shape_lif_and_sparsity(run_dir: Path, tmp_path: Path,
-                                                                            capsys, monkeypatch) -> None:
+                                                                            run_main) -> None:
     target = tmp_path / "mlp.nir"
-    code, out, err = _main(capsys, monkeypatch, "export", str(run_dir), "--format", "nir", "-o", str(target), "--json")
+    code, out, err = run_main("export", str(run_dir), "--format", "nir", "-o", str(target), "--json")
     assert code == 0, err
     report = json.loads(out)
     graph = nir.read(target)  # type-checks shapes between every pair of connected nodes
@@ -167,11 +154,10 @@ def test_resnet19_maps_residual_sums_to_two_edges_and_global_pool_to_avgpool(tmp
 
 
 @pytest.mark.parametrize("arch", ["scnn", "vgg16"])
-def test_max_pooling_models_are_refused_with_one_line_and_exit_2(arch: str, tmp_path: Path, capsys,
-                                                                 monkeypatch) -> None:
+def test_max_pooling_models_are_refused_with_one_line_and_exit_2(arch: str, tmp_path: Path, run_main) -> None:
     ckpt = _fresh_checkpoint(arch, tmp_path / "c.safetensors")
     target = tmp_path / "m.nir"
-    code, _, err = _main(capsys, monkeypatch, "export", str(ckpt), "--format", "nir", "-o", str(target))
+    code, _, err = run_main("export", str(ckpt), "--format", "nir", "-o", str(target))
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "MaxPool2d" in lines[0] and "NIR" in lines[0]
