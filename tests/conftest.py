@@ -37,6 +37,13 @@ threads = 1
 """
 
 
+def tiny_toml(**tables: Any) -> str:
+    """The tiny recipe with some keys changed, as recipe-file text (`tiny_toml(seed=3, data={...})`)."""
+    from ndsnn_cli.recipe import parse_recipe
+
+    return parse_recipe(TINY_RECIPE, "tiny.toml").replace(**tables).to_toml()
+
+
 @pytest.fixture
 def tiny_recipe_toml() -> str:
     """The tiny recipe as a file's text, for tests that go through `ndsnn train FILE`."""

@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from conftest import tiny_toml
 from typer.testing import CliRunner
 
 from ndsnn_cli import compare
@@ -15,31 +16,8 @@ from ndsnn_cli.cli import app
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.recipe import parse_recipe
 
-RECIPE = """
-name = "tiny"
-seed = 3
-
-[model]
-arch = "mlp"
-timesteps = 2
-
-[data]
-dataset = "synthetic"
-batch_size = 32
-eval_batch_size = 64
-augment = false
-train_limit = 64
-test_limit = 64
-
-[train]
-epochs = 1
-lr = 0.05
-threads = 1
-
-[sparsity]
-method = "rigl"
-update_every_steps = 1
-"""
+RECIPE = tiny_toml(seed=3, data={"batch_size": 32, "eval_batch_size": 64, "train_limit": 64, "test_limit": 64},
+                   train={"epochs": 1}, sparsity={"method": "rigl", "update_every_steps": 1})
 
 METHODS, SPARSITIES, SEEDS = "rigl,static,dense", "0.5,0.8", 2
 

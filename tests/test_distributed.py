@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_toml
 
 from ndsnn_cli import distributed
 from ndsnn_cli.checkpoint import load_checkpoint
@@ -18,31 +19,8 @@ from ndsnn_cli.train import CHECKPOINT, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RECIPE = """
-name = "ddp"
-seed = 5
-
-[model]
-arch = "mlp"
-timesteps = 2
-
-[data]
-dataset = "synthetic"
-batch_size = 32
-train_limit = 512
-test_limit = 128
-augment = false
-
-[train]
-epochs = 2
-lr = 0.05
-threads = 1
-
-[sparsity]
-method = "set"
-final = 0.9
-update_every_steps = 2
-"""
+RECIPE = tiny_toml(name="ddp", seed=5, data={"batch_size": 32, "train_limit": 512, "test_limit": 128},
+                   sparsity={"method": "set", "final": 0.9, "update_every_steps": 2})
 
 
 def test_helpers_are_no_ops_in_a_single_process() -> None:

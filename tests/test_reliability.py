@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_toml
 
 from ndsnn_cli.checkpoint import load_checkpoint
 from ndsnn_cli.recipe import parse_recipe
@@ -33,39 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BAD = Path(__file__).parent / "bad_inputs"
 CASES = tomllib.loads((BAD / "cases.toml").read_text())["case"]
 
-TINY = """
-name = "tiny"
-seed = 3
-
-[model]
-arch = "mlp"
-timesteps = 2
-
-[data]
-dataset = "synthetic"
-batch_size = 32
-train_limit = {train_limit}
-test_limit = 64
-augment = false
-
-[train]
-epochs = {epochs}
-lr = 0.05
-threads = 1
-checkpoint_every_steps = {every}
-log_every_steps = 1
-
-[sparsity]
-method = "ndsnn"
-final = 0.9
-initial = 0.5
-update_every_steps = 3
-"""
-
-
 def tiny_recipe(tmp: Path, *, epochs: int = 2, train_limit: int = 256, every: int = 2) -> Path:
     path = tmp / "tiny.toml"
-    path.write_text(TINY.format(epochs=epochs, train_limit=train_limit, every=every))
+    path.write_text(tiny_toml(seed=3, data={"batch_size": 32, "train_limit": train_limit, "test_limit": 64},
+                              train={"epochs": epochs, "checkpoint_every_steps": every, "log_every_steps": 1},
+                              sparsity={"method": "ndsnn", "final": 0.9, "initial": 0.5, "update_every_steps": 3}))
     return path
 
 
