@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-fast lint bench install data clean
+.PHONY: demo test test-fast lint bench install data layer-tables clean
 
 $(BIN)/ndsnn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ lint: install
 bench: install
 	$(BIN)/pip install -q --no-deps spikingjelly==2.0.0 && $(BIN)/pip install -q -e '.[bench]'
 	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 $(BIN)/python -m benchmarks.train_step
+
+layer-tables: install  # after changing ndsnn_cli/snn/models.py (a test fails until this is run)
+	$(BIN)/python -m ndsnn_cli.cost
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -7,12 +7,14 @@ training step costs forward + input gradient + weight gradient = 3x forward at t
 except the first weight layer, whose input is the image: it needs no input gradient (2x). A
 gradient-growth update (RigL, NDSNN) reuses that step's backward pass but needs the dense weight
 gradient there: the step pays F instead of d x F for the weight-gradient pass of each sparse layer.
-The density of every layer at every step comes from `build_method(...).schedule` and
-`masks.layer_counts`, i.e. the very functions the trainer calls.
+The density of every layer at every step comes from `schedules.method_schedule` and
+`budget.shape_counts` / `budget.target_counts`, i.e. the very functions the trainer calls. Nothing
+here imports torch unless a model's layer table must be traced (`cost_layers.json` ships them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -20,22 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from ndsnn_cli.data import batches_per_epoch, dataset_info
+from ndsnn_cli import atomic
+from ndsnn_cli.data import DATASETS, batches_per_epoch, dataset_info
 from ndsnn_cli.data import train_size as recipe_train_size
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.recipe import Recipe, parse_recipe, sparse_epochs, with_method
-from ndsnn_cli.snn.models import NeuronConfig, create_model
-from ndsnn_cli.sparse.masks import layer_counts, sparse_parameter_names
-from ndsnn_cli.sparse.methods import build_method, target_counts
-from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities
+from ndsnn_cli.sparse.budget import check_dense_entries, is_kept_dense, shape_counts, target_counts
+from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities, method_schedule
 
 METHOD_ORDER = ("dense", "lth", "set", "rigl", "gmp", "ndsnn", "static")
 PAPER_NDSNN_OF_LTH = {"resnet19": 0.4089, "vgg16": 0.3135}  # DAC 2023, CIFAR-10; shown, never fitted
 ENERGY_AC_PJ = 0.9   # 45 nm, 32-bit float add (Horowitz, ISSCC 2014)
 ENERGY_MAC_PJ = 4.6  # 45 nm, 32-bit float multiply (3.7) + add (0.9)
+LAYER_TABLES = Path(__file__).with_name("cost_layers.json")
+MODELS_SOURCE = Path(__file__).parent / "snn" / "models.py"
 
 
 @dataclass(frozen=True)
@@ -61,17 +62,21 @@ class LayerFlops:
         return 3 if self.needs_input_grad else 2
 
 
-def layer_flops(arch: str, *, num_classes: int, in_channels: int, image_size: int, timesteps: int,
-                dense: tuple[str, ...] | list[str] = ()) -> list[LayerFlops]:
-    """Dense per-layer FLOPs of the registry model, from the shapes of one zero image traced through it.
+def trace_layers(arch: str, *, num_classes: int, in_channels: int, image_size: int) -> dict[str, Any]:
+    """The registry model's conv/linear layers and parameter names, from one zero image traced through it.
 
     A CPU trace at T = 1 (FLOPs are per time step); a meta-device trace would import torch's compiler
-    stack, which costs seconds of `ndsnn cost` start-up.
+    stack. Returns plain JSON-ready data: {"parameters": [...], "layers": [{name, kind, shape,
+    flops_per_run, encoder, needs_input_grad, input_source}, ...]}.
     """
+    import torch
+    from torch import nn
+
+    from ndsnn_cli.snn.models import NeuronConfig, create_model
+
     model = create_model(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                          neuron=NeuronConfig(timesteps=1, backend="reference"))
     model.eval()  # BatchNorm1d refuses a batch of one in training mode; eval changes no conv/linear FLOPs
-    sparse_names = set(sparse_parameter_names(model, dense))
     images = torch.zeros(1, in_channels, image_size, image_size)
     sources: dict[int, str] = {id(images): "image"}
     keep: list[torch.Tensor] = [images]  # keeps ids unique while tracing
@@ -105,15 +110,78 @@ def layer_flops(arch: str, *, num_classes: int, in_channels: int, image_size: in
     for index, (name, module, inp, out) in enumerate(calls):
         weight = module.weight
         per_output = math.prod(weight.shape[1:])  # (C_in/groups) x kernel, or in_features
-        runs = 1 if name.startswith("encoder") else timesteps
-        flops_per_run = 2 * (out.numel() // out.shape[0]) * per_output  # out is [B] or [T*B] with B = 1
         src = sources.get(id(inp), "analog")
-        param = f"{name}.weight"
-        layers.append(LayerFlops(param, "linear" if isinstance(module, nn.Linear) else "conv",
-                                 tuple(weight.shape), weight.numel(), flops_per_run, runs,
-                                 needs_input_grad=not (index == 0 and src == "image"),
-                                 sparse=param in sparse_names, input_source=src))
-    return layers
+        layers.append({"name": f"{name}.weight", "kind": "linear" if isinstance(module, nn.Linear) else "conv",
+                       "shape": list(weight.shape),
+                       "flops_per_run": 2 * (out.numel() // out.shape[0]) * per_output,  # out is [B] or [T*B], B = 1
+                       "encoder": name.startswith("encoder"),
+                       "needs_input_grad": not (index == 0 and src == "image"), "input_source": src})
+    return {"parameters": [name for name, _ in model.named_parameters()], "layers": layers}
+
+
+def _table_key(arch: str, num_classes: int, in_channels: int, image_size: int) -> str:
+    return f"{arch}:{num_classes}x{in_channels}x{image_size}"
+
+
+def models_digest() -> str:
+    """Identifies the model definitions the shipped layer tables were traced from."""
+    return hashlib.sha256(MODELS_SOURCE.read_bytes()).hexdigest()
+
+
+def _shipped_tables() -> dict[str, Any] | None:
+    """`cost_layers.json` when it was traced from the current model definitions, else None."""
+    try:
+        shipped = json.loads(LAYER_TABLES.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return shipped["tables"] if shipped.get("models_sha256") == models_digest() else None
+
+
+def shipped_layer_table(arch: str, **shape: int) -> dict[str, Any] | None:
+    """The traced table for (arch, classes, channels, size) from `cost_layers.json`, if it is current.
+
+    Loading it instead of tracing keeps torch out of `ndsnn cost`, which then answers in well under a
+    second after start-up. A table traced from other model definitions is ignored (and a test fails).
+    """
+    tables = _shipped_tables() or {}
+    return tables.get(_table_key(arch, shape["num_classes"], shape["in_channels"], shape["image_size"]))
+
+
+def known_models() -> list[str]:
+    """Registry model names, from the shipped tables when current (no torch), else from the registry."""
+    tables = _shipped_tables()
+    if tables is not None:
+        return sorted({key.split(":")[0] for key in tables})
+    from ndsnn_cli.snn.models import MODELS
+
+    return sorted(MODELS)
+
+
+def write_layer_tables(path: Path = LAYER_TABLES) -> dict[str, Any]:
+    """Trace every registry model at every catalogued data set shape into `path` (atomically)."""
+    from ndsnn_cli.snn.models import MODELS
+
+    shapes = sorted({(i.num_classes, i.in_channels, i.image_size) for i in DATASETS.values()})
+    tables = {}
+    for arch in sorted(MODELS):
+        for classes, channels, size in shapes:
+            tables[_table_key(arch, classes, channels, size)] = trace_layers(
+                arch, num_classes=classes, in_channels=channels, image_size=size)
+    shipped = {"models_sha256": models_digest(), "tables": tables}
+    atomic.write_text(path, json.dumps(shipped, indent=1) + "\n")
+    return shipped
+
+
+def layer_flops(arch: str, *, num_classes: int, in_channels: int, image_size: int, timesteps: int,
+                dense: tuple[str, ...] | list[str] = ()) -> list[LayerFlops]:
+    """Dense per-layer FLOPs of the registry model: the shipped table when current, else a live trace."""
+    shape = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    table = shipped_layer_table(arch, **shape) or trace_layers(arch, **shape)
+    check_dense_entries(dense, table["parameters"])
+    return [LayerFlops(row["name"], row["kind"], tuple(row["shape"]), math.prod(row["shape"]), row["flops_per_run"],
+                       1 if row["encoder"] else timesteps, row["needs_input_grad"],
+                       not is_kept_dense(row["name"], dense), row["input_source"])
+            for row in table["layers"]]
 
 
 def model_layers(recipe: Recipe) -> list[LayerFlops]:
@@ -155,8 +223,8 @@ def _samples_per_step(train_size: int, batch_size: int, epochs: int) -> np.ndarr
     return np.tile(per_epoch, epochs)
 
 
-def _weights(layers: list[LayerFlops]) -> dict[str, torch.Tensor]:
-    return {lay.name: torch.empty(lay.shape, device="meta") for lay in layers if lay.sparse}
+def _shapes(layers: list[LayerFlops]) -> dict[str, tuple[int, ...]]:
+    return {lay.name: lay.shape for lay in layers if lay.sparse}
 
 
 def _split(distribution: str) -> str:
@@ -167,19 +235,18 @@ def _split(distribution: str) -> str:
 def schedule_segments(recipe: Recipe, layers: list[LayerFlops], steps_per_epoch: int,
                       total_steps: int) -> tuple[list[Segment], list[int], str]:
     """Per-layer active counts over training, replaying the trainer's mask updates (methods._update)."""
-    weights = _weights(layers)
-    numels = {n: w.numel() for n, w in weights.items()}
-    schedule = build_method(recipe, steps_per_epoch).schedule
+    shapes = _shapes(layers)
+    schedule = method_schedule(recipe, steps_per_epoch)
     if schedule is None:
-        return [Segment(0, total_steps, dict(numels))], [], "none"
+        return [Segment(0, total_steps, {n: math.prod(shape) for n, shape in shapes.items()})], [], "none"
     split = _split(recipe.sparsity.distribution)
-    current = layer_counts(weights, 1 - schedule.initial_sparsity, split)
+    current = shape_counts(shapes, 1 - schedule.initial_sparsity, split)
     segments, updates, start = [], [], 0
     for step in schedule.update_steps():
         if step > total_steps:
             break
         updates.append(step)
-        targets = target_counts(schedule, step, current, weights, split)
+        targets = target_counts(schedule, step, current, lambda density: shape_counts(shapes, density, split))
         if targets != current:
             segments.append(Segment(start, step, current))
             current, start = targets, step
@@ -254,7 +321,7 @@ def method_cost(base: Recipe, method: str, layers: list[LayerFlops], train_size:
         for index, sparsity in enumerate(rounds):
             samples = _samples_per_step(train_size, batch, epochs_per_round[index])
             total_samples, total_steps = total_samples + float(samples.sum()), total_steps + len(samples)
-            counts = layer_counts(_weights(layers), 1 - sparsity, _split(sp.distribution))
+            counts = shape_counts(_shapes(layers), 1 - sparsity, _split(sp.distribution))
             seg = [Segment(0, len(samples), counts)]
             round_layer, round_density, _, round_curve = integrate(layers, seg, samples, [],
                                                                      sum(epochs_per_round[:index]), steps_per_epoch)
@@ -400,7 +467,7 @@ def run_cost(run_dir: str | Path) -> RunCost:
     steps_per_epoch = batches_per_epoch(train_size, recipe.data.batch_size)[0]
     samples = _samples_per_step(train_size, recipe.data.batch_size, summary["epochs"])[: summary["steps"]]
     predicted, _, _ = schedule_segments(recipe, layers, steps_per_epoch, len(samples))
-    schedule = build_method(recipe, steps_per_epoch).schedule
+    schedule = method_schedule(recipe, steps_per_epoch)
     records = [r for r in read_metrics(run_dir) if r.get("kind") == "mask_update"]
     # Initial masks: the trainer's setup (layer_counts at the initial sparsity), then each recorded update.
     segments, current, start = [], dict(predicted[0].counts), 0
@@ -448,3 +515,8 @@ def run_cost(run_dir: str | Path) -> RunCost:
                     "spike_rates": "summary.json spike_rates (LIF output rate on a 64-image test probe); a max-pooled "
                                    "spike map is charged the rate of the LIF before it (a lower bound)",
                     "mask_updates": len(records)})
+
+
+if __name__ == "__main__":  # `python -m ndsnn_cli.cost` (make layer-tables): after changing snn/models.py
+    written = write_layer_tables()
+    print(f"{LAYER_TABLES}: {len(written['tables'])} layer tables")

@@ -24,13 +24,15 @@ from torch import nn
 from ndsnn_cli import __version__, distributed
 from ndsnn_cli.atomic import append_line, write_bytes, write_json, write_text
 from ndsnn_cli.checkpoint import Checkpoint, load_checkpoint, optimizer_from_tensors, restore_rng, save_checkpoint
-from ndsnn_cli.data import batches_per_epoch, build_datasets, dataset_info, make_loader
+from ndsnn_cli.data import batches_per_epoch, dataset_info
+from ndsnn_cli.data.loading import build_datasets, make_loader
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.recipe import Recipe, parse_recipe
 from ndsnn_cli.snn.models import NeuronConfig, SpikingNet, create_model
-from ndsnn_cli.sparse.masks import Masks, active_count, global_magnitude_masks, sparse_parameter_names
-from ndsnn_cli.sparse.methods import MaskUpdate, SparseMethod, build_method, static_schedule
-from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities
+from ndsnn_cli.sparse.budget import active_count
+from ndsnn_cli.sparse.masks import Masks, global_magnitude_masks, sparse_parameter_names
+from ndsnn_cli.sparse.methods import MaskUpdate, SparseMethod, build_method
+from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities, static_schedule
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
 

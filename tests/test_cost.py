@@ -14,8 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ndsnn_cli.cost import ENERGY_AC_PJ, ENERGY_MAC_PJ, layer_flops, method_cost, run_cost, training_cost
 from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.snn.models import NeuronConfig, create_model
-from ndsnn_cli.sparse.masks import layer_counts
-from ndsnn_cli.sparse.methods import build_method
+from ndsnn_cli.sparse.budget import shape_counts
+from ndsnn_cli.sparse.schedules import method_schedule
 
 
 def _recipe(**sparsity: object) -> Recipe:
@@ -54,6 +54,50 @@ def test_layer_flops_match_torch_flop_counter_forward_and_backward(arch, in_chan
     assert total_train == sum(lay.forward_flops * lay.train_factor for lay in layers) * batch
 
 
+def test_shipped_layer_tables_are_the_live_trace_of_every_registry_model(tmp_path):
+    """cost_layers.json must be regenerated (make layer-tables) whenever snn/models.py changes."""
+    from ndsnn_cli import cost
+    from ndsnn_cli.data import DATASETS
+    from ndsnn_cli.snn.models import MODELS
+
+    shipped = json.loads(cost.LAYER_TABLES.read_text(encoding="utf-8"))
+    assert shipped["models_sha256"] == cost.models_digest(), "stale cost_layers.json: run `make layer-tables`"
+    shapes = {(i.num_classes, i.in_channels, i.image_size) for i in DATASETS.values()}
+    assert set(shipped["tables"]) == {f"{a}:{c}x{ch}x{s}" for a in MODELS for c, ch, s in shapes}
+    fresh = cost.write_layer_tables(tmp_path / "tables.json")
+    assert fresh == shipped
+
+
+def test_stale_layer_tables_fall_back_to_tracing(monkeypatch, tmp_path):
+    from ndsnn_cli import cost
+
+    shipped = cost.layer_flops("scnn", num_classes=10, in_channels=1, image_size=28, timesteps=4, dense=["encoder"])
+    stale = json.loads(cost.LAYER_TABLES.read_text(encoding="utf-8"))
+    stale["models_sha256"] = "0" * 64
+    for table in stale["tables"].values():  # wrong numbers that must not be used
+        for row in table["layers"]:
+            row["flops_per_run"] = 1
+    (tmp_path / "stale.json").write_text(json.dumps(stale))
+    monkeypatch.setattr(cost, "LAYER_TABLES", tmp_path / "stale.json")
+    assert cost.shipped_layer_table("scnn", num_classes=10, in_channels=1, image_size=28) is None
+    traced = cost.layer_flops("scnn", num_classes=10, in_channels=1, image_size=28, timesteps=4, dense=["encoder"])
+    assert traced == shipped
+    assert [lay.sparse for lay in traced] == [False] + [True] * (len(traced) - 1)
+    assert cost.known_models() == ["mlp", "resnet19", "scnn", "vgg16"]
+
+
+def test_cost_command_does_not_import_torch():
+    """The table answers from the shipped layer tables: importing torch alone takes seconds."""
+    import subprocess
+
+    script = ("import sys\nfrom ndsnn_cli.cli import main\nsys.argv = ['ndsnn', 'cost', '--model', 'vgg16', '--json']\n"
+              "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+              "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout)["methods"]["ndsnn"]["relative_to_lth"] == pytest.approx(0.0276, abs=5e-4)
+    assert result.stderr.strip().endswith("NO-TORCH")
+
+
 def test_dense_and_static_match_hand_computed_flops():
     # mlp: encoder Linear 784->128 once per sample (x2: no input gradient), body Linear 128->10 x T x 3.
     per_sample = 2 * 784 * 128 * 2 + 2 * 128 * 10 * 3 * 3
@@ -81,7 +125,7 @@ def test_rigl_adds_the_dense_weight_gradient_at_each_update():
     layers = layer_flops("mlp", num_classes=10, in_channels=1, image_size=28, timesteps=3)
     static = method_cost(recipe, "static", layers, 2048)
     rigl = method_cost(recipe, "rigl", layers, 2048)
-    updates = list(build_method(recipe.replace(sparsity={"method": "rigl"}), 16).schedule.update_steps())
+    updates = list(method_schedule(recipe.replace(sparsity={"method": "rigl"}), 16).update_steps())
     assert updates == [5, 10, 15, 20, 25, 30, 35, 40, 45]  # t_end = 0.75 * 4 epochs = 48 steps
     extra = len(updates) * 128 * 0.75 * sum(lay.forward_flops for lay in layers)
     assert rigl.update_flops == extra
@@ -94,9 +138,9 @@ def test_ndsnn_integration_matches_a_per_step_loop_over_the_trainers_schedule():
     recipe = _recipe(final=0.9, initial=0.5, method="ndsnn")
     layers = layer_flops("mlp", num_classes=10, in_channels=1, image_size=28, timesteps=3)
     result = method_cost(recipe, "ndsnn", layers, 2048)
-    schedule = build_method(recipe, 16).schedule
-    weights = {lay.name: torch.empty(lay.shape, device="meta") for lay in layers}
-    counts = layer_counts(weights, 0.5, "uniform")
+    schedule = method_schedule(recipe, 16)
+    shapes = {lay.name: lay.shape for lay in layers}
+    counts = shape_counts(shapes, 0.5, "uniform")
     updates = set(schedule.update_steps())
     total = 0.0
     for step in range(1, 16 * 4 + 1):  # plain loop: step uses the masks left by updates before it
@@ -105,7 +149,7 @@ def test_ndsnn_integration_matches_a_per_step_loop_over_the_trainers_schedule():
             if step in updates:
                 total += (1 - counts[lay.name] / lay.numel) * lay.forward_flops * 128
         if step in updates and schedule.ramp_start_step < step <= schedule.ramp_end_step:
-            counts = layer_counts(weights, 1 - schedule.sparsity(step), "uniform")
+            counts = shape_counts(shapes, 1 - schedule.sparsity(step), "uniform")
     assert result.train_flops == pytest.approx(total, rel=1e-12)
     assert result.final_density == pytest.approx(0.1, abs=1e-4)
     assert 0.1 < result.mean_density < 0.5

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ndsnn_cli import data
+from ndsnn_cli import data as catalog
+from ndsnn_cli.data import loading as data
 from ndsnn_cli.errors import UserError
 
 
@@ -237,7 +238,8 @@ def test_registry_info_matches_what_the_builders_produce() -> None:
     train, _ = data.build_datasets(DataCfg("synthetic"))
     assert (info.num_classes, info.in_channels, info.image_size) == (10, 1, 28)
     assert tuple(train[0][0].shape) == (info.in_channels, info.image_size, info.image_size)
-    assert set(data.DATASETS) == {"fashion-mnist", "mnist", "cifar10", "cifar100", "tinyimagenet", "synthetic"}
+    assert set(catalog.DATASETS) == {"fashion-mnist", "mnist", "cifar10", "cifar100", "tinyimagenet", "synthetic"}
+    assert set(data._BUILDERS) == set(catalog.DATASETS)  # every catalog entry can be built, and only those
     assert (data.dataset_info("cifar100").num_classes, data.dataset_info("tinyimagenet").image_size) == (100, 64)
 
 

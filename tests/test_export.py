@@ -16,13 +16,14 @@ from safetensors.torch import save as save_safetensors
 from typer.testing import CliRunner
 
 from ndsnn_cli.checkpoint import load_checkpoint
-from ndsnn_cli.data import build_datasets
+from ndsnn_cli.data.loading import build_datasets
 from ndsnn_cli.export import csr
 from ndsnn_cli.export.fold import fold_batchnorm, inference_graph, load_trained
 from ndsnn_cli.export.runtime import SparseNetwork, load_network
 from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.snn.models import NeuronConfig, create_model
-from ndsnn_cli.sparse.masks import active_count, random_mask
+from ndsnn_cli.sparse.budget import active_count
+from ndsnn_cli.sparse.masks import random_mask
 from ndsnn_cli.train import train
 
 NDSNN = str(Path(sys.executable).parent / "ndsnn")

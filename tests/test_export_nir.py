@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from ndsnn_cli.checkpoint import save_checkpoint
-from ndsnn_cli.data import build_datasets
+from ndsnn_cli.data.loading import build_datasets
 from ndsnn_cli.export.fold import fold_batchnorm, load_trained
 from ndsnn_cli.recipe import Recipe
-from ndsnn_cli.sparse.masks import active_count, random_mask, sparse_parameter_names
+from ndsnn_cli.sparse.budget import active_count
+from ndsnn_cli.sparse.masks import random_mask, sparse_parameter_names
 from ndsnn_cli.train import build_model, train
 
 nir = pytest.importorskip("nir")

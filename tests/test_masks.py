@@ -10,15 +10,8 @@ from torch import nn
 
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.snn.models import create_model
-from ndsnn_cli.sparse.masks import (
-    Masks,
-    active_count,
-    erk_densities,
-    layer_counts,
-    magnitude_mask,
-    random_mask,
-    sparse_parameter_names,
-)
+from ndsnn_cli.sparse.budget import active_count, erk_densities
+from ndsnn_cli.sparse.masks import Masks, layer_counts, magnitude_mask, random_mask, sparse_parameter_names
 
 
 def model_weights(name: str = "resnet19", size: int = 32) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from ndsnn_cli.checkpoint import load_checkpoint
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.recipe import Recipe
-from ndsnn_cli.sparse.masks import active_count
+from ndsnn_cli.sparse.budget import active_count
 from ndsnn_cli.sparse.schedules import lth_round_sparsities
 from ndsnn_cli.train import CHECKPOINT, TrainCallbacks, prune_global_magnitude, read_metrics, train
 

@@ -78,8 +78,8 @@ def cost(
 
 def _base_recipe(target: Path | None, opts: dict[str, Any]) -> Recipe:
     """The paper's CIFAR-10 setup (or a recipe), with every given option applied on top."""
+    from ndsnn_cli.cost import known_models, method_recipe
     from ndsnn_cli.recipe import LTH_MAX_REWIND_EPOCH, LTH_PRUNE_RATE, Recipe, load_recipe
-    from ndsnn_cli.snn.models import MODELS
 
     if target is not None:
         base = load_recipe(target)
@@ -87,8 +87,8 @@ def _base_recipe(target: Path | None, opts: dict[str, Any]) -> Recipe:
         base = Recipe(source="ndsnn cost").replace(
             model={"arch": "resnet19", "timesteps": 5}, data={"dataset": "cifar10", "batch_size": 128},
             train={"epochs": 300}, sparsity={"final": 0.99, "initial": 0.5, "update_every_steps": 100})
-    if opts["model"] is not None and opts["model"] not in MODELS:
-        raise UserError(f"--model: unknown model '{opts['model']}' (known: {', '.join(sorted(MODELS))})")
+    if opts["model"] is not None and opts["model"] not in (known := known_models()):
+        raise UserError(f"--model: unknown model '{opts['model']}' (known: {', '.join(known)})")
     pairs = {
         "model": {"arch": opts["model"], "timesteps": opts["timesteps"]},
         "data": {"dataset": opts["dataset"], "batch_size": opts["batch_size"]},
@@ -107,7 +107,6 @@ def _base_recipe(target: Path | None, opts: dict[str, Any]) -> Recipe:
     base = base.replace(**tables)
     if lth_rewind == -1:  # the LTH-SNN default of recipe.with_method
         lth_rewind = min(LTH_MAX_REWIND_EPOCH, (base.sparsity.round_epochs or base.train.epochs) // 10)
-    from ndsnn_cli.cost import method_recipe
 
     checked = base.replace(sparsity={"method": "lth", "prune_rate": lth_prune, "rewind_epoch": lth_rewind})
     method_recipe(checked, "gmp")  # validates t0 < t1 <= t_end once, with the user's keys

@@ -178,7 +178,7 @@ def _read_input(path: Path) -> tuple[Any, Any]:
 def _test_set(metadata: dict[str, Any], limit: int) -> tuple[Any, Any]:
     import torch
 
-    from ndsnn_cli.data import build_datasets
+    from ndsnn_cli.data.loading import build_datasets
     from ndsnn_cli.recipe import parse_recipe
 
     recipe = parse_recipe(metadata["recipe"], "artefact recipe")

@@ -165,7 +165,7 @@ def _verify_inputs(recipe: Any, info: dict[str, Any], real_samples: int) -> dict
     inputs = {"random": torch.randn(8, info["in_channels"], info["image_size"], info["image_size"],
                                     generator=generator)}
     try:
-        from ndsnn_cli.data import build_datasets
+        from ndsnn_cli.data.loading import build_datasets
 
         _, test = build_datasets(recipe.data)
         count = min(real_samples, len(test))

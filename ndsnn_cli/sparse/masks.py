@@ -1,7 +1,8 @@
-"""Which weights are sparse, how dense each layer is, and the masks themselves.
+"""The masks themselves: which weights of a model are sparse, and bool tensors that keep them so.
 
-A layer at density d over n weights has exactly round(d * n) active weights. Masks are bool tensors
-applied to the weights and to the optimizer's per-weight state after every step.
+A layer at density d over n weights has exactly round(d * n) active weights (the counts come from
+`budget`, or from one global magnitude ranking). Masks are applied to the weights and to the
+optimizer's per-weight state after every step.
 """
 
 from __future__ import annotations
@@ -12,50 +13,20 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ndsnn_cli.errors import UserError
+from ndsnn_cli.sparse.budget import active_count, check_dense_entries, is_kept_dense, shape_counts
 
 
 def sparse_parameter_names(model: nn.Module, dense: Iterable[str] = ()) -> list[str]:
     """Every conv and linear weight, except names (or name prefixes) listed as dense."""
     dense = list(dense)
+    check_dense_entries(dense, (name for name, _ in model.named_parameters()))
     names = []
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Conv2d | nn.Linear | nn.Conv1d):
             name = f"{module_name}.weight" if module_name else "weight"
-            if not any(name == d or name.startswith(d.rstrip(".") + ".") for d in dense):
+            if not is_kept_dense(name, dense):
                 names.append(name)
-    all_params = {name for name, _ in model.named_parameters()}
-    for entry in dense:
-        if not any(p == entry or p.startswith(entry.rstrip(".") + ".") for p in all_params):
-            raise UserError(f"[sparsity] dense = '{entry}' matches no parameter of the model "
-                            f"(e.g. {', '.join(sorted(all_params)[:3])})")
     return names
-
-
-def active_count(numel: int, density: float) -> int:
-    return int(round(density * numel))
-
-
-def erk_densities(shapes: Mapping[str, tuple[int, ...]], density: float) -> dict[str, float]:
-    """Erdos-Renyi-Kernel (RigL): density_l proportional to sum(shape)/prod(shape), capped at 1.
-
-    Layers whose share would exceed 1 are made dense and the rest re-solved, so the overall number of
-    active weights is `density` of the total.
-    """
-    numels = {name: math.prod(shape) for name, shape in shapes.items()}
-    raw = {name: sum(shape) / numels[name] for name, shape in shapes.items()}
-    dense: set[str] = set()
-    while True:
-        budget = density * sum(numels.values()) - sum(numels[n] for n in dense)
-        weighted = sum(raw[n] * numels[n] for n in shapes if n not in dense)
-        if weighted == 0:
-            break
-        epsilon = budget / weighted
-        over = {n for n in shapes if n not in dense and epsilon * raw[n] > 1}
-        if not over:
-            break
-        dense |= over
-    return {n: 1.0 if n in dense else min(1.0, max(0.0, epsilon * raw[n])) for n in shapes}
 
 
 def global_magnitude_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None,
@@ -91,13 +62,7 @@ def layer_counts(weights: Mapping[str, torch.Tensor], density: float, distributi
     if distribution == "global":
         total = sum(w.numel() for w in weights.values())
         return global_magnitude_counts(weights, masks, active_count(total, density))
-    if distribution == "uniform":
-        densities = {name: density for name in weights}
-    elif distribution == "erk":
-        densities = erk_densities({name: tuple(w.shape) for name, w in weights.items()}, density)
-    else:
-        raise ValueError(f"unknown distribution {distribution!r}")
-    return {name: active_count(w.numel(), densities[name]) for name, w in weights.items()}
+    return shape_counts({name: tuple(w.shape) for name, w in weights.items()}, density, distribution)
 
 
 def random_mask(shape: torch.Size | tuple[int, ...], count: int, generator: torch.Generator,

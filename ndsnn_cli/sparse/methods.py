@@ -8,22 +8,15 @@ in `ndsnn_cli.train`, that uses a static mask per round.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from ndsnn_cli.recipe import Recipe, sparse_epochs
-from ndsnn_cli.sparse.masks import (
-    Masks,
-    active_count,
-    global_magnitude_masks,
-    layer_counts,
-    random_mask,
-    sparse_parameter_names,
-)
-from ndsnn_cli.sparse.schedules import SparseSchedule
+from ndsnn_cli.recipe import Recipe
+from ndsnn_cli.sparse.budget import active_count, target_counts
+from ndsnn_cli.sparse.masks import Masks, global_magnitude_masks, layer_counts, random_mask, sparse_parameter_names
+from ndsnn_cli.sparse.schedules import SparseSchedule, method_schedule
 
 
 @dataclass(frozen=True)
@@ -73,22 +66,6 @@ def drop_and_grow(weight: torch.Tensor, mask: torch.Tensor, target_active: int, 
         grown[torch.topk(scores, grow_count, sorted=False).indices] = True
     new_mask = (keep | grown).reshape(mask.shape)
     return LayerChange(new_mask, grown.reshape(mask.shape), active - remain)
-
-
-def target_counts(schedule: SparseSchedule, step: int, current: dict[str, int],
-                  weights: Mapping[str, torch.Tensor], distribution: str,
-                  masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
-    """Active weights per layer after the update at `step` (the trainer and `ndsnn cost` both use this).
-
-    From the ramp's start on: the distribution's counts at s(step), never above the current ones (a
-    ramp only removes weights, so a rounding change never regrows a layer). After t1 this is a no-op
-    once the final counts are reached, and it catches up if the update at t1 was postponed.
-    """
-    ramping = schedule.initial_sparsity != schedule.final_sparsity and schedule.ramp_start_step < step
-    if not ramping:
-        return dict(current)
-    targets = layer_counts(weights, 1 - schedule.sparsity(step), distribution, masks)
-    return {n: min(targets[n], current[n]) for n in targets}
 
 
 class SparseMethod:
@@ -145,7 +122,8 @@ class SparseMethod:
         schedule, masks = self.schedule, self.masks
         target_sparsity = schedule.sparsity(step)
         drop_fraction = schedule.drop_fraction_at(step)
-        targets = target_counts(schedule, step, masks.nnz(), masks.params, self.distribution, masks.masks)
+        targets = target_counts(schedule, step, masks.nnz(),
+                                lambda density: layer_counts(masks.params, density, self.distribution, masks.masks))
         layers, dropped_total, grown_total = {}, 0, 0
         for name, param in masks.params.items():
             if schedule.grow == "gradient":
@@ -181,78 +159,7 @@ class SparseMethod:
         self.pending_update = bool(tensors.get("method::pending_update", torch.tensor([False])).item())
 
 
-def _fixed(sparsity: float, grow: str, every: int, end: int, d0: float, d_min: float) -> SparseSchedule:
-    return SparseSchedule(sparsity, sparsity, 0, 0, end, every, d0, d_min, grow)
-
-
-def static_schedule(sparsity: float) -> SparseSchedule:
-    """A mask that never changes (static method, and each LTH round)."""
-    return _fixed(sparsity, "none", 1, 0, 0.0, 0.0)
-
-
-ScheduleBuilder = Callable[[Recipe, int], SparseSchedule | None]
-METHOD_SCHEDULES: dict[str, ScheduleBuilder] = {}
-
-
-def register_method(name: str) -> Callable[[ScheduleBuilder], ScheduleBuilder]:
-    def add(builder: ScheduleBuilder) -> ScheduleBuilder:
-        METHOD_SCHEDULES[name] = builder
-        return builder
-    return add
-
-
-def _steps(recipe: Recipe, steps_per_epoch: int) -> tuple[int, int, int]:
-    t0, t1, t_end = (round(epoch * steps_per_epoch) for epoch in sparse_epochs(recipe))
-    # Short runs can round t0 and t1 onto one step; the ramp still needs one step to happen.
-    return t0, max(t1, t0 + 1), max(t_end, t0 + 1)
-
-
-@register_method("dense")
-def _dense(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule | None:
-    return None
-
-
-@register_method("static")
-def _static(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule:
-    return static_schedule(recipe.sparsity.final)
-
-
-@register_method("lth")
-def _lth(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule | None:
-    """Within one LTH round the mask is static; the rounds themselves are driven by the trainer."""
-    return None
-
-
-@register_method("set")
-def _set(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule:
-    sp = recipe.sparsity
-    return _fixed(sp.final, "random", sp.update_every_steps, _steps(recipe, steps_per_epoch)[2],
-                  sp.drop_fraction, sp.drop_fraction_min)
-
-
-@register_method("rigl")
-def _rigl(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule:
-    sp = recipe.sparsity
-    return _fixed(sp.final, sp.grow, sp.update_every_steps, _steps(recipe, steps_per_epoch)[2],
-                  sp.drop_fraction, sp.drop_fraction_min)
-
-
-@register_method("gmp")
-def _gmp(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule:
-    sp = recipe.sparsity
-    t0, t1, t_end = _steps(recipe, steps_per_epoch)
-    return SparseSchedule(0.0, sp.final, t0, t1, max(t1 + 1, t_end), sp.update_every_steps, 0.0, 0.0, "none")
-
-
-@register_method("ndsnn")
-def _ndsnn(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule:
-    sp = recipe.sparsity
-    t0, t1, t_end = _steps(recipe, steps_per_epoch)
-    return SparseSchedule(sp.initial, sp.final, t0, t1, t_end, sp.update_every_steps,
-                          sp.drop_fraction, sp.drop_fraction_min, sp.grow)
-
-
 def build_method(recipe: Recipe, steps_per_epoch: int) -> SparseMethod:
     sp = recipe.sparsity
-    schedule = METHOD_SCHEDULES[sp.method](recipe, steps_per_epoch)
+    schedule = method_schedule(recipe, steps_per_epoch)
     return SparseMethod(sp.method, schedule, sp.distribution, tuple(sp.dense), recipe.seed)

@@ -1,13 +1,17 @@
-"""Pure functions of the training step: sparsity ramp, drop fraction, update steps, LTH rounds.
+"""Pure functions of the training step: each method's schedule, sparsity ramp, drop fraction,
+update steps, LTH rounds.
 
 The trainer and the cost model both call these, so the FLOPs reported by `ndsnn cost` follow exactly
-the schedule that training runs.
+the schedule that training runs. No torch here: `ndsnn cost` starts instantly.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from ndsnn_cli.recipe import Recipe, sparse_epochs
 
 
 @dataclass(frozen=True)
@@ -81,3 +85,83 @@ def lth_round_sparsities(final: float, prune_rate: float) -> list[float]:
     while sparsities[-1] < final - 1e-12:
         sparsities.append(min(final, 1 - (1 - sparsities[-1]) * (1 - prune_rate)))
     return sparsities
+
+
+def _fixed(sparsity: float, grow: str, every: int, end: int, d0: float, d_min: float) -> SparseSchedule:
+    return SparseSchedule(sparsity, sparsity, 0, 0, end, every, d0, d_min, grow)
+
+
+def static_schedule(sparsity: float) -> SparseSchedule:
+    """A mask that never changes (static method, and each LTH round)."""
+    return _fixed(sparsity, "none", 1, 0, 0.0, 0.0)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Each method as a schedule (DESIGN §4)
+
+ScheduleBuilder = Callable[[Recipe, int], SparseSchedule | None]
+METHOD_SCHEDULES: dict[str, ScheduleBuilder] = {}
+
+
+def register_schedule(name: str) -> Callable[[ScheduleBuilder], ScheduleBuilder]:
+    def add(builder: ScheduleBuilder) -> ScheduleBuilder:
+        METHOD_SCHEDULES[name] = builder
+        return builder
+    return add
+
+
+def _steps(recipe: Recipe, steps_per_epoch: int) -> tuple[int, int, int]:
+    t0, t1, t_end = (round(epoch * steps_per_epoch) for epoch in sparse_epochs(recipe))
+    # Short runs can round t0 and t1 onto one step; the ramp still needs one step to happen.
+    return t0, max(t1, t0 + 1), max(t_end, t0 + 1)
+
+
+@register_schedule("dense")
+def _dense(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule | None:
+    return None
+
+
+@register_schedule("static")
+def _static(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule:
+    return static_schedule(recipe.sparsity.final)
+
+
+@register_schedule("lth")
+def _lth(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule | None:
+    """Within one LTH round the mask is static; the rounds themselves are driven by the trainer."""
+    return None
+
+
+@register_schedule("set")
+def _set(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule:
+    sp = recipe.sparsity
+    return _fixed(sp.final, "random", sp.update_every_steps, _steps(recipe, steps_per_epoch)[2],
+                  sp.drop_fraction, sp.drop_fraction_min)
+
+
+@register_schedule("rigl")
+def _rigl(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule:
+    sp = recipe.sparsity
+    return _fixed(sp.final, sp.grow, sp.update_every_steps, _steps(recipe, steps_per_epoch)[2],
+                  sp.drop_fraction, sp.drop_fraction_min)
+
+
+@register_schedule("gmp")
+def _gmp(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule:
+    sp = recipe.sparsity
+    t0, t1, t_end = _steps(recipe, steps_per_epoch)
+    return SparseSchedule(0.0, sp.final, t0, t1, max(t1 + 1, t_end), sp.update_every_steps, 0.0, 0.0, "none")
+
+
+@register_schedule("ndsnn")
+def _ndsnn(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule:
+    sp = recipe.sparsity
+    t0, t1, t_end = _steps(recipe, steps_per_epoch)
+    return SparseSchedule(sp.initial, sp.final, t0, t1, t_end, sp.update_every_steps,
+                          sp.drop_fraction, sp.drop_fraction_min, sp.grow)
+
+
+def method_schedule(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule | None:
+    """The recipe's method as a schedule in optimizer steps (None: dense, no masks)."""
+    return METHOD_SCHEDULES[recipe.sparsity.method](recipe, steps_per_epoch)

@@ -1,4 +1,4 @@
-"""Data set registry and loaders whose order and augmentation are pure functions of (seed, epoch).
+"""Data set builders and loaders whose order and augmentation are pure functions of (seed, epoch).
 
 `build_datasets(cfg)` turns a recipe's `[data]` table into (train, test) data sets; `make_loader`
 wraps one in a DataLoader that yields the same batches on every run, after a mid-epoch resume, for
@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -24,6 +24,7 @@ from ndsnn_cli import atomic
 
 if TYPE_CHECKING:
     from torchvision import datasets as tv_datasets
+from ndsnn_cli.data import SYNTHETIC_TEST_SIZE, SYNTHETIC_TRAIN_SIZE, DataConfig, dataset_info
 from ndsnn_cli.errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -31,79 +32,21 @@ TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
 
-class DataConfig(Protocol):
-    """What this module reads of recipe.DataConfig (duck-typed, so data.py stands alone).
-
-    Read-only properties, so a frozen dataclass satisfies it.
-    """
-
-    @property
-    def dataset(self) -> str: ...
-    @property
-    def root(self) -> str: ...  # "" = the data set's default location
-    @property
-    def download(self) -> bool: ...
-    @property
-    def augment(self) -> bool: ...
-    @property
-    def cutout(self) -> bool: ...
-    @property
-    def train_limit(self) -> int: ...  # 0 = all, else the first N training images
-    @property
-    def test_limit(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model and a cost estimate need to know about a data set without loading it."""
-
-    name: str
-    num_classes: int
-    in_channels: int
-    image_size: int
-    train_size: int  # nominal number of training images, before train_limit
-
-
 Split = tuple[Dataset, Dataset]
 Builder = Callable[[DataConfig], Split]
 
-DATASETS: dict[str, DatasetInfo] = {}
 _BUILDERS: dict[str, Builder] = {}
 
 
-def register_dataset(info: DatasetInfo) -> Callable[[Builder], Builder]:
-    """Add a builder `(cfg) -> (train, test)` to the registry under `info.name`."""
+def register_dataset(name: str) -> Callable[[Builder], Builder]:
+    """Add a builder `(cfg) -> (train, test)` for the catalog entry `name` (ndsnn_cli.data.DATASETS)."""
 
     def decorate(builder: Builder) -> Builder:
-        DATASETS[info.name] = info
-        _BUILDERS[info.name] = builder
+        dataset_info(name)
+        _BUILDERS[name] = builder
         return builder
 
     return decorate
-
-
-def dataset_info(name: str) -> DatasetInfo:
-    try:
-        return DATASETS[name]
-    except KeyError:
-        known = ", ".join(sorted(DATASETS))
-        raise UserError(f"[data] dataset: unknown dataset {name!r} (known: {known})") from None
-
-
-def train_size(cfg: DataConfig) -> int:
-    """Training images a recipe uses (the data set's nominal size, or `train_limit` when smaller)."""
-    size = dataset_info(cfg.dataset).train_size
-    return min(cfg.train_limit, size) if cfg.train_limit else size
-
-
-def batches_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> tuple[int, bool]:
-    """(optimizer steps per epoch, drop_last) for one rank's share of an epoch.
-
-    A last batch of a single sample is dropped: BatchNorm cannot normalise one sample in training.
-    """
-    share = math.ceil(num_samples / world_size)
-    drop_last = share % batch_size == 1
-    return (share // batch_size if drop_last else math.ceil(share / batch_size)), drop_last
 
 
 def build_datasets(cfg: DataConfig) -> Split:
@@ -414,13 +357,13 @@ def _root_or(cfg: DataConfig, *defaults: Path) -> list[Path]:
     return [Path(cfg.root).expanduser()] if cfg.root else list(defaults)
 
 
-@register_dataset(DatasetInfo("fashion-mnist", 10, 1, 28, 60000))
+@register_dataset("fashion-mnist")
 def _fashion_mnist(cfg: DataConfig) -> Split:
     candidates = _root_or(cfg, DEBIAN_FASHION_MNIST, default_data_root())
     return _idx_datasets(cfg, _tv_datasets().FashionMNIST, "Fashion-MNIST", candidates, _FASHION_MNIST_STATS, True)
 
 
-@register_dataset(DatasetInfo("mnist", 10, 1, 28, 60000))
+@register_dataset("mnist")
 def _mnist(cfg: DataConfig) -> Split:
     candidates = _root_or(cfg, default_data_root())
     # No flip: mirrored digits are different symbols (or none).
@@ -471,12 +414,12 @@ def _cifar_datasets(cfg: DataConfig, cls: type[tv_datasets.CIFAR10], what: str, 
     )
 
 
-@register_dataset(DatasetInfo("cifar10", 10, 3, 32, 50000))
+@register_dataset("cifar10")
 def _cifar10(cfg: DataConfig) -> Split:
     return _cifar_datasets(cfg, _trust_present_files(_tv_datasets().CIFAR10), "CIFAR-10", _CIFAR10_STATS)
 
 
-@register_dataset(DatasetInfo("cifar100", 100, 3, 32, 50000))
+@register_dataset("cifar100")
 def _cifar100(cfg: DataConfig) -> Split:
     return _cifar_datasets(cfg, _trust_present_files(_tv_datasets().CIFAR100), "CIFAR-100", _CIFAR100_STATS)
 
@@ -537,7 +480,7 @@ def _tiny_imagenet_folder(root: Path) -> Path | None:
     return None
 
 
-@register_dataset(DatasetInfo("tinyimagenet", 200, 3, 64, 100000))
+@register_dataset("tinyimagenet")
 def _tiny_imagenet(cfg: DataConfig) -> Split:
     train_tf, test_tf = _transforms(cfg, _TINY_IMAGENET_STATS, size=64, padding=4, flip=True)
     root = Path(cfg.root).expanduser() if cfg.root else default_data_root()
@@ -575,11 +518,7 @@ class _TensorImages(Dataset):
         return self.transform(self.images[index]), int(self.targets[index])
 
 
-SYNTHETIC_TRAIN_SIZE = 2048
-SYNTHETIC_TEST_SIZE = 512
-
-
-@register_dataset(DatasetInfo("synthetic", 10, 1, 28, SYNTHETIC_TRAIN_SIZE))
+@register_dataset("synthetic")
 def _synthetic(cfg: DataConfig) -> Split:
     """10 fixed random 28x28 patterns plus unit Gaussian noise: learnable in seconds, no files.
 
