@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
-from ndsnn_cli.snn.neuron import LIF, lif_reference, spike, surrogate_grad
+from ndsnn_cli.snn.neuron import (
+    LIF,
+    is_spikes,
+    lif_reference,
+    saving_spikes_as_bool,
+    spike,
+    spike_max_pool2d,
+    surrogate_grad,
+)
 
 TAU, V_TH = 4.0 / 3.0, 1.0
 # The fused backward sums the same terms as autograd in another order: float32 rounding only.
@@ -122,3 +131,97 @@ def test_lif_under_cpu_autocast_trains_a_conv_layer() -> None:
     spikes.float().sum().backward()
     assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
     assert conv.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory-lean training path: fused BN+LIF, repeated-input LIF, spike max-pool, 1-byte spikes
+
+
+@pytest.mark.parametrize("residual", [None, "analog", "spikes"])
+def test_batchnorm_lif_fused_equals_batchnorm_module_then_reference_lif(residual: str | None) -> None:
+    generator = torch.Generator().manual_seed(3)
+    steps, batch = 4, 3
+    y = torch.randn(steps * batch, 5, 6, 6, generator=generator) * 2 + 0.5
+    extra = {None: None, "analog": torch.randn(y.shape, generator=generator),
+             "spikes": (torch.rand(y.shape, generator=generator) < 0.3).float()}[residual]
+    upstream = torch.randn(y.shape, generator=generator)
+    bns = [torch.nn.BatchNorm2d(5), torch.nn.BatchNorm2d(5)]
+    for bn in bns:
+        with torch.no_grad():
+            bn.weight.copy_(torch.linspace(0.5, 1.5, 5))
+            bn.bias.copy_(torch.linspace(-0.2, 0.3, 5))
+    results = []
+    for bn, backend in zip(bns, ("fused", "reference"), strict=True):
+        lif = LIF(steps, TAU, V_TH, "atan", 2.0, backend=backend)
+        y_in = y.clone().requires_grad_()
+        r_in = None if extra is None else extra.clone().requires_grad_()
+        out = lif.after_batch_norm(y_in, bn, r_in)
+        out.backward(upstream)
+        results.append((out.detach(), y_in.grad, bn.weight.grad, bn.bias.grad, None if r_in is None else r_in.grad))
+    (fused, *fused_grads), (ref, *ref_grads) = results
+    assert torch.equal(fused, ref)
+    assert 0.05 < fused.mean().item() < 0.95
+    for a, b in zip(fused_grads, ref_grads, strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+    assert torch.equal(bns[0].running_mean, bns[1].running_mean)
+    assert torch.equal(bns[0].running_var, bns[1].running_var)
+    assert int(bns[0].num_batches_tracked) == int(bns[1].num_batches_tracked) == 1
+
+
+def test_fused_batchnorm_lif_runs_forward_hooks_with_its_spikes() -> None:
+    lif, bn = LIF(2), torch.nn.BatchNorm2d(3)
+    seen: list[torch.Tensor] = []
+    lif.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    out = lif.after_batch_norm(torch.randn(4, 3, 5, 5, requires_grad=True), bn)
+    assert len(seen) == 1 and seen[0] is out
+
+
+def test_repeated_input_lif_equals_repeat_then_lif() -> None:
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 7, 7, generator=generator) * 1.5 + 0.7
+    upstream = torch.randn(5 * 3, 4, 7, 7, generator=generator)
+    fused_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused = LIF(5).repeated(fused_in)
+    ref = LIF(5, backend="reference")(ref_in.unsqueeze(0).expand(5, *x.shape).reshape(-1, 4, 7, 7))
+    fused.backward(upstream)
+    ref.backward(upstream)
+    assert torch.equal(fused, ref)
+    torch.testing.assert_close(fused_in.grad, ref_in.grad, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+
+
+def test_spike_max_pool_gradient_equals_max_pool_module() -> None:
+    generator = torch.Generator().manual_seed(6)
+    spikes = (torch.rand(6, 3, 9, 9, generator=generator) < 0.4).float()  # ties in most windows
+    upstream = torch.randn(6, 3, 5, 5, generator=generator)
+    pool = torch.nn.MaxPool2d(2, 2, ceil_mode=True)
+    lean_in, plain_in = spikes.clone().requires_grad_(), spikes.clone().requires_grad_()
+    lean = spike_max_pool2d(lean_in, pool)
+    plain = pool(plain_in)
+    lean.backward(upstream)
+    plain.backward(upstream)
+    assert torch.equal(lean, plain)
+    assert torch.equal(lean_in.grad, plain_in.grad)
+
+
+def test_spikes_saved_for_backward_as_one_byte_and_shared() -> None:
+    conv_a, conv_b = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 2, 1)
+    x = torch.randn(6, 4, 8, 8, requires_grad=True)
+    context = saving_spikes_as_bool()
+    with context:
+        spikes = LIF(2)(x * 3)
+        assert is_spikes(spikes) and not is_spikes(x)
+        out = conv_a(spikes).sum() + conv_b(spikes).sum()  # two convs save the same spike map
+    packed = [bits for _, _, saved in context.registry.values() for bits in saved]
+    assert len(packed) == 1 and packed[0].dtype == torch.bool and packed[0].shape == spikes.shape
+    assert torch.equal(packed[0].float(), spikes.detach())
+    assert not is_spikes(spikes)  # only inside the context
+    out.backward()
+    reference_x = x.detach().clone().requires_grad_()
+    conv_a2, conv_b2 = copy.deepcopy(conv_a), copy.deepcopy(conv_b)
+    for p in (*conv_a2.parameters(), *conv_b2.parameters()):
+        p.grad = None
+    ref_spikes = LIF(2)(reference_x * 3)
+    (conv_a2(ref_spikes).sum() + conv_b2(ref_spikes).sum()).backward()
+    assert torch.equal(conv_a.weight.grad, conv_a2.weight.grad)
+    torch.testing.assert_close(x.grad, reference_x.grad)

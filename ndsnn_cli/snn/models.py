@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ndsnn_cli.errors import UserError
-from ndsnn_cli.snn.neuron import LIF
+from ndsnn_cli.snn.neuron import LIF, is_spikes, mark_spikes, saving_spikes_as_bool, spike_max_pool2d
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,19 @@ class SpikingNet(nn.Module):
         self.timesteps = neuron.timesteps
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        encoded = self.encoder(images)
-        repeated = encoded.unsqueeze(0).expand(self.timesteps, *encoded.shape).reshape(-1, *encoded.shape[1:])
-        logits = self.body(repeated)
+        if self.training and torch.is_grad_enabled():
+            with saving_spikes_as_bool():
+                logits = self._forward(images)
+        else:
+            logits = self._forward(images)
         return logits.reshape(self.timesteps, images.shape[0], -1)
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        encoded = self.encoder(images)
+        first = self.body[0]
+        if isinstance(first, LIF):  # every registry model: the encoder's output drives a LIF
+            return self.body(first.repeated(encoded), start=1)
+        return self.body(encoded.unsqueeze(0).expand(self.timesteps, *encoded.shape).reshape(-1, *encoded.shape[1:]))
 
     def lif_layers(self) -> list[LIF]:
         return [m for m in self.modules() if isinstance(m, LIF)]
@@ -69,6 +78,31 @@ class SpikingNet(nn.Module):
     def set_lif_backend(self, backend: str) -> None:
         for lif in self.lif_layers():
             lif.backend = backend
+
+
+class SpikingSequential(nn.Sequential):
+    """nn.Sequential (same modules, same state_dict) that takes the memory-lean path while training:
+    a BatchNorm followed by a LIF runs as one fused node, and spike maps are pooled and saved as
+    1 byte (`neuron.saving_spikes_as_bool`). Evaluation and export see plain module calls."""
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:  # type: ignore[override]
+        modules = list(self)
+        i = start
+        while i < len(modules):
+            module = modules[i]
+            following = modules[i + 1] if i + 1 < len(modules) else None
+            if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d) and isinstance(following, LIF):
+                x = following.after_batch_norm(x, module)
+                i += 2
+                continue
+            if is_spikes(x) and isinstance(module, nn.MaxPool2d):
+                x = spike_max_pool2d(x, module)
+            elif is_spikes(x) and isinstance(module, nn.Flatten | nn.Identity):
+                x = mark_spikes(module(x))
+            else:
+                x = module(x)
+            i += 1
+        return x
 
 
 def _conv_bn(c_in: int, c_out: int, *, stride: int = 1, kernel: int = 3, bias: bool = False) -> list[nn.Module]:
@@ -95,7 +129,7 @@ def vgg16(*, num_classes: int, in_channels: int, image_size: int, neuron: Neuron
             layers += _conv_bn(channels, int(item), bias=True) + [neuron.make()]
             channels = int(item)
     encoder = nn.Sequential(*layers[:2])
-    body = nn.Sequential(*layers[2:], nn.Flatten(), nn.Linear(channels * size * size, num_classes))
+    body = SpikingSequential(*layers[2:], nn.Flatten(), nn.Linear(channels * size * size, num_classes))
     return _init_vgg(SpikingNet(encoder, body, neuron))
 
 
@@ -124,9 +158,9 @@ class BasicBlock(nn.Module):
         self.lif2 = neuron.make()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.lif1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out)) + self.shortcut(x)
-        return self.lif2(out)
+        out = self.lif1.after_batch_norm(self.conv1(x), self.bn1)
+        # An identity shortcut passes the spikes x on: the fused node saves them as 1 byte, shared with conv1.
+        return self.lif2.after_batch_norm(self.conv2(out), self.bn2, residual=self.shortcut(x))
 
 
 @register_model("resnet19")
@@ -140,7 +174,7 @@ def resnet19(*, num_classes: int, in_channels: int, image_size: int, neuron: Neu
             blocks.append(BasicBlock(channels, width, 2 if i == 0 else 1, neuron))
             channels = width
     encoder = nn.Sequential(*_conv_bn(in_channels, 64))
-    body = nn.Sequential(neuron.make(), *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    body = SpikingSequential(neuron.make(), *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(512, 256), neuron.make(), nn.Linear(256, num_classes))
     return SpikingNet(encoder, body, neuron)
 
@@ -154,7 +188,7 @@ def scnn(*, num_classes: int, in_channels: int, image_size: int, neuron: NeuronC
     """
     size = image_size // 4
     encoder = nn.Sequential(*_conv_bn(in_channels, 16), nn.MaxPool2d(2))
-    body = nn.Sequential(
+    body = SpikingSequential(
         neuron.make(),
         *_conv_bn(16, 32), neuron.make(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(32 * size * size, 128), neuron.make(),
@@ -167,5 +201,5 @@ def scnn(*, num_classes: int, in_channels: int, image_size: int, neuron: NeuronC
 def mlp(*, num_classes: int, in_channels: int, image_size: int, neuron: NeuronConfig) -> SpikingNet:
     """A two-layer spiking MLP: the smallest useful model, for tests and quick checks."""
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, 128), nn.BatchNorm1d(128))
-    body = nn.Sequential(neuron.make(), nn.Linear(128, num_classes))
+    body = SpikingSequential(neuron.make(), nn.Linear(128, num_classes))
     return SpikingNet(encoder, body, neuron)

@@ -8,9 +8,12 @@ and BN run on that batch); only the neuron loops over T.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 
 def _atan_grad_(x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -63,25 +66,55 @@ def lif_reference(x_seq: torch.Tensor, tau: float, v_threshold: float, surrogate
     return torch.stack(spikes)
 
 
+def _charge_(x_seq: torch.Tensor, tau: float, v_threshold: float) -> torch.Tensor:
+    """In place: input currents X[t] -> charges H[t] (the recurrence above); returns x_seq.
+
+    Same arithmetic as the reference, v + (x - v) / tau, so spikes are bit-identical.
+    """
+    v = torch.zeros_like(x_seq[0])
+    zero = x_seq.new_zeros(())
+    for t in range(x_seq.shape[0]):
+        h = x_seq[t]
+        h.sub_(v).div_(tau).add_(v)
+        torch.where(h < v_threshold, h, zero, out=v)  # hard reset: V = H (1 - S)
+    return x_seq
+
+
+def _charge_backward(h_seq: torch.Tensor, grad_spikes: torch.Tensor, tau: float, v_threshold: float,
+                     surrogate: str, alpha: float, *, overwrite_h: bool = False) -> torch.Tensor:
+    """dL/dX from the charges H, from the last step back: dL/dH[t] = dL/dS[t] sg'(H[t] - v_th)
+    + dL/dH[t+1] (1 - 1/tau) [H[t] < v_th], and dL/dX[t] = dL/dH[t] / tau.
+
+    `overwrite_h` computes the result in H's own memory (for a recomputed H that nothing else needs).
+    """
+    grad_h = h_seq if overwrite_h else torch.empty_like(h_seq)
+    not_reset = torch.empty_like(h_seq[0])  # one step's [H < v_th] as 0/1 in H's dtype (no casts later)
+    decay = 1 - 1 / tau
+    sg_ = SURROGATES[surrogate]
+    for t in range(h_seq.shape[0] - 1, -1, -1):
+        torch.lt(h_seq[t], v_threshold, out=not_reset)
+        g = grad_h[t]
+        if overwrite_h:
+            g.sub_(v_threshold)
+        else:
+            torch.sub(h_seq[t], v_threshold, out=g)
+        sg_(g, alpha).mul_(grad_spikes[t])
+        if t + 1 < h_seq.shape[0]:
+            g.addcmul_(grad_h[t + 1], not_reset, value=decay)
+    return grad_h.div_(tau)
+
+
 class _FusedLIF(torch.autograd.Function):
     """The same neuron with a hand-written BPTT that stores only the charge H (one tensor).
 
     The reference loop keeps ~4 tensors per time step for autograd; here backward recomputes the
-    spikes from H (S = H >= v_th) and runs the recurrence dL/dH[t] = dL/dS[t] sg'(H[t] - v_th)
-    + dL/dV[t] (1 - S[t]), dL/dV[t-1] = dL/dH[t] (1 - 1/tau), dL/dX[t] = dL/dH[t] / tau.
+    spikes' reset masks from H and runs the recurrence of `_charge_backward`.
     """
 
     @staticmethod
     def forward(ctx, x_seq: torch.Tensor, tau: float, v_threshold: float, surrogate: str,  # type: ignore[override]
                 alpha: float) -> torch.Tensor:
-        h_seq = torch.empty_like(x_seq)
-        v = torch.zeros_like(x_seq[0])
-        for t in range(x_seq.shape[0]):
-            h = h_seq[t]
-            # Same arithmetic as the reference, v + (x - v) / tau, written in place.
-            torch.sub(x_seq[t], v, out=h)
-            h.div_(tau).add_(v)
-            torch.mul(h, h < v_threshold, out=v)
+        h_seq = _charge_(x_seq.clone(), tau, v_threshold)
         ctx.save_for_backward(h_seq)
         ctx.tau, ctx.v_threshold, ctx.surrogate, ctx.alpha = tau, v_threshold, surrogate, alpha
         return (h_seq >= v_threshold).to(x_seq.dtype)
@@ -89,14 +122,98 @@ class _FusedLIF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spikes: torch.Tensor):  # type: ignore[override]
         (h_seq,) = ctx.saved_tensors
-        tau, v_th = ctx.tau, ctx.v_threshold
-        # All time steps at once: grad_h starts as dL/dS * sg'(H - v_th), then the recurrence adds
-        # the membrane path from the step after, which survives only where no spike reset it.
-        grad_h = SURROGATES[ctx.surrogate](h_seq - v_th, ctx.alpha).mul_(grad_spikes)
-        decay = 1 - 1 / tau
-        for t in range(h_seq.shape[0] - 2, -1, -1):
-            grad_h[t].addcmul_(grad_h[t + 1], h_seq[t] < v_th, value=decay)
-        return grad_h.div_(tau), None, None, None, None
+        return _charge_backward(h_seq, grad_spikes, ctx.tau, ctx.v_threshold, ctx.surrogate, ctx.alpha), \
+            None, None, None, None
+
+
+class _BatchNormLIF(torch.autograd.Function):
+    """Training-mode BatchNorm, an optional residual, then the LIF neuron, saving only BN's input.
+
+    Unfused, BN keeps its input and the LIF keeps H: two full tensors per layer. Backward here reruns
+    BN's forward kernel on the saved input (bit-identical output, without touching the running
+    statistics), rebuilds H from it, then runs the LIF and BN backward passes.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,  # type: ignore[override]
+                residual: torch.Tensor | None, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                momentum: float, eps: float, lif: LIF) -> torch.Tensor:
+        x, save_mean, save_invstd = torch.native_batch_norm(y, weight, bias, running_mean, running_var, True,
+                                                            momentum, eps)
+        if residual is not None:
+            x.add_(residual)
+        h_seq = _charge_(x.view(lif.timesteps, -1, *x.shape[1:]), lif.tau, lif.v_threshold)
+        ctx.save_for_backward(y, weight, bias, residual, save_mean, save_invstd)
+        ctx.eps, ctx.lif = eps, lif
+        return h_seq.ge_(lif.v_threshold).view(y.shape)  # the spikes, written over H
+
+    @staticmethod
+    def backward(ctx, grad_spikes: torch.Tensor):  # type: ignore[override]
+        y, weight, bias, residual, save_mean, save_invstd = ctx.saved_tensors
+        lif = ctx.lif
+        x, _, _ = torch.native_batch_norm(y, weight, bias, None, None, True, 0.0, ctx.eps)
+        if residual is not None:
+            x.add_(residual)
+        h_seq = _charge_(x.view(lif.timesteps, -1, *x.shape[1:]), lif.tau, lif.v_threshold)
+        grad_x = _charge_backward(h_seq, grad_spikes.view(h_seq.shape), lif.tau, lif.v_threshold, lif.surrogate,
+                                  lif.alpha, overwrite_h=True).view(y.shape)
+        del x, h_seq
+        need = ctx.needs_input_grad
+        grad_y, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_x, y, weight, None, None, save_mean, save_invstd, True, ctx.eps,
+            [need[0], need[1] and weight is not None, need[2] and bias is not None])
+        return grad_y, grad_w, grad_b, (grad_x if need[3] else None), None, None, None, None, None
+
+
+class _RepeatedInputLIF(torch.autograd.Function):
+    """The LIF driven by the same current at every time step (the once-run encoder's output).
+
+    Saves only that [B, ...] input, 1/T of what the unfused neuron keeps, and rebuilds H from it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lif: LIF) -> torch.Tensor:  # type: ignore[override]
+        h_seq = _charge_(x.unsqueeze(0).repeat(lif.timesteps, *([1] * x.dim())), lif.tau, lif.v_threshold)
+        ctx.save_for_backward(x)
+        ctx.lif = lif
+        return h_seq.ge_(lif.v_threshold).view(-1, *x.shape[1:])  # the spikes, written over H
+
+    @staticmethod
+    def backward(ctx, grad_spikes: torch.Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        lif = ctx.lif
+        h_seq = _charge_(x.unsqueeze(0).repeat(lif.timesteps, *([1] * x.dim())), lif.tau, lif.v_threshold)
+        grad = _charge_backward(h_seq, grad_spikes.view(h_seq.shape), lif.tau, lif.v_threshold, lif.surrogate,
+                                lif.alpha, overwrite_h=True)
+        return grad.sum(0), None
+
+
+class _SpikeMaxPool2d(torch.autograd.Function):
+    """Max-pooling of spikes that saves only its (1-byte) input and finds the argmax again in backward,
+    instead of keeping int64 indices (2 bytes per input element)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.pool = pool
+        return F.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        p = ctx.pool
+        _, indices = F.max_pool2d(x, p.kernel_size, p.stride, p.padding, p.dilation, p.ceil_mode, return_indices=True)
+        grad = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad_out, x, _pair(p.kernel_size), _pair(p.stride or p.kernel_size), _pair(p.padding), _pair(p.dilation),
+            p.ceil_mode, indices)
+        return grad, None
+
+
+def spike_max_pool2d(x: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:
+    """`pool(x)` for a spike map; the memory-lean autograd while training, the module otherwise."""
+    if not (torch.is_grad_enabled() and x.requires_grad) or pool.return_indices:
+        return mark_spikes(pool(x))
+    return mark_spikes(_SpikeMaxPool2d.apply(x, pool))
 
 
 class LIF(nn.Module):
@@ -116,8 +233,106 @@ class LIF(nn.Module):
             out = _FusedLIF.apply(x_seq, self.tau, self.v_threshold, self.surrogate, self.alpha)
         else:
             out = lif_reference(x_seq, self.tau, self.v_threshold, self.surrogate, self.alpha)
-        return out.reshape(x.shape)
+        return mark_spikes(out.reshape(x.shape))
+
+    def after_batch_norm(self, y: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm,
+                         residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`self(bn(y) + residual)`; fused into one autograd node (saving only y) when training with
+        the fused backend. The fused path then runs this LIF's forward hooks with the spikes (and y
+        as the input); BN's hooks do not run."""
+        fusable = (self.backend == "fused" and bn.training and torch.is_grad_enabled()
+                   and bn.track_running_stats and bn.running_mean is not None and bn.momentum is not None)
+        if not fusable:
+            x = bn(y)
+            return self(x if residual is None else x + residual)
+        bn.num_batches_tracked.add_(1)
+        out = _BatchNormLIF.apply(y, bn.weight, bn.bias, residual, bn.running_mean, bn.running_var,
+                                  bn.momentum, bn.eps, self)
+        return self._forward_hooks_on(y, mark_spikes(out))
+
+    def repeated(self, x: torch.Tensor) -> torch.Tensor:
+        """`self(x repeated T times)` for the once-run encoder's [B, ...] output -> [T*B, ...] spikes."""
+        if self.backend != "fused" or not torch.is_grad_enabled():
+            return self(x.unsqueeze(0).expand(self.timesteps, *x.shape).reshape(-1, *x.shape[1:]))
+        return self._forward_hooks_on(x, mark_spikes(_RepeatedInputLIF.apply(x, self)))
+
+    def _forward_hooks_on(self, inputs: torch.Tensor, spikes: torch.Tensor) -> torch.Tensor:
+        """The module's forward hooks, as a call would run them (recorders and spike-rate probes see the
+        spikes of the fused paths too)."""
+        for hook_id, hook in self._forward_hooks.items():
+            if hook_id in self._forward_hooks_with_kwargs:
+                result = hook(self, (inputs,), {}, spikes)
+            else:
+                result = hook(self, (inputs,), spikes)
+            if result is not None:
+                spikes = result
+        return spikes
 
     def extra_repr(self) -> str:
         return (f"T={self.timesteps}, tau={self.tau:.4g}, v_threshold={self.v_threshold}, "
                 f"surrogate={self.surrogate}(alpha={self.alpha}), backend={self.backend}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Spikes saved for backward as 1 byte
+
+SpikeKey = tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
+_spike_registries: list[dict[SpikeKey, tuple[weakref.ref[torch.Tensor], int, list[torch.Tensor]]]] = []
+
+
+def _key(t: torch.Tensor) -> SpikeKey:
+    """Autograd packs a `detach()`ed alias of a saved input: same memory and geometry, new tensor object."""
+    return t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device
+
+
+def mark_spikes(t: torch.Tensor) -> torch.Tensor:
+    """Declare that `t` holds only 0 and 1 (spikes): inside `saving_spikes_as_bool` autograd saves it as bool."""
+    if _spike_registries and not is_spikes(t):
+        _spike_registries[-1][_key(t)] = (weakref.ref(t), t._version, [])
+    return t
+
+
+def is_spikes(t: torch.Tensor) -> bool:
+    """Whether `t` (or an alias with the same memory and shape) was declared by `mark_spikes` in the
+    active `saving_spikes_as_bool` context (outside one, nothing is)."""
+    if not _spike_registries:
+        return False
+    entry = _spike_registries[-1].get(_key(t))
+    return entry is not None and entry[0]() is not None and entry[1] == t._version
+
+
+class saving_spikes_as_bool(torch.autograd.graph.saved_tensors_hooks):  # noqa: N801 (a context manager)
+    """While active, autograd stores every tensor declared by `mark_spikes` as 1 byte instead of 4 (or 2).
+
+    A spike map is saved by the next conv (for its weight gradient), a max-pool or a residual sum,
+    sometimes by several of them: each is packed once and shared. Backward gets the exact float
+    values back (0 and 1 convert losslessly), one layer at a time.
+    """
+
+    def __init__(self) -> None:
+        registry: dict[SpikeKey, tuple[weakref.ref[torch.Tensor], int, list[torch.Tensor]]] = {}
+        self.registry = registry
+
+        def pack(t: torch.Tensor) -> object:
+            if not is_spikes(t):  # includes a new tensor in freed memory, and a modified one
+                return t
+            bits = registry[_key(t)][2]
+            if not bits:
+                bits.append(t.detach().to(torch.bool))
+            return bits[0], t.dtype
+
+        def unpack(saved: object) -> torch.Tensor:
+            if isinstance(saved, tuple):
+                bits, dtype = saved
+                return bits.to(dtype)
+            return saved  # type: ignore[return-value]
+
+        super().__init__(pack, unpack)
+
+    def __enter__(self) -> None:
+        _spike_registries.append(self.registry)
+        super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        _spike_registries.remove(self.registry)
