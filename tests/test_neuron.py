@@ -225,3 +225,24 @@ def test_spikes_saved_for_backward_as_one_byte_and_shared() -> None:
     (conv_a2(ref_spikes).sum() + conv_b2(ref_spikes).sum()).backward()
     assert torch.equal(conv_a.weight.grad, conv_a2.weight.grad)
     torch.testing.assert_close(x.grad, reference_x.grad)
+
+
+def test_fused_batchnorm_lif_under_cpu_bf16_autocast_matches_plain_modules() -> None:
+    """Mixed precision as AMP runs it: bf16 conv output and residual, fp32 BN parameters."""
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6)
+    images = torch.randn(3 * 4, 3, 6, 6)
+    residual = (torch.rand(3 * 4, 6, 6, 6) < 0.3).float()
+    results = []
+    for backend in ("fused", "reference"):
+        c, b = copy.deepcopy(conv), copy.deepcopy(bn)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = LIF(3, backend=backend).after_batch_norm(c(images) * 3, b, residual.bfloat16())
+        out.float().sum().backward()
+        results.append((out, c.weight.grad, b.weight.grad, b.bias.grad, b.running_var))
+    (fused, *fused_rest), (plain, *plain_rest) = results
+    assert fused.dtype == torch.bfloat16 and torch.equal(fused, plain) and 0.05 < fused.float().mean() < 0.95
+    for a, b in zip(fused_rest, plain_rest, strict=True):
+        assert a.dtype == torch.float32
+        # bf16 keeps 8 significant bits; the two backward passes round in different places
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * b.abs().max().item())
