@@ -468,9 +468,13 @@ def run_cost(run_dir: str | Path) -> RunCost:
     samples = _samples_per_step(train_size, recipe.data.batch_size, summary["epochs"])[: summary["steps"]]
     predicted, _, _ = schedule_segments(recipe, layers, steps_per_epoch, len(samples))
     schedule = method_schedule(recipe, steps_per_epoch)
-    records = [r for r in read_metrics(run_dir) if r.get("kind") == "mask_update"]
-    # Initial masks: the trainer's setup (layer_counts at the initial sparsity), then each recorded update.
-    segments, current, start = [], dict(predicted[0].counts), 0
+    metrics = read_metrics(run_dir)
+    records = [r for r in metrics if r.get("kind") == "mask_update"]
+    # Initial masks as set up (the `mask_init` record; runs written before it existed: the schedule's
+    # counts, which a `global` split only approximates), then each recorded update.
+    init = next((r for r in metrics if r.get("kind") == "mask_init"), None)
+    current = {n: int(v) for n, v in init["layers"].items()} if init else dict(predicted[0].counts)
+    segments, start = [], 0
     for record in records:
         new = {n: int(v["active"]) for n, v in record["layers"].items()}
         if new != current:

@@ -227,6 +227,8 @@ def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: Train
             _truncate_metrics(metrics_path, state.step, state.epoch)
     elif main and metrics_path.exists():
         metrics_path.unlink()
+    if main and state.step == 0 and method.masks is not None:  # the realised start, for `ndsnn cost RUN`
+        append_line(metrics_path, json.dumps({"kind": "mask_init", "step": 0, "layers": method.masks.nnz()}))
     if distributed.sum_values(state.step)[0] != state.step * world:
         raise UserError(f"{checkpoint_path}: ranks resumed from different steps; "
                         "multi-node runs need the run directory on a shared file system")

@@ -182,6 +182,29 @@ def test_run_directory_realised_cost_and_energy(tmp_path):
     assert result.final_density == pytest.approx(summary["sparsity"]["nnz"] / summary["sparsity"]["numel"])
 
 
+def test_run_directory_cost_starts_from_the_recorded_initial_masks(tmp_path):
+    """A global split ranks the initial weights, so only the run knows its initial per-layer counts."""
+    from ndsnn_cli.train import read_metrics, train
+
+    torch.set_num_threads(1)
+    recipe = Recipe().replace(
+        name="cost-global", model={"arch": "mlp", "timesteps": 2},
+        data={"dataset": "synthetic", "batch_size": 64, "train_limit": 256, "test_limit": 64, "augment": False},
+        train={"epochs": 1}, sparsity={"method": "static", "final": 0.9, "distribution": "global"})
+    run_dir = tmp_path / "run"
+    train(recipe, run_dir)
+    init = [r for r in read_metrics(run_dir) if r["kind"] == "mask_init"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    nnz = {n: layer["nnz"] for n, layer in summary["sparsity"]["layers"].items()}
+    assert len(init) == 1 and init[0]["layers"] == nnz  # static: the masks never changed
+    result = run_cost(run_dir)
+    layers = {lay.name: lay for lay in layer_flops("mlp", num_classes=10, in_channels=1, image_size=28,
+                                                      timesteps=2)}
+    expected = sum(nnz[n] / lay.numel * lay.forward_flops * lay.train_factor * 256 for n, lay in layers.items())
+    assert result.train_flops == pytest.approx(expected, rel=1e-12)
+    assert result.train_flops != pytest.approx(result.predicted_train_flops, rel=1e-6)  # ERK's guess differs
+
+
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     from ndsnn_cli.cli import main
 
