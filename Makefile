@@ -37,7 +37,7 @@ lint: install
 
 bench: install
 	$(BIN)/pip install -q --no-deps spikingjelly==2.0.0 && $(BIN)/pip install -q -e '.[bench]'
-	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 $(BIN)/python -m benchmarks.train_step
+	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 $(BIN)/python -m benchmarks.train_step --paired
 
 layer-tables: install  # after changing ndsnn_cli/snn/models.py (a test fails until this is run)
 	$(BIN)/python -m ndsnn_cli.cost

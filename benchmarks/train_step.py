@@ -171,6 +171,46 @@ def check_equivalence(model_name: str, batch: int, timesteps: int, threads: int)
             "ok": all(layers_equal) and abs(our_loss - their_loss) <= LOSS_TOLERANCE}
 
 
+def paired_times(model_name: str, batch: int, timesteps: int, steps: int, threads: int) -> dict[str, Any]:
+    """ndsnn dense and SpikingJelly in one process, steps alternating (order swapped every pair).
+
+    On a shared machine whose speed drifts by 10% within minutes, the median of the per-pair ratios
+    compares the two at the same moments; peak memory cannot be separated here (the sides do that).
+    """
+    import torch
+
+    from ndsnn_cli.train import build_optimizer, spiking_loss
+
+    torch.set_num_threads(threads)
+    ours, recipe, _ = _models(model_name, batch, timesteps, "dense")
+    theirs, _, reset = _models(model_name, batch, timesteps, "sj")
+    models = {"ndsnn": ours, "sj": theirs}
+    optimizers = {side: build_optimizer(recipe, model) for side, model in models.items()}
+    images, labels = _inputs(batch)
+
+    def step(side: str) -> float:
+        model, optimizer = models[side], optimizers[side]
+        model.train()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=False)
+        spiking_loss(model(images), labels).backward()
+        optimizer.step()
+        if side == "sj":
+            reset()
+        return time.perf_counter() - start
+
+    for _ in range(WARMUP_STEPS):
+        step("ndsnn"), step("sj")
+    times: dict[str, list[float]] = {"ndsnn": [], "sj": []}
+    for i in range(steps):
+        for side in ("ndsnn", "sj") if i % 2 == 0 else ("sj", "ndsnn"):
+            times[side].append(step(side))
+    ratios = [a / b for a, b in zip(times["ndsnn"], times["sj"], strict=True)]
+    return {"model": model_name, "side": "paired", "ndsnn_step_s": statistics.median(times["ndsnn"]),
+            "sj_step_s": statistics.median(times["sj"]), "median_pair_ratio": statistics.median(ratios),
+            "ratios": ratios}
+
+
 def profile_side(model_name: str, side: str, batch: int, timesteps: int, threads: int) -> str:
     """torch.profiler table (CPU time and memory by op) of one training step after one warm-up step."""
     import torch
@@ -254,6 +294,10 @@ def _render(results: dict[str, dict[str, dict[str, Any]]], cli: list[dict[str, A
                       f"{n['sparsity']:.4f}; equivalence vs SpikingJelly: {e['lif_layers']} LIF layers, spikes "
                       f"identical={e['spikes_identical']} (rate {e['spike_rate']:.3f}), loss {e['loss_ndsnn']:.7f} vs "
                       f"{e['loss_sj']:.7f} (|diff| {e['loss_abs_diff']:.1e}) -> {'OK' if e['ok'] else 'MISMATCH'}")
+        if "paired" in sides:
+            p = sides["paired"]
+            console.print(f"{model}: paired (alternating, one process): ndsnn dense {p['ndsnn_step_s']:.3f} s, "
+                          f"SpikingJelly {p['sj_step_s']:.3f} s, median per-pair ratio {p['median_pair_ratio']:.3f}x")
     for c in cli:
         console.print(f"`{c['command'].replace(sys.executable, 'python')}`: "
                       f"{c['wall_s']:.2f} s wall (rc {c['rc']})")
@@ -270,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write all results here")
     parser.add_argument("--profile", choices=SIDES, help="print a torch.profiler table of one step of this side")
-    parser.add_argument("--child", choices=[*SIDES, "equivalence"], help=argparse.SUPPRESS)
+    parser.add_argument("--paired", action="store_true",
+                        help="also time ndsnn dense and SpikingJelly alternating in one process (noisy machines)")
+    parser.add_argument("--child", choices=[*SIDES, "equivalence", "paired"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.profile:
         print(profile_side(args.models.split(",")[0], args.profile, args.batch, args.timesteps, args.threads))
@@ -278,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         if args.child == "equivalence":
             result = check_equivalence(args.models, args.batch, args.timesteps, args.threads)
+        elif args.child == "paired":
+            result = paired_times(args.models, args.batch, args.timesteps, args.steps, args.threads)
         else:
             result = run_side(args.models, args.child, args.batch, args.timesteps, args.steps, args.threads)
         print(json.dumps(result))
@@ -292,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
               "--threads", str(args.threads)]
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for model in args.models.split(","):
-        results[model] = {side: _child(["--child", side, "--models", model, *common])
-                          for side in (*SIDES, "equivalence")}
+        children = (*SIDES, "equivalence", *(["paired"] if args.paired else []))
+        results[model] = {side: _child(["--child", side, "--models", model, *common]) for side in children}
     cli = _cli_times()
     _render(results, cli, args)
     if args.json:
