@@ -155,7 +155,7 @@ class _BatchNormLIF(torch.autograd.Function):
         if residual is not None:
             x.add_(residual)
         h_seq = _charge_(x.view(lif.timesteps, -1, *x.shape[1:]), lif.tau, lif.v_threshold)
-        grad_x = _charge_backward(h_seq, grad_spikes.view(h_seq.shape), lif.tau, lif.v_threshold, lif.surrogate,
+        grad_x = _charge_backward(h_seq, grad_spikes.reshape(h_seq.shape), lif.tau, lif.v_threshold, lif.surrogate,
                                   lif.alpha, overwrite_h=True).view(y.shape)
         del x, h_seq
         need = ctx.needs_input_grad
@@ -183,7 +183,7 @@ class _RepeatedInputLIF(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         lif = ctx.lif
         h_seq = _charge_(x.unsqueeze(0).repeat(lif.timesteps, *([1] * x.dim())), lif.tau, lif.v_threshold)
-        grad = _charge_backward(h_seq, grad_spikes.view(h_seq.shape), lif.tau, lif.v_threshold, lif.surrogate,
+        grad = _charge_backward(h_seq, grad_spikes.reshape(h_seq.shape), lif.tau, lif.v_threshold, lif.surrogate,
                                 lif.alpha, overwrite_h=True)
         return grad.sum(0), None
 
