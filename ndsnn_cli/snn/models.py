@@ -50,7 +50,11 @@ def create_model(name: str, *, num_classes: int, in_channels: int, image_size: i
 
 
 class SpikingNet(nn.Module):
-    """Encoder (conv+BN, once) -> repeat over T -> `body` on the [T*B] batch -> [T, B, classes]."""
+    """Encoder (conv+BN, once) -> repeat over T -> `body` on the [T*B] batch -> [T, B, classes].
+
+    Training with the `fused` LIF backend runs the memory-lean path (README "The SNN"); the
+    `reference` backend and evaluation run plain module calls.
+    """
 
     def __init__(self, encoder: nn.Module, body: nn.Module, neuron: NeuronConfig) -> None:
         super().__init__()
@@ -58,7 +62,7 @@ class SpikingNet(nn.Module):
         self.timesteps = neuron.timesteps
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and all(lif.backend == "fused" for lif in self.lif_layers()):
             with saving_spikes_as_bool():
                 logits = self._forward(images)
         else:
