@@ -112,3 +112,13 @@ def sj_twin(model: SpikingNet) -> SJSpikingNet:
     twin = SJSpikingNet(model)
     twin.load_state_dict(model.state_dict(), strict=True)
     return twin.to(next(model.parameters()).device)
+
+
+def record_spikes(model: nn.Module, kind: type) -> list[torch.Tensor]:
+    """A list that fills with every `kind` layer's output spikes (flattened) on each forward pass:
+    ndsnn's `LIF` or SpikingJelly's `LIFNode`, for the equivalence checks."""
+    spikes: list[torch.Tensor] = []
+    for module in model.modules():
+        if isinstance(module, kind):
+            module.register_forward_hook(lambda _m, _i, out: spikes.append(out.detach().reshape(-1)))
+    return spikes

@@ -142,7 +142,7 @@ def check_equivalence(model_name: str, batch: int, timesteps: int, threads: int)
     import torch
     from spikingjelly.activation_based import neuron as sj_neuron
 
-    from benchmarks.sj_models import sj_twin
+    from benchmarks.sj_models import record_spikes, sj_twin
     from ndsnn_cli.snn.neuron import LIF
     from ndsnn_cli.train import build_model, spiking_loss
 
@@ -153,16 +153,9 @@ def check_equivalence(model_name: str, batch: int, timesteps: int, threads: int)
     theirs = sj_twin(ours)
     images, labels = _inputs(batch)
 
-    def record(model: torch.nn.Module, kind: type) -> list[torch.Tensor]:
-        spikes: list[torch.Tensor] = []
-        for module in model.modules():
-            if isinstance(module, kind):
-                module.register_forward_hook(lambda _m, _i, out: spikes.append(out.detach().reshape(-1)))
-        return spikes
-
-    our_spikes, their_spikes = record(ours, LIF), record(theirs, sj_neuron.LIFNode)
-    our_loss = float(spiking_loss(ours(images), labels))
-    their_loss = float(spiking_loss(theirs(images), labels))
+    our_spikes, their_spikes = record_spikes(ours, LIF), record_spikes(theirs, sj_neuron.LIFNode)
+    our_loss = spiking_loss(ours(images), labels).item()
+    their_loss = spiking_loss(theirs(images), labels).item()
     layers_equal = [bool(torch.equal(a, b)) for a, b in zip(our_spikes, their_spikes, strict=True)]
     spike_rate = float(torch.cat(our_spikes).mean())
     return {"model": model_name, "side": "equivalence", "lif_layers": len(layers_equal),

@@ -14,6 +14,7 @@ here imports torch unless a model's layer table must be traced (`cost_layers.jso
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -130,8 +131,14 @@ def models_digest() -> str:
 
 def _shipped_tables() -> dict[str, Any] | None:
     """`cost_layers.json` when it was traced from the current model definitions, else None."""
+    return _read_tables(LAYER_TABLES)
+
+
+@functools.cache
+def _read_tables(path: Path) -> dict[str, Any] | None:
+    """Read and checked once per process and path (a `prune-compare` report costs every run)."""
     try:
-        shipped = json.loads(LAYER_TABLES.read_text(encoding="utf-8"))
+        shipped = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return shipped["tables"] if shipped.get("models_sha256") == models_digest() else None

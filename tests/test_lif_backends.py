@@ -11,18 +11,10 @@ import torch
 pytest.importorskip("spikingjelly")
 from spikingjelly.activation_based import neuron as sj_neuron  # noqa: E402
 
-from benchmarks.sj_models import sj_twin  # noqa: E402
+from benchmarks.sj_models import record_spikes, sj_twin  # noqa: E402
 from ndsnn_cli.snn.models import NeuronConfig, create_model  # noqa: E402
 from ndsnn_cli.snn.neuron import LIF  # noqa: E402
 from ndsnn_cli.train import spiking_loss  # noqa: E402
-
-
-def _spike_recorder(model: torch.nn.Module, kind: type) -> list[torch.Tensor]:
-    spikes: list[torch.Tensor] = []
-    for module in model.modules():
-        if isinstance(module, kind):
-            module.register_forward_hook(lambda _m, _i, out: spikes.append(out.detach().reshape(-1)))
-    return spikes
 
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])
@@ -34,7 +26,7 @@ def test_scnn_spikes_loss_and_gradients_equal_spikingjelly_twin(backend: str) ->
     generator = torch.Generator().manual_seed(1)
     images, labels = torch.randn(6, 3, 16, 16, generator=generator) * 2, torch.randint(0, 10, (6,), generator=generator)
 
-    our_spikes, their_spikes = _spike_recorder(ours, LIF), _spike_recorder(theirs, sj_neuron.LIFNode)
+    our_spikes, their_spikes = record_spikes(ours, LIF), record_spikes(theirs, sj_neuron.LIFNode)
     our_loss = spiking_loss(ours(images), labels)
     their_loss = spiking_loss(theirs(images), labels)
     our_loss.backward()

@@ -21,11 +21,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ndsnn_cli import atomic
+from ndsnn_cli.data import SYNTHETIC_TEST_SIZE, SYNTHETIC_TRAIN_SIZE, DataConfig, dataset_info
+from ndsnn_cli.errors import UserError
 
 if TYPE_CHECKING:
     from torchvision import datasets as tv_datasets
-from ndsnn_cli.data import SYNTHETIC_TEST_SIZE, SYNTHETIC_TRAIN_SIZE, DataConfig, dataset_info
-from ndsnn_cli.errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
