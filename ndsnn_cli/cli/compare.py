@@ -37,8 +37,10 @@ def prune_compare(
     Resumable: finished runs (summary.json) are skipped, interrupted ones resume from their checkpoint.
     Writes results.csv/.json/.md/.png into the output folder.
 
-    Example: [bold]ndsnn prune-compare recipes/compare-fmnist.toml --methods ndsnn,rigl,lth,dense
-    --sparsities 0.9,0.99 --seeds 2 --out runs/cmp[/bold]
+    \b
+    Example:
+      ndsnn prune-compare recipes/compare-fmnist.toml --methods ndsnn,rigl,lth,dense \\
+        --sparsities 0.9,0.99 --seeds 2 --out runs/cmp
     """
     import json
 

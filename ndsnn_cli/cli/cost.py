@@ -44,8 +44,11 @@ def cost(
 ) -> None:
     """Training FLOPs per sparse method from the real model layers and the trainer's own schedules.
 
-    Example: [bold]ndsnn cost --model resnet19 --sparsity 0.99[/bold]
-    (or [bold]ndsnn cost recipes/quickstart.toml --per-layer[/bold], or [bold]ndsnn cost runs/quick[/bold])
+    \b
+    Examples:
+      ndsnn cost --model resnet19 --sparsity 0.99
+      ndsnn cost recipes/quickstart.toml --per-layer
+      ndsnn cost runs/quick
     """
     import json
 

@@ -31,9 +31,11 @@ def export(
 ) -> None:
     """Export a trained run as a CSR-packed safetensors artefact or a verified ONNX model.
 
-    Example: [bold]ndsnn export runs/quick --format csr --fold-bn -o quick.safetensors[/bold]
-    Example: [bold]ndsnn export runs/quick --format onnx -o quick.onnx[/bold]
-    Example: [bold]ndsnn export runs/quick --format nir -o quick.nir[/bold] (BN folded; no max-pooling models)
+    \b
+    Examples:
+      ndsnn export runs/quick --format csr --fold-bn -o quick.safetensors
+      ndsnn export runs/quick --format onnx -o quick.onnx
+      ndsnn export runs/quick --format nir -o quick.nir   (BN folded; no max-pooling models)
     """
     if format not in FORMATS:
         raise UserError(f"--format {format}: unknown (known: {', '.join(FORMATS)})")
@@ -89,7 +91,9 @@ def inspect(
 ) -> None:
     """Show what a checkpoint or artefact holds: format, recipe, per-layer shape, density, nnz and bytes.
 
-    Example: [bold]ndsnn inspect runs/quick/export/last.csr.safetensors[/bold]
+    \b
+    Example:
+      ndsnn inspect runs/quick/export/last.csr.safetensors
     """
     from ndsnn_cli.export import inspect_file
 
@@ -130,7 +134,9 @@ def run(
 ) -> None:
     """Run a CSR artefact with the reference sparse runtime (no training code) and print predictions/accuracy.
 
-    Example: [bold]ndsnn run quick.safetensors --dataset-test --limit 1000[/bold]
+    \b
+    Example:
+      ndsnn run quick.safetensors --dataset-test --limit 1000
     """
     import torch
 

@@ -28,9 +28,11 @@ def train(
 ) -> None:
     """Train one spiking network with the recipe's sparse method (ndsnn, rigl, set, lth, static, gmp, dense).
 
-    Example: [bold]ndsnn train recipes/quickstart.toml --out runs/quick[/bold]
-    Two processes: [bold]ndsnn train recipes/quickstart.toml --nproc 2[/bold]
-    (same as [bold]torchrun --nproc-per-node 2 -m ndsnn_cli train recipes/quickstart.toml[/bold])
+    \b
+    Examples:
+      ndsnn train recipes/quickstart.toml --out runs/quick
+      ndsnn train recipes/quickstart.toml --nproc 2   (two processes, the same as
+        torchrun --nproc-per-node 2 -m ndsnn_cli train recipes/quickstart.toml)
     """
     import json
     import os
