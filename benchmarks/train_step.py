@@ -65,11 +65,11 @@ def _models(model_name: str, batch: int, timesteps: int, side: str) -> tuple[Any
     """(model, recipe, reset): ndsnn's model, or its SpikingJelly twin with ndsnn's initial weights."""
     import torch
 
-    from ndsnn_cli.train import build_model
+    from ndsnn_cli.train import build_training_model
 
     recipe = _recipe(model_name, batch, timesteps)
     torch.manual_seed(recipe.seed)
-    model = build_model(recipe)
+    model = build_training_model(recipe)
     if side != "sj":
         return model, recipe, None
     from benchmarks.sj_models import sj_twin

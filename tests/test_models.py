@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.recipe import parse_recipe
 from ndsnn_cli.snn.models import MODELS, NeuronConfig, create_model
 from ndsnn_cli.snn.neuron import LIF
+from ndsnn_cli.train import build_training_model
 
 # Counted once from this code for CIFAR-10 (3x32x32, 10 classes), all parameters incl. BN and biases.
 # Plausible against the published layouts: VGG-16 (conv biases, one 512->10 classifier) ~14.7 M,
@@ -87,11 +89,15 @@ def test_unknown_model_lists_known_names() -> None:
 
 @pytest.mark.parametrize(("name", "size", "channels"), [("vgg16", 32, 3), ("resnet19", 32, 3), ("scnn", 28, 1),
                                                          ("mlp", 28, 1)])
-def test_memory_lean_training_path_equals_plain_modules(name: str, size: int, channels: int) -> None:
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_memory_lean_training_path_equals_plain_modules(name: str, size: int, channels: int,
+                                                        memory_format: torch.memory_format) -> None:
     """The fused backend's training forward (BN+LIF fused, 1-byte spikes, lean pooling) against the
-    reference backend's plain module calls: identical logits and running statistics, equal gradients."""
+    reference backend's plain module calls: identical logits and running statistics, equal gradients,
+    in NCHW and in the trainer's channels-last layout."""
     torch.manual_seed(0)
     lean = create_model(name, num_classes=10, in_channels=channels, image_size=size, neuron=NeuronConfig(timesteps=3))
+    lean = lean.to(memory_format=memory_format)
     plain = copy.deepcopy(lean)
     plain.set_lif_backend("reference")
     images = torch.randn(4, channels, size, size)
@@ -109,3 +115,27 @@ def test_memory_lean_training_path_equals_plain_modules(name: str, size: int, ch
     for (buffer_name, a), b in zip(lean.named_buffers(), plain.buffers(), strict=True):
         assert torch.equal(a, b), buffer_name
 
+
+
+@pytest.mark.parametrize(("name", "size", "channels"), [("vgg16", 32, 3), ("resnet19", 32, 3), ("scnn", 28, 1)])
+def test_training_model_keeps_every_feature_map_channels_last(name: str, size: int, channels: int) -> None:
+    """The trainer's model (channels-last weights) keeps NHWC through the fused nodes, the repeated
+    encoder output and the pooling, forward and backward: no layout round trips between convs."""
+    recipe = parse_recipe(f"[model]\narch = '{name}'\ntimesteps = 3\n[data]\n"
+                          f"dataset = '{'cifar10' if channels == 3 else 'fashion-mnist'}'\n")
+    model = build_training_model(recipe).train()
+    layouts: list[tuple[str, str, bool]] = []
+
+    def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        tensors = [("output", output)] + ([("input", inputs[0])] if module is not first_conv else [])
+        for where, tensor in tensors:
+            layouts.append((type(module).__name__, where, tensor.is_contiguous(memory_format=torch.channels_last)))
+
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    first_conv = convs[0]  # its input is the caller's image batch
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.MaxPool2d):
+            module.register_forward_hook(record)
+    model(torch.randn(2, channels, size, size)).sum().backward()
+    assert layouts and all(ok for _, _, ok in layouts), [x for x in layouts if not x[2]]
+    assert all(m.weight.grad.is_contiguous(memory_format=torch.channels_last) for m in convs)

@@ -177,9 +177,10 @@ def test_fused_batchnorm_lif_runs_forward_hooks_with_its_spikes() -> None:
     assert len(seen) == 1 and seen[0] is out
 
 
-def test_repeated_input_lif_equals_repeat_then_lif() -> None:
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_repeated_input_lif_equals_repeat_then_lif(memory_format: torch.memory_format) -> None:
     generator = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 4, 7, 7, generator=generator) * 1.5 + 0.7
+    x = (torch.randn(3, 4, 7, 7, generator=generator) * 1.5 + 0.7).contiguous(memory_format=memory_format)
     upstream = torch.randn(5 * 3, 4, 7, 7, generator=generator)
     fused_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
     fused = LIF(5).repeated(fused_in)
@@ -188,6 +189,7 @@ def test_repeated_input_lif_equals_repeat_then_lif() -> None:
     ref.backward(upstream)
     assert torch.equal(fused, ref)
     torch.testing.assert_close(fused_in.grad, ref_in.grad, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+    assert fused.is_contiguous(memory_format=memory_format)  # the layout carries over to the spikes
 
 
 def test_spike_max_pool_gradient_equals_max_pool_module() -> None:

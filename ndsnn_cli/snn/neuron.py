@@ -165,6 +165,20 @@ class _BatchNormLIF(torch.autograd.Function):
         return grad_y, grad_w, grad_b, (grad_x if need[3] else None), None, None, None, None, None
 
 
+def repeat_over_time(x: torch.Tensor, timesteps: int) -> torch.Tensor:
+    """`[B, ...]` -> a new `[T, B, ...]` tensor holding x at every step, in x's memory format (a
+    channels-last image batch stays channels-last, so the convolutions after it keep that layout)."""
+    out = torch.empty((timesteps * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device,
+                      memory_format=_memory_format(x))
+    out = out.view(timesteps, *x.shape)
+    return out.copy_(x.unsqueeze(0).expand_as(out))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 class _RepeatedInputLIF(torch.autograd.Function):
     """The LIF driven by the same current at every time step (the once-run encoder's output).
 
@@ -173,7 +187,7 @@ class _RepeatedInputLIF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lif: LIF) -> torch.Tensor:  # type: ignore[override]
-        h_seq = _charge_(x.unsqueeze(0).repeat(lif.timesteps, *([1] * x.dim())), lif.tau, lif.v_threshold)
+        h_seq = _charge_(repeat_over_time(x, lif.timesteps), lif.tau, lif.v_threshold)
         ctx.save_for_backward(x)
         ctx.lif = lif
         return h_seq.ge_(lif.v_threshold).view(-1, *x.shape[1:])  # the spikes, written over H
@@ -182,7 +196,7 @@ class _RepeatedInputLIF(torch.autograd.Function):
     def backward(ctx, grad_spikes: torch.Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
         lif = ctx.lif
-        h_seq = _charge_(x.unsqueeze(0).repeat(lif.timesteps, *([1] * x.dim())), lif.tau, lif.v_threshold)
+        h_seq = _charge_(repeat_over_time(x, lif.timesteps), lif.tau, lif.v_threshold)
         grad = _charge_backward(h_seq, grad_spikes.reshape(h_seq.shape), lif.tau, lif.v_threshold, lif.surrogate,
                                 lif.alpha, overwrite_h=True)
         return grad.sum(0), None
