@@ -69,14 +69,20 @@ def lif_reference(x_seq: torch.Tensor, tau: float, v_threshold: float, surrogate
 def _charge_(x_seq: torch.Tensor, tau: float, v_threshold: float) -> torch.Tensor:
     """In place: input currents X[t] -> charges H[t] (the recurrence above); returns x_seq.
 
-    Same arithmetic as the reference, v + (x - v) / tau, so spikes are bit-identical.
+    Same arithmetic as the reference, v + (x - v) / tau, so spikes are bit-identical: the first step
+    (V = 0) is exactly x / tau, and the reset H - H S is exactly H (1 - S). Only arithmetic kernels
+    with `out=` run per step (a comparison into a bool tensor and a `where` cost twice as much here).
     """
-    v = torch.zeros_like(x_seq[0])
-    zero = x_seq.new_zeros(())
+    v = torch.empty_like(x_seq[0])
+    spiked = torch.empty_like(x_seq[0])  # one step's S as 0/1 in x's dtype
     for t in range(x_seq.shape[0]):
         h = x_seq[t]
-        h.sub_(v).div_(tau).add_(v)
-        torch.where(h < v_threshold, h, zero, out=v)  # hard reset: V = H (1 - S)
+        if t:
+            h.sub_(v).div_(tau).add_(v)
+        else:
+            h.div_(tau)
+        torch.ge(h, v_threshold, out=spiked)
+        torch.addcmul(h, h, spiked, value=-1, out=v)  # hard reset: V = H (1 - S)
     return x_seq
 
 
