@@ -211,7 +211,8 @@ def _random_sparse(arch: str, image_size: int, channels: int, sparsity: float) -
 
 
 @pytest.mark.parametrize(("arch", "size", "channels"), [("mlp", 28, 1), ("vgg16", 32, 3), ("resnet19", 16, 3)])
-def test_runtime_runs_sequential_and_residual_models(arch: str, size: int, channels: int) -> None:
+@pytest.mark.parametrize("dense_above", [1.0, 0.0])  # every layer on the CSR kernel / on the dense one
+def test_runtime_runs_sequential_and_residual_models(arch: str, size: int, channels: int, dense_above: float) -> None:
     model, masks = _random_sparse(arch, size, channels, 0.9)
     folded = fold_batchnorm(model)
     metadata = {"timesteps": 2, "graph": inference_graph(folded)}
@@ -220,8 +221,10 @@ def test_runtime_runs_sequential_and_residual_models(arch: str, size: int, chann
     images = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = folded(images)
-    got = SparseNetwork(raw, {**metadata, "format": "ndsnn-csr"})(images)
+    net = SparseNetwork(raw, {**metadata, "format": "ndsnn-csr"}, dense_above=dense_above)
+    got = net(images)
     assert set(sparse) == set(masks)
+    assert set(net.sparse) == (set(masks) if dense_above == 1.0 else set())
     assert sum(int(s.sum()) for s in _spike_trains(folded, images)[-2:]) > 0  # activity reaches the top
     mismatched = int(((got - expected).abs() > LOGIT_TOL).sum())
     # im2col + sparse matmul sums in another order than the dense conv kernel; a membrane within float

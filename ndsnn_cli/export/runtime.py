@@ -19,14 +19,23 @@ import torch.nn.functional as F
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export.csr import load_raw, split_csr
 
+# A layer denser than this runs the dense kernel on its weight rebuilt at load time: above ~10%
+# density the CSR product plus its patch copy is slower than oneDNN's dense convolution (at 90%
+# sparsity the all-CSR runtime took 1.7-2.5x the dense model's time; benchmarks/export_sizes.md).
+DENSE_ABOVE = 0.1
 OPS = ("conv2d", "linear", "batchnorm", "lif", "maxpool2d", "global_avgpool", "flatten", "repeat_timesteps",
        "residual")
 
 
 class SparseNetwork:
-    """An artefact ready to run: `logits = net(images)` gives per-step logits [T, B, classes]."""
+    """An artefact ready to run: `logits = net(images)` gives per-step logits [T, B, classes].
 
-    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    Each sparse layer runs the CSR kernel, or the dense one when its density is above `dense_above`
+    (1.0: CSR everywhere; 0.0: dense everywhere).
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any],
+                 dense_above: float = DENSE_ABOVE) -> None:
         self.metadata = metadata
         self.timesteps = int(metadata["timesteps"])
         self.graph = metadata["graph"]
@@ -43,7 +52,10 @@ class SparseNetwork:
                 matrix = torch.sparse_csr_tensor(parts["crow_indices"].to(torch.int64),
                                                  parts["col_indices"].to(torch.int64),
                                                  parts["values"].float(), (shape[0], cols))
-                self.sparse[name] = (matrix, shape)
+                if parts["values"].numel() > dense_above * shape[0] * cols:
+                    self.dense[name] = matrix.to_dense().reshape(shape)
+                else:
+                    self.sparse[name] = (matrix, shape)
         self._check(self.graph)
 
     def _check(self, ops: list[dict[str, Any]]) -> None:
@@ -155,9 +167,9 @@ def _im2col(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list
     return patches.reshape(channels * kernel[0] * kernel[1], batch * out_h * out_w), out_h, out_w
 
 
-def load_network(path: str | Path) -> SparseNetwork:
-    """Read an `ndsnn-csr` artefact into a runnable network."""
+def load_network(path: str | Path, dense_above: float = DENSE_ABOVE) -> SparseNetwork:
+    """Read an `ndsnn-csr` artefact into a runnable network (layers denser than `dense_above` run dense)."""
     tensors, metadata = load_raw(path)
     if "graph" not in metadata:
         raise UserError(f"{path}: artefact has no layer graph in its metadata")
-    return SparseNetwork(tensors, metadata)
+    return SparseNetwork(tensors, metadata, dense_above)
