@@ -233,6 +233,28 @@ def test_runtime_runs_sequential_and_residual_models(arch: str, size: int, chann
     assert mismatched <= (0 if arch != "resnet19" else 2)
 
 
+@pytest.mark.parametrize("width", [6, 20])  # patch columns batch-last (narrow maps) and batch-first
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation"), [
+    ((3, 3), (1, 1), (1, 1), (1, 1)), ((1, 1), (2, 2), (0, 0), (1, 1)), ((5, 3), (2, 1), (2, 0), (1, 2)),
+])
+def test_runtime_sparse_conv_equals_conv2d(width: int, kernel: tuple[int, int], stride: tuple[int, int],
+                                           padding: tuple[int, int], dilation: tuple[int, int]) -> None:
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(6, 4, *kernel, generator=generator)
+    mask = torch.rand(weight.shape, generator=generator) < 0.3
+    bias = torch.randn(6, generator=generator)
+    x = torch.randn(3, 4, 7, width, generator=generator)
+    op = {"op": "conv2d", "weight": "w", "bias": "b", "stride": list(stride), "padding": list(padding),
+          "dilation": list(dilation), "groups": 1}
+    raw = load_safetensors(csr.pack({"w": weight * mask, "b": bias}, {"w": mask}, {"timesteps": 1, "graph": [op]}))
+    net = SparseNetwork(raw, {"timesteps": 1, "graph": [op]}, dense_above=1.0)
+    assert "w" in net.sparse
+    expected = torch.nn.functional.conv2d(x, weight * mask, bias, stride, padding, dilation)
+    got = net._run([op], x)
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_onnx_export_matches_pytorch_with_dynamic_batch_and_metadata(run_dir: Path, test_images, tmp_path) -> None:
     import onnx
     import onnxruntime as ort
