@@ -70,7 +70,7 @@ def build_model(recipe: Recipe) -> SpikingNet:
 def build_training_model(recipe: Recipe, device: torch.device | str = "cpu") -> SpikingNet:
     """The model as the trainer runs it: on `device`, conv weights channels-last.
 
-    oneDNN (CPU) and cuDNN convolutions run faster on NHWC feature maps (benchmarks/README.md: 5-15%
+    oneDNN (CPU) and cuDNN convolutions run faster on NHWC feature maps (benchmarks/README.md: 6-15%
     per training step here), and a channels-last weight makes every conv output, and so every
     spike map after it, channels-last. Values and the state_dict are unchanged (checkpoints store
     contiguous tensors); only the rounding of the convolutions may differ from an NCHW run.

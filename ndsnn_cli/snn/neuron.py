@@ -174,15 +174,11 @@ class _BatchNormLIF(torch.autograd.Function):
 def repeat_over_time(x: torch.Tensor, timesteps: int) -> torch.Tensor:
     """`[B, ...]` -> a new `[T, B, ...]` tensor holding x at every step, in x's memory format (a
     channels-last image batch stays channels-last, so the convolutions after it keep that layout)."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     out = torch.empty((timesteps * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device,
-                      memory_format=_memory_format(x))
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     out = out.view(timesteps, *x.shape)
     return out.copy_(x.unsqueeze(0).expand_as(out))
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class _RepeatedInputLIF(torch.autograd.Function):
