@@ -29,6 +29,8 @@ class Step:
     weights: dict[str, torch.Tensor]
     momentum: dict[str, torch.Tensor]
     update: MaskUpdate | None
+    weights_before: dict[str, torch.Tensor]   # after the optimizer step, before the mask update
+    momentum_before: dict[str, torch.Tensor]
 
 
 def run(method_name: str, **sparsity: object) -> tuple[SparseMethod, list[Step]]:
@@ -49,12 +51,17 @@ def run(method_name: str, **sparsity: object) -> tuple[SparseMethod, list[Step]]
         spiking_loss(model(images), labels).backward()
         optimizer.step()
         grads = {n: p.grad.clone() for n, p in method.masks.params.items()}
+        weights_before, momentum_before = weights_and_momentum(method, optimizer)
         update = method.after_step(step, optimizer)
         history.append(Step(step, before, {n: m.clone() for n, m in method.masks.masks.items()}, grads,
-                            {n: p.detach().clone() for n, p in method.masks.params.items()},
-                            {n: optimizer.state[p]["momentum_buffer"].clone() for n, p in method.masks.params.items()},
-                            update))
+                            *weights_and_momentum(method, optimizer), update, weights_before, momentum_before))
     return method, history
+
+
+def weights_and_momentum(method: SparseMethod, optimizer: torch.optim.Optimizer
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    return ({n: p.detach().clone() for n, p in method.masks.params.items()},
+            {n: optimizer.state[p]["momentum_buffer"].clone() for n, p in method.masks.params.items()})
 
 
 @pytest.fixture(scope="module")
@@ -287,4 +294,96 @@ def test_an_update_skipped_for_non_finite_gradients_runs_at_the_next_finite_step
         if step == ramp_end:
             assert update is None and method.pending_update
     assert update is not None and update.step == ramp_end + 1 and not method.pending_update
+    assert nnz(method.masks.masks) == expected_counts(method, 0.9)
+
+
+@pytest.mark.parametrize("method_name", ["set", "rigl", "ndsnn", "gmp"])
+def test_weights_active_before_and_after_an_update_keep_their_value_and_momentum(method_name: str) -> None:
+    """Regression: an update used to zero positions it dropped and regrew at once (still active)."""
+    _, history = run(method_name)
+    kept_total = 0
+    for h in (h for h in history if h.update):
+        for name in h.after:
+            kept = h.before[name] & h.after[name]
+            kept_total += int(kept.sum())
+            assert torch.equal(h.weights[name][kept], h.weights_before[name][kept]), (h.step, name)
+            assert torch.equal(h.momentum[name][kept], h.momentum_before[name][kept]), (h.step, name)
+    assert kept_total > 0
+
+
+@pytest.mark.parametrize("method_name", ["set", "rigl", "ndsnn", "gmp"])
+def test_update_records_count_only_positions_that_left_or_entered_the_mask(method_name: str) -> None:
+    _, history = run(method_name)
+    for h in (h for h in history if h.update):
+        for name, layer in h.update.layers.items():
+            assert layer["dropped"] == int((h.before[name] & ~h.after[name]).sum())
+            assert layer["grown"] == int((h.after[name] & ~h.before[name]).sum())
+        assert h.update.dropped == sum(layer["dropped"] for layer in h.update.layers.values())
+        assert h.update.grown == sum(layer["grown"] for layer in h.update.layers.values())
+
+
+@pytest.mark.parametrize("method_name", ["set", "rigl", "ndsnn"])
+def test_a_layer_that_erk_makes_dense_is_untouched_by_updates(method_name: str) -> None:
+    """At s = 0.5 ERK keeps the small encoder conv fully dense: updates must neither move nor wipe it."""
+    method, history = run(method_name, final=0.5, initial=0.5)
+    dense_layers = [n for n, m in history[0].before.items() if bool(m.all())]
+    assert "encoder.0.weight" in dense_layers
+    updates = [h for h in history if h.update]
+    assert updates
+    for h in updates:
+        for name in dense_layers:
+            assert bool(h.after[name].all())
+            assert h.update.layers[name]["dropped"] == h.update.layers[name]["grown"] == 0
+            assert torch.equal(h.weights[name], h.weights_before[name])
+            assert torch.equal(h.momentum[name], h.momentum_before[name])
+
+
+def test_an_update_postponed_to_update_end_is_dropped_there_masks_stay_frozen() -> None:
+    """An exploration update postponed by an AMP-skipped step must not run at or after t_end."""
+    recipe = BASE.replace(sparsity={"method": "rigl"})  # updates every 2 steps before t_end = 20
+    torch.manual_seed(0)
+    model = create_model("scnn", num_classes=10, in_channels=1, image_size=8, neuron=NeuronConfig(timesteps=2))
+    method = build_method(recipe, STEPS_PER_EPOCH)
+    method.setup(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    images, labels = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    end = method.schedule.update_end_step
+    assert method.schedule.is_update_step(end - 2) and not method.schedule.is_update_step(end - 1)
+    for step in range(1, end + 3):
+        optimizer.zero_grad()
+        spiking_loss(model(images), labels).backward()
+        if step in (end - 2, end - 1):  # the last update step and the one after it both overflow
+            next(iter(method.masks.params.values())).grad[0].fill_(float("inf"))
+        else:
+            optimizer.step()
+        before = {n: m.clone() for n, m in method.masks.masks.items()}
+        update = method.after_step(step, optimizer)
+        if step >= end - 2:
+            assert update is None, step
+            assert all(torch.equal(before[n], method.masks.masks[n]) for n in before)
+    assert not method.pending_update
+
+
+def test_a_ramp_update_postponed_past_update_end_still_reaches_the_final_sparsity() -> None:
+    """t1 = t_end: the ramp's last update, postponed, runs once after t_end and only prunes."""
+    recipe = BASE.replace(sparsity={"method": "ndsnn", "ramp_end_epoch": 2.0})
+    torch.manual_seed(0)
+    model = create_model("scnn", num_classes=10, in_channels=1, image_size=8, neuron=NeuronConfig(timesteps=2))
+    method = build_method(recipe, STEPS_PER_EPOCH)
+    method.setup(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    images, labels = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    end = method.schedule.update_end_step
+    assert method.schedule.ramp_end_step == end
+    for step in range(1, end + 2):
+        optimizer.zero_grad()
+        spiking_loss(model(images), labels).backward()
+        if step == end:
+            next(iter(method.masks.params.values())).grad[0].fill_(float("inf"))
+        else:
+            optimizer.step()
+        before = {n: m.clone() for n, m in method.masks.masks.items()}
+        update = method.after_step(step, optimizer)
+    assert update is not None and update.step == end + 1 and update.grown == 0
+    assert not any((method.masks.masks[n] & ~before[n]).any() for n in before)  # nothing entered
     assert nnz(method.masks.masks) == expected_counts(method, 0.9)

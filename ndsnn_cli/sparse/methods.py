@@ -15,7 +15,14 @@ from torch import nn
 
 from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.sparse.budget import active_count, target_counts
-from ndsnn_cli.sparse.masks import Masks, global_magnitude_masks, layer_counts, random_mask, sparse_parameter_names
+from ndsnn_cli.sparse.masks import (
+    Masks,
+    global_magnitude_masks,
+    layer_counts,
+    random_mask,
+    scale_to_active_fan_in,
+    sparse_parameter_names,
+)
 from ndsnn_cli.sparse.schedules import SparseSchedule, method_schedule
 
 
@@ -37,18 +44,22 @@ class MaskUpdate:
 
 @dataclass(frozen=True)
 class LayerChange:
+    """A layer's new mask, the positions that entered it, and how many left it."""
+
     mask: torch.Tensor
-    grown: torch.Tensor
-    dropped: int
+    grown: torch.Tensor  # new & ~old: the only positions that restart from zero
+    dropped: int         # |old & ~new|
 
 
 def drop_and_grow(weight: torch.Tensor, mask: torch.Tensor, target_active: int, drop_fraction: float,
                   grow_scores: torch.Tensor | None) -> LayerChange:
     """One layer's update: keep the largest |w| of the active weights, then grow at the best scores.
 
-    With k active and k' = target_active: g = ceil(d * k') weights grow and k - k' + g are dropped,
+    With k active and k' = target_active: g = ceil(d * k') candidates grow and k - k' + g are dropped,
     so the layer ends with exactly k' active weights. `grow_scores=None` means no growth (GMP).
-    Regrowing a just-dropped position is allowed (as in RigL); it restarts from zero.
+    A just-dropped position may be chosen again (as in RigL); it then simply stays active, with its
+    weight and optimizer state (RigL's `reinit_when_same=False`). So `grown` and `dropped` count only
+    positions that entered or left the mask: a layer whose mask did not move reports 0 and 0.
     """
     active = int(mask.sum())
     grow_count = math.ceil(drop_fraction * target_active) if grow_scores is not None else 0
@@ -58,28 +69,33 @@ def drop_and_grow(weight: torch.Tensor, mask: torch.Tensor, target_active: int, 
     keep = torch.zeros_like(mask.flatten())
     if remain:
         keep[torch.topk(flat_w, remain, sorted=False).indices] = True
-    grown = torch.zeros_like(keep)
+    chosen = torch.zeros_like(keep)
     if grow_count:
         if grow_scores is None:
             raise ValueError("growth requested without scores")
         scores = grow_scores.flatten().float().masked_fill(keep, -math.inf)
-        grown[torch.topk(scores, grow_count, sorted=False).indices] = True
-    new_mask = (keep | grown).reshape(mask.shape)
-    return LayerChange(new_mask, grown.reshape(mask.shape), active - remain)
+        chosen[torch.topk(scores, grow_count, sorted=False).indices] = True
+    new_mask = (keep | chosen).reshape(mask.shape)
+    return LayerChange(new_mask, new_mask & ~mask, int((mask & ~new_mask).sum()))
 
 
 class SparseMethod:
     """The drop-and-grow engine; `schedule=None` is dense training (no masks)."""
 
     def __init__(self, name: str, schedule: SparseSchedule | None, distribution: str = "erk",
-                 dense: tuple[str, ...] = (), seed: int = 0) -> None:
+                 dense: tuple[str, ...] = (), seed: int = 0, init: str = "scaled") -> None:
         self.name, self.schedule, self.distribution, self.dense = name, schedule, distribution, dense
+        self.init = init
         self.generator = torch.Generator().manual_seed(seed + 7919)
         self.masks: Masks | None = None
         self.pending_update = False  # an update step whose gradients were not finite (AMP skipped it)
 
     def setup(self, model: nn.Module, initial_masks: dict[str, torch.Tensor] | None = None) -> None:
-        """Create the initial masks (random with exact per-layer counts) and zero the inactive weights."""
+        """Create the initial masks (random with exact per-layer counts) and zero the inactive weights.
+
+        Only masks created here get the sparse-aware initialisation (`init = "scaled"`); masks passed in
+        (a resumed run, an LTH round over rewound weights) leave the weights as they are.
+        """
         if self.schedule is None:
             return
         names = sparse_parameter_names(model, self.dense)
@@ -94,6 +110,9 @@ class SparseMethod:
                 counts = layer_counts(weights, density, self.distribution)
                 initial_masks = {n: random_mask(w.shape, counts[n], self.generator, w.device)
                                  for n, w in weights.items()}
+            if self.init == "scaled":
+                for name, weight in weights.items():
+                    scale_to_active_fan_in(weight, initial_masks[name])
         self.masks = Masks(weights, initial_masks)
         self.masks.apply()
 
@@ -102,6 +121,8 @@ class SparseMethod:
         if self.masks is None:
             return None
         update = None
+        if self.pending_update and step >= self.schedule.update_end_step and not self._behind_schedule(step):
+            self.pending_update = False  # masks are frozen from t_end on: a late exploration update is dropped
         if self.schedule.is_update_step(step) or self.pending_update:
             if self._gradients_finite():
                 update = self._update(step, optimizer)
@@ -110,6 +131,15 @@ class SparseMethod:
                 self.pending_update = True
         self.masks.apply(optimizer)
         return update
+
+    def _behind_schedule(self, step: int) -> bool:
+        """A layer still holds more weights than the ramp allows at `step` (a postponed ramp update)."""
+        current = self.masks.nnz()
+        targets = target_counts(self.schedule, step, current, self._counts_at)
+        return targets != current
+
+    def _counts_at(self, density: float) -> dict[str, int]:
+        return layer_counts(self.masks.params, density, self.distribution, self.masks.masks)
 
     def _gradients_finite(self) -> bool:
         """An AMP step skipped for inf/NaN gradients leaves them unusable: postpone the update."""
@@ -121,9 +151,9 @@ class SparseMethod:
     def _update(self, step: int, optimizer: torch.optim.Optimizer) -> MaskUpdate:
         schedule, masks = self.schedule, self.masks
         target_sparsity = schedule.sparsity(step)
-        drop_fraction = schedule.drop_fraction_at(step)
-        targets = target_counts(schedule, step, masks.nnz(),
-                                lambda density: layer_counts(masks.params, density, self.distribution, masks.masks))
+        # from t_end on only a postponed ramp update runs, and it only prunes (masks are frozen there)
+        drop_fraction = schedule.drop_fraction_at(step) if step < schedule.update_end_step else 0.0
+        targets = target_counts(schedule, step, masks.nnz(), self._counts_at)
         layers, dropped_total, grown_total = {}, 0, 0
         for name, param in masks.params.items():
             if schedule.grow == "gradient":
@@ -162,4 +192,4 @@ class SparseMethod:
 def build_method(recipe: Recipe, steps_per_epoch: int) -> SparseMethod:
     sp = recipe.sparsity
     schedule = method_schedule(recipe, steps_per_epoch)
-    return SparseMethod(sp.method, schedule, sp.distribution, tuple(sp.dense), recipe.seed)
+    return SparseMethod(sp.method, schedule, sp.distribution, tuple(sp.dense), recipe.seed, sp.init)
