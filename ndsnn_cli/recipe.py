@@ -46,7 +46,7 @@ def _f(default: Any, **spec: Any) -> Any:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = _f("scnn", doc="model registry name (ndsnn_cli.snn.models)")
-    timesteps: int = _f(4, lo=1, doc="simulation time steps T")
+    timesteps: int = _f(5, lo=1, doc="simulation time steps T (the paper's 5)")
     tau: float = _f(4.0 / 3.0, lo=1.0, lo_open=True, doc="LIF membrane time constant")
     v_threshold: float = _f(1.0, lo=0.0, lo_open=True)
     surrogate: str = _f("atan", choices=("atan", "sigmoid"))
@@ -102,6 +102,8 @@ class SparsityConfig:
     drop_fraction: float = _f(0.5, lo=0.0, hi=1.0, doc="d0: initial drop fraction")
     drop_fraction_min: float = _f(0.005, lo=0.0, hi=1.0, doc="d_min: final drop fraction")
     grow: str = _f("gradient", choices=("gradient", "random"))
+    init: str = _f("scaled", choices=("scaled", "dense"),
+                   doc="scaled: rescale a new sparse mask's weights to their active fan-in; dense: keep dense init")
     prune_rate: float = _f(-1.0, doc="LTH: fraction of remaining weights pruned per round")
     rewind_epoch: int = _f(-1, doc="LTH: epoch whose weights each round rewinds to")
     round_epochs: int = _f(0, lo=0, doc="LTH: epochs per round (0 = train.epochs)")

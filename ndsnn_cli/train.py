@@ -45,6 +45,7 @@ class TrainCallbacks:
     def on_epoch_end(self, record: dict[str, Any]) -> None: ...
     def on_mask_update(self, update: MaskUpdate) -> None: ...
     def on_round_start(self, index: int, rounds: int, sparsity: float) -> None: ...
+    def on_warning(self, message: str) -> None: ...
 
 
 class TrainingDiverged(UserError):
@@ -308,6 +309,9 @@ def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: Train
         _check_weights_finite(model, state.step, checkpoint_path)
         distributed.broadcast_tensors(model.buffers())  # BN statistics: each rank updated its own
         test_loss, test_accuracy = evaluate(model, test_set, recipe, device)
+        if epoch == 0:
+            _warn_dead_layers(model, method, test_set, device, state.step, metrics_path if main else None,
+                              callbacks)
         state.best_accuracy = max(state.best_accuracy, test_accuracy)
         last_record = {"kind": "epoch", "epoch": epoch + 1, "step": state.step,
                        "lr": learning_rate(recipe, state.step - 1, total_steps, steps_per_epoch),
@@ -456,6 +460,43 @@ def spike_rates(model: SpikingNet, images: torch.Tensor) -> dict[str, float]:
             hook.remove()
         model.train(was_training)
     return rates
+
+
+DEAD_SPIKE_RATE = 1e-4  # a LIF layer firing less than this at the first evaluation passes (almost) no gradient
+
+
+def dead_layers(model: SpikingNet, masks: Masks | None, images: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """LIF layers whose spike rate on `images` is below DEAD_SPIKE_RATE, each with the weight that feeds
+    it (the nearest conv/linear before it, shortcuts aside) and that weight's density."""
+    rates = spike_rates(model, images)
+    feeding, last = {}, None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear) and "shortcut" not in name:
+            last = f"{name}.weight"
+        elif name in rates:
+            feeding[name] = last
+    dead = {}
+    for name, rate in rates.items():
+        if rate < DEAD_SPIKE_RATE:
+            weight = feeding.get(name)
+            density = float(masks.masks[weight].float().mean()) if masks and weight in masks.masks else 1.0
+            dead[name] = {"spike_rate": rate, "weight": weight, "density": density}
+    return dead
+
+
+def _warn_dead_layers(model: SpikingNet, method: SparseMethod, test_set: torch.utils.data.Dataset,
+                      device: torch.device, step: int, metrics_path: Path | None, callbacks: TrainCallbacks) -> None:
+    """The dead-layer guard: a silent LIF layer at the first evaluation is named, with its density."""
+    probe = torch.stack([test_set[i][0] for i in range(min(64, len(test_set)))]).to(device)
+    dead = dead_layers(model, method.masks, probe)
+    if not dead:
+        return
+    if metrics_path is not None:
+        append_line(metrics_path, json.dumps({"kind": "dead_layers", "step": step, "epoch": 1, "layers": dead}))
+    for name, info in dead.items():
+        callbacks.on_warning(f"LIF layer {name} fired at rate {info['spike_rate']:.2g} at the first evaluation "
+                             f"(fed by {info['weight']} at density {info['density']:.4f}): it passes almost no "
+                             "gradient; try [sparsity] init = \"scaled\" or a lower sparsity")
 
 
 def _summary(recipe: Recipe, model: SpikingNet, method: SparseMethod, test_set: torch.utils.data.Dataset,

@@ -233,3 +233,70 @@ def test_a_last_batch_of_one_sample_is_dropped_so_batchnorm_can_train(tiny_recip
                                                                         tmp_path: Path) -> None:
     summary = train(tiny_recipe(data={"train_limit": 129, "batch_size": 64}), tmp_path / "run")
     assert summary["steps"] == 2 * 2  # 129 = 2 x 64 + 1: two steps per epoch, the single sample dropped
+
+
+class Warnings(TrainCallbacks):
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def on_warning(self, message: str) -> None:
+        self.messages.append(message)
+
+
+def test_a_silent_lif_layer_at_the_first_evaluation_is_named_with_its_density(tiny_recipe: Callable[..., Recipe],
+                                                                             tmp_path: Path) -> None:
+    recipe = tiny_recipe(model={"v_threshold": 1000.0}, sparsity={"method": "static", "final": 0.9})
+    callbacks = Warnings()
+    train(recipe, tmp_path / "dead", callbacks=callbacks)
+    records = [r for r in read_metrics(tmp_path / "dead") if r["kind"] == "dead_layers"]
+    assert len(records) == 1 and records[0]["epoch"] == 1 and records[0]["step"] == 4
+    layer = records[0]["layers"]["body.0"]
+    checkpoint = load_checkpoint(tmp_path / "dead" / CHECKPOINT)
+    # the mlp's LIF body.0 is fed by encoder.1 (its hidden linear layer)
+    assert layer["weight"] == "encoder.1.weight" and layer["spike_rate"] == 0.0
+    assert layer["density"] == float(checkpoint.masks["encoder.1.weight"].float().mean())
+    assert len(callbacks.messages) == 1
+    assert "body.0" in callbacks.messages[0] and f"{layer['density']:.4f}" in callbacks.messages[0]
+
+
+def test_a_firing_network_records_no_dead_layers(tiny_recipe: Callable[..., Recipe], tmp_path: Path) -> None:
+    callbacks = Warnings()
+    train(tiny_recipe(), tmp_path / "alive", callbacks=callbacks)
+    assert callbacks.messages == []
+    assert not [r for r in read_metrics(tmp_path / "alive") if r["kind"] == "dead_layers"]
+
+
+def test_lth_rounds_start_from_the_rewound_weights_with_their_round_mask(tiny_recipe: Callable[..., Recipe],
+                                                                        tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round r >= 1 starts from rewind.safetensors times round r's mask, across 4 rounds."""
+    from ndsnn_cli.sparse.methods import SparseMethod
+
+    starts: list[dict[str, torch.Tensor]] = []
+    original_setup = SparseMethod.setup
+
+    def recording_setup(self: SparseMethod, model: torch.nn.Module, initial_masks: dict | None = None) -> None:
+        original_setup(self, model, initial_masks)
+        starts.append({n: p.detach().clone() for n, p in model.state_dict().items()})
+
+    monkeypatch.setattr(SparseMethod, "setup", recording_setup)
+    recipe = tiny_recipe(sparsity={"method": "lth", "final": 0.875, "prune_rate": 0.5, "rewind_epoch": 1})
+    summary = train(recipe, tmp_path / "lth")
+    assert [r["target_sparsity"] for r in summary["rounds"]] == [0.0, 0.5, 0.75, 0.875]
+    assert len(starts) == 4
+    rewound = load_checkpoint(tmp_path / "lth" / "rewind.safetensors").model_state
+    previous = load_checkpoint(tmp_path / "lth" / "round_00" / CHECKPOINT)
+    for index in (1, 2, 3):
+        final = load_checkpoint(tmp_path / "lth" / f"round_{index:02d}" / CHECKPOINT)
+        masks = {n: m.bool() for n, m in final.masks.items()}
+        names = list(masks)
+        # the round's mask prunes the previous round's final weights (within its mask) by global magnitude
+        expected = prune_global_magnitude({n: previous.model_state[n] for n in names},
+                                          {n: previous.masks[n].bool() for n in names} if previous.masks else None,
+                                          summary["rounds"][index]["target_sparsity"])
+        assert all(torch.equal(masks[n], expected[n]) for n in names)
+        for name, value in starts[index].items():
+            want = rewound[name] * masks[name] if name in masks else rewound[name]
+            assert torch.equal(value, want.to(value.dtype)), (index, name)
+        assert not torch.equal(starts[index][names[0]], final.model_state[names[0]])  # and it then trained
+        previous = final

@@ -127,6 +127,11 @@ class RichTrainProgress:
     def on_mask_update(self, update: MaskUpdate) -> None:
         pass
 
+    def on_warning(self, message: str) -> None:
+        from rich.markup import escape
+
+        self.console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
+
     def on_round_start(self, index: int, rounds: int, sparsity: float) -> None:
         if self.enabled:
             self.progress.console.print(f"[bold]LTH round {index + 1}/{rounds}[/bold]: sparsity {sparsity:.4f}")

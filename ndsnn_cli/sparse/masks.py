@@ -85,6 +85,25 @@ def magnitude_mask(weight: torch.Tensor, count: int) -> torch.Tensor:
     return mask.reshape(weight.shape)
 
 
+@torch.no_grad()
+def scale_to_active_fan_in(weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Sparse-aware initialisation (Evci et al., AAAI 2022): multiply each output neuron's weights by
+    sqrt(fan_in / active_fan_in), so its input current has the variance dense initialisation gives.
+
+    Without it a layer keeping 1% of its inputs gets ~10x smaller currents and its LIF neurons may never
+    reach threshold. A neuron with no active input uses the layer's mean active fan-in (its weights are
+    masked anyway); a layer with no active weight is left as it is.
+    """
+    rows = mask.reshape(mask.shape[0], -1)  # (out, in * kh * kw)
+    fan_in = rows.shape[1]
+    active = rows.sum(1).to(torch.float64)  # active fan-in per output neuron
+    if not bool(active.any()):
+        return
+    active = torch.where(active > 0, active, active.sum() / int((active > 0).sum()))
+    factor = (fan_in / active).sqrt().to(weight.dtype)
+    weight.mul_(factor.view(-1, *[1] * (weight.dim() - 1)))
+
+
 # Optimizer state that holds one value per weight and must be zero where the weight is inactive.
 PER_WEIGHT_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
