@@ -34,10 +34,15 @@ class RunSpec:
     seed: int
     recipe: Recipe
     run_dir: Path
+    label: str = ""  # the table row: the method, or e.g. "rigl-pub" for a baseline at its published settings
+
+    @property
+    def row(self) -> str:
+        return self.label or self.method
 
     @property
     def key(self) -> str:
-        return run_key(self.method, self.sparsity, self.seed)
+        return run_key(self.row, self.sparsity, self.seed)
 
 
 @dataclass
@@ -59,6 +64,32 @@ def parse_methods(text: str) -> list[str]:
         if method not in METHODS:
             raise UserError(f"--methods: unknown method '{method}' (known: {', '.join(METHODS)})")
     return list(dict.fromkeys(methods))
+
+
+def apply_overrides(base: Recipe, overrides: Sequence[str]) -> Recipe:
+    """`--set sparsity.init=dense`: TOML values (`0.5`, `true`, `["a"]`), bare words as strings; each
+    validated like a recipe file's key, the error naming the option."""
+    import tomllib
+
+    tables: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        where, sep, text = item.partition("=")
+        table, dot, key = where.strip().partition(".")
+        if not sep or not dot or not key:
+            raise UserError(f"--set {item!r}: expected TABLE.KEY=VALUE, e.g. sparsity.init=dense")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        tables.setdefault(table, {})[key] = value
+    if not tables:
+        return base
+    try:
+        return base.replace(**{t: v for t, v in tables.items()})
+    except (KeyError, TypeError):
+        raise UserError(f"--set: unknown table in {', '.join(tables)} (known: model, data, train, sparsity)") from None
+    except UserError as exc:
+        raise UserError(f"--set: {exc}") from None
 
 
 def parse_sparsities(text: str) -> list[float]:
@@ -84,19 +115,95 @@ def run_recipe(base: Recipe, method: str, sparsity: float, seed: int) -> tuple[R
     return with_method(renamed, method, **({} if method == "dense" else {"final": sparsity}))
 
 
+# ---------------------------------------------------------------- baselines at their published settings
+
+BASELINES = ("same", "published", "both")  # --baselines: the recipe's shared settings, the papers', or both
+PUBLISHED_METHODS = ("rigl", "set", "lth")
+RIGL_DELTA_T_STEPS = 100        # RigL (Evci et al., ICML 2020): ΔT = 100 ...
+RIGL_EPOCH_STEPS = 391          # ... on CIFAR-10 at batch 128 (50,000 / 128 = 391 steps an epoch)
+RIGL_DROP_FRACTION = 0.3        # α, cosine-decayed to 0 at t_end = 75% of training
+SET_DROP_FRACTION = 0.3         # SET (Mocanu et al., 2018): ζ = 0.3 once per epoch, all training long
+
+
+def published_recipe(recipe: Recipe, first_layer: str) -> tuple[Recipe, list[str]]:
+    """A rigl/set/lth run recipe switched to its authors' schedule, scaled to the run's length.
+
+    RigL's ΔT is 100 steps of a 391-step epoch; a shorter epoch keeps RigL's updates per epoch
+    (ΔT = round(100 * steps_per_epoch / 391)). RigL and SET keep the first layer dense (RigL's
+    `first_layer_sparsity = 0`), grow at zero and drop by magnitude, as ndsnn already does.
+    """
+    from ndsnn_cli.data import batches_per_epoch, train_size
+    from ndsnn_cli.recipe import LTH_MAX_REWIND_EPOCH, LTH_PRUNE_RATE
+
+    sp, epochs = recipe.sparsity, recipe.train.epochs
+    steps_per_epoch, _ = batches_per_epoch(train_size(recipe.data), recipe.data.batch_size)
+    dense_first = sorted({*sp.dense, first_layer})
+    if sp.method == "rigl":
+        every = RIGL_DELTA_T_STEPS if steps_per_epoch >= RIGL_EPOCH_STEPS else max(
+            1, round(RIGL_DELTA_T_STEPS * steps_per_epoch / RIGL_EPOCH_STEPS))
+        how = ("100 steps" if every == RIGL_DELTA_T_STEPS else
+               f"{every} steps: RigL's 100 of a 391-step epoch, scaled to this run's {steps_per_epoch}-step epoch")
+        changes = {"update_every_steps": every, "drop_fraction": RIGL_DROP_FRACTION, "drop_fraction_min": 0.0,
+                   "grow": "gradient", "update_end_epoch": 0.75 * epochs, "dense": dense_first}
+        note = (f"rigl-pub: RigL's published schedule: ΔT = {how}; α = 0.3 cosine-decayed to 0 at t_end = 75% of "
+                f"training; gradient growth at zero, magnitude drop, ERK with {first_layer} dense")
+    elif sp.method == "set":
+        changes = {"update_every_steps": steps_per_epoch, "drop_fraction": SET_DROP_FRACTION,
+                   "drop_fraction_min": SET_DROP_FRACTION, "grow": "random", "update_end_epoch": float(epochs),
+                   "dense": dense_first}
+        note = (f"set-pub: SET's published schedule: ζ = 0.3 at every epoch end ({steps_per_epoch} steps) through "
+                f"training, magnitude drop, random growth at zero (as RigL's SET code; Mocanu's original draws "
+                f"grown weights from the init distribution), ERK with {first_layer} dense")
+    elif sp.method == "lth":
+        round_epochs = sp.round_epochs or epochs
+        rewind = min(LTH_MAX_REWIND_EPOCH, round_epochs // 10)
+        changes = {"prune_rate": LTH_PRUNE_RATE, "rewind_epoch": rewind}
+        note = (f"lth: LTH-SNN's published settings: prune {LTH_PRUNE_RATE:g} of the remaining weights per round, "
+                f"late rewinding to epoch min({LTH_MAX_REWIND_EPOCH}, round epochs // 10) = {rewind}"
+                + (" (rounds this short have no later epoch: it rewinds to initialisation)" if rewind == 0 else ""))
+    else:
+        return recipe, []
+    return recipe.replace(sparsity=changes), [note]
+
+
+def first_sparse_layer(recipe: Recipe) -> str:
+    """The model's first conv/linear weight (RigL and SET keep it dense at their published settings)."""
+    from ndsnn_cli.sparse.masks import sparse_parameter_names
+    from ndsnn_cli.train import build_model
+
+    return sparse_parameter_names(build_model(recipe))[0]
+
+
 def plan_runs(base: Recipe, methods: Sequence[str], sparsities: Sequence[float], seeds: int,
-              out: str | Path) -> Plan:
-    """Every (method, sparsity, seed) run; dense once per seed. Seeds are base.seed, base.seed + 1, ..."""
+              out: str | Path, baselines: str = "same") -> Plan:
+    """Every (method, sparsity, seed) run; dense once per seed. Seeds are base.seed, base.seed + 1, ...
+
+    `baselines`: "same" runs every method with the recipe's shared settings; "published" runs RigL, SET
+    and LTH at their papers' settings (rows `rigl-pub`, `set-pub`; LTH keeps its row when the recipe
+    already uses LTH-SNN's settings); "both" runs the two side by side. Other methods run once either way.
+    """
     if seeds < 1:
         raise UserError(f"--seeds {seeds} must be >= 1")
+    if baselines not in BASELINES:
+        raise UserError(f"--baselines: unknown '{baselines}' (known: {', '.join(BASELINES)})")
     out = Path(out)
     plan = Plan([])
+    first_layer = first_sparse_layer(base) if baselines != "same" and set(methods) & {"rigl", "set"} else ""
     for method in methods:
         for sparsity in ([0.0] if method == "dense" else sparsities):
             for seed in range(base.seed, base.seed + seeds):
                 recipe, notes = run_recipe(base, method, sparsity, seed)
-                plan.notes += [n for n in notes if n not in plan.notes]
-                plan.runs.append(RunSpec(method, sparsity, seed, recipe, out / run_key(method, sparsity, seed)))
+                variants = [(recipe, method, notes)]
+                if baselines != "same" and method in PUBLISHED_METHODS:
+                    published, pub_notes = published_recipe(recipe, first_layer)
+                    label = method if published.to_toml() == recipe.to_toml() else f"{method}-pub"
+                    published = published.replace(name=f"{base.name}-{run_key(label, sparsity, seed)}")
+                    pub = (published, label, [n for n in notes if not n.startswith("lth: the recipe")] + pub_notes)
+                    variants = [pub] if baselines == "published" or label == method else [*variants, pub]
+                for recipe, label, notes in variants:
+                    plan.notes += [n for n in notes if n not in plan.notes]
+                    plan.runs.append(RunSpec(method, sparsity, seed, recipe, out / run_key(label, sparsity, seed),
+                                             "" if label == method else label))
     if "lth" in methods:
         from ndsnn_cli.sparse.schedules import lth_round_sparsities
 
@@ -147,6 +254,9 @@ class _EventCallbacks:
 
     def on_mask_update(self, update: Any) -> None: ...
 
+    def on_warning(self, message: str) -> None:
+        self.emit(self.key, "warning", {"message": message})
+
     def on_round_start(self, index: int, rounds: int, sparsity: float) -> None:
         self.round = f"round {index + 1}/{rounds}"
 
@@ -169,8 +279,9 @@ def _init_worker(queue: Any, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker_run(recipe_toml: str, method: str, sparsity: float, seed: int, run_dir: str) -> dict[str, Any]:
-    spec = RunSpec(method, sparsity, seed, parse_recipe(recipe_toml), Path(run_dir))
+def _worker_run(recipe_toml: str, method: str, sparsity: float, seed: int, run_dir: str,
+                label: str) -> dict[str, Any]:
+    spec = RunSpec(method, sparsity, seed, parse_recipe(recipe_toml), Path(run_dir), label)
     return _train_one(spec, lambda key, status, info: _worker_queue.put((key, status, info)))
 
 
@@ -203,7 +314,8 @@ def execute(plan: Plan, *, jobs: int = 1, on_event: Event | None = None) -> dict
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
                              initargs=(events, threads)) as pool:
-        futures = {pool.submit(_worker_run, s.recipe.to_toml(), s.method, s.sparsity, s.seed, str(s.run_dir)): s
+        futures = {pool.submit(_worker_run, s.recipe.to_toml(), s.method, s.sparsity, s.seed, str(s.run_dir),
+                               s.label): s
                    for s in todo}
         pending = set(futures)
         while pending:
@@ -285,12 +397,12 @@ def aggregate(plan: Plan, summaries: dict[str, dict[str, Any]], *,
     """Mean ± sample std (n - 1; 0 for one seed) of test accuracy per (method, sparsity), best per column,
     wall time, and training FLOPs relative to LTH at the same sparsity (when the FLOPs model answers)."""
     flops = flops or (lambda spec: training_flops_for_run(spec.recipe, spec.run_dir))
-    methods = list(dict.fromkeys(s.method for s in plan.runs))
+    methods = list(dict.fromkeys(s.row for s in plan.runs))
     columns = sorted({s.sparsity for s in plan.runs})
     cells: list[dict[str, Any]] = []
     for method in methods:
         for sparsity in columns:
-            specs = [s for s in plan.runs if s.method == method and s.sparsity == sparsity]
+            specs = [s for s in plan.runs if s.row == method and s.sparsity == sparsity]
             if not specs:
                 continue
             done = [(s, summaries[s.key]) for s in specs if s.key in summaries]

@@ -31,6 +31,11 @@ def prune_compare(
     report_only: Annotated[bool, typer.Option("--report-only", help="Only render the table from existing runs.")
                            ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result table as JSON.")] = False,
+    baselines: Annotated[str, typer.Option("--baselines", help="RigL, SET and LTH at the recipe's shared settings "
+                                           "(same), at their papers' settings (published), or both.")] = "same",
+    overrides: Annotated[list[str] | None, typer.Option("--set", metavar="TABLE.KEY=VALUE",
+                                                        help="Change a recipe key for every run, e.g. "
+                                                             "--set sparsity.init=dense (repeatable).")] = None,
 ) -> None:
     """Train every method at every sparsity and seed with the same recipe, then compare test accuracy and cost.
 
@@ -38,9 +43,11 @@ def prune_compare(
     Writes results.csv/.json/.md/.png into the output folder.
 
     \b
-    Example:
+    Examples:
       ndsnn prune-compare recipes/compare-fmnist.toml --methods ndsnn,rigl,lth,dense \\
         --sparsities 0.9,0.99 --seeds 2 --out runs/cmp
+      ndsnn prune-compare recipes/compare-fmnist.toml --methods ndsnn,rigl,set --baselines both
+      ndsnn prune-compare recipes/compare-fmnist.toml --methods set,rigl --set sparsity.init=dense
     """
     import json
 
@@ -49,9 +56,9 @@ def prune_compare(
     from ndsnn_cli import compare
     from ndsnn_cli.recipe import load_recipe
 
-    base = load_recipe(recipe_path)
+    base = compare.apply_overrides(load_recipe(recipe_path), overrides or [])
     plan = compare.plan_runs(base, compare.parse_methods(methods), compare.parse_sparsities(sparsities), seeds,
-                             out or Path(os.environ.get("NDSNN_RUNS", "runs")) / f"compare-{base.name}")
+                             out or Path(os.environ.get("NDSNN_RUNS", "runs")) / f"compare-{base.name}", baselines)
     out_dir = plan.runs[0].run_dir.parent
     compare.check_run_dirs(plan)
     console = Console(stderr=True)
@@ -119,6 +126,11 @@ class LiveOverview:
 
     def on_event(self, key: str, status: str, info: dict[str, Any]) -> None:
         row = self.rows[key]
+        if status == "warning":  # e.g. a dead LIF layer: printed above the live table, the run goes on
+            from rich.markup import escape
+
+            self.console.print(f"[yellow]warning:[/yellow] {key}: {escape(info['message'])}", highlight=False)
+            return
         row["status"] = status
         if status == "running" and "total" in info:
             steps = f"step {info['step']}/{info['total']}"
