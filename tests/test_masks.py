@@ -147,3 +147,22 @@ def test_apply_zeros_weights_and_per_weight_optimizer_state(optimizer_name: str,
     assert report["layers"]["weight"] == {"shape": [10, 20], "numel": 200, "nnz": 50, "sparsity": 0.75}
     # The bias is not masked and keeps its values.
     assert int((layer.bias != 0).sum()) == 10
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                                  lambda p: torch.optim.Adam(p, lr=0.1, amsgrad=True)])
+def test_per_weight_state_is_every_buffer_shaped_like_the_weight(make: object) -> None:
+    from ndsnn_cli.sparse.masks import per_weight_state
+
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    optimizer = make([weight])
+    weight.grad = torch.randn(4, 3)
+    optimizer.step()
+    buffers = per_weight_state(optimizer, weight)
+    expected = [k for k, v in optimizer.state[weight].items() if v.shape == weight.shape]
+    assert len(buffers) == len(expected) >= 1
+    assert set(expected) <= {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    masks = Masks({"w": weight}, {"w": torch.tensor([[True, False, True]] * 4)})
+    masks.apply(optimizer)
+    assert all(not b[:, 1].any() and b[:, 0].all() for b in buffers)
+    assert per_weight_state(None, weight) == []

@@ -104,8 +104,14 @@ def scale_to_active_fan_in(weight: torch.Tensor, mask: torch.Tensor) -> None:
     weight.mul_(factor.view(-1, *[1] * (weight.dim() - 1)))
 
 
-# Optimizer state that holds one value per weight and must be zero where the weight is inactive.
-PER_WEIGHT_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+def per_weight_state(optimizer: torch.optim.Optimizer | None, param: torch.Tensor) -> list[torch.Tensor]:
+    """The optimizer buffers that hold one value per weight of `param` (SGD's momentum_buffer, Adam's
+    exp_avg, exp_avg_sq, max_exp_avg_sq, ...): they follow the mask like the weight does. One rule for
+    every optimizer: a state tensor shaped like the parameter (scalars such as Adam's `step` are not)."""
+    if optimizer is None:
+        return []
+    state = optimizer.state.get(param, {})
+    return [buffer for buffer in state.values() if isinstance(buffer, torch.Tensor) and buffer.shape == param.shape]
 
 
 class Masks:
@@ -126,11 +132,8 @@ class Masks:
         for name, param in self.params.items():
             mask = self.masks[name]
             param.mul_(mask)
-            if optimizer is not None:
-                state = optimizer.state.get(param, {})
-                for key in PER_WEIGHT_STATE:
-                    if key in state:
-                        state[key].mul_(mask)
+            for buffer in per_weight_state(optimizer, param):
+                buffer.mul_(mask)
 
     def nnz(self) -> dict[str, int]:
         return {name: int(mask.sum()) for name, mask in self.masks.items()}

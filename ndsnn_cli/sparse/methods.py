@@ -19,6 +19,7 @@ from ndsnn_cli.sparse.masks import (
     Masks,
     global_magnitude_masks,
     layer_counts,
+    per_weight_state,
     random_mask,
     scale_to_active_fan_in,
     sparse_parameter_names,
@@ -165,10 +166,8 @@ class SparseMethod:
             change = drop_and_grow(param, masks.masks[name], targets[name], drop_fraction, scores)
             masks.masks[name] = change.mask
             param.masked_fill_(change.grown, 0.0)
-            state = optimizer.state.get(param, {})
-            for buffer in state.values():
-                if isinstance(buffer, torch.Tensor) and buffer.shape == param.shape:
-                    buffer.masked_fill_(change.grown, 0.0)
+            for buffer in per_weight_state(optimizer, param):
+                buffer.masked_fill_(change.grown, 0.0)
             grown = int(change.grown.sum())
             layers[name] = {"active": targets[name], "dropped": change.dropped, "grown": grown}
             dropped_total += change.dropped
