@@ -28,11 +28,12 @@ from ndsnn_cli import atomic
 from ndsnn_cli.data import DATASETS, batches_per_epoch, dataset_info
 from ndsnn_cli.data import train_size as recipe_train_size
 from ndsnn_cli.errors import UserError
-from ndsnn_cli.recipe import Recipe, parse_recipe, sparse_epochs, with_method
+from ndsnn_cli.recipe import METHODS, Recipe, parse_recipe, sparse_epochs, with_method
 from ndsnn_cli.sparse.budget import check_dense_entries, is_kept_dense, shape_counts, target_counts
 from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities, method_schedule
 
-METHOD_ORDER = ("dense", "lth", "set", "rigl", "gmp", "ndsnn", "static")
+# Display order: the two references (dense, LTH) first, static last, the rest in registry order.
+METHOD_ORDER = ("dense", "lth", *(m for m in METHODS if m not in ("dense", "lth", "static")), "static")
 PAPER_NDSNN_OF_LTH = {"resnet19": 0.4089, "vgg16": 0.3135}  # DAC 2023, CIFAR-10; shown, never fitted
 ENERGY_AC_PJ = 0.9   # 45 nm, 32-bit float add (Horowitz, ISSCC 2014)
 ENERGY_MAC_PJ = 4.6  # 45 nm, 32-bit float multiply (3.7) + add (0.9)

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.snn import LIF_BACKENDS, SURROGATE_NAMES
+from ndsnn_cli.sparse.schedules import METHOD_SCHEDULES, sparse_epochs
 
-METHODS = ("dense", "static", "set", "rigl", "gmp", "ndsnn", "lth")
+METHODS = tuple(METHOD_SCHEDULES)  # registered in sparse/schedules.py, in the order shown to users
 
 
 class RecipeError(UserError):
@@ -49,9 +51,9 @@ class ModelConfig:
     timesteps: int = _f(5, lo=1, doc="simulation time steps T (the paper's 5)")
     tau: float = _f(4.0 / 3.0, lo=1.0, lo_open=True, doc="LIF membrane time constant")
     v_threshold: float = _f(1.0, lo=0.0, lo_open=True)
-    surrogate: str = _f("atan", choices=("atan", "sigmoid"))
+    surrogate: str = _f("atan", choices=SURROGATE_NAMES)
     surrogate_alpha: float = _f(2.0, lo=0.0, lo_open=True)
-    lif_backend: str = _f("fused", choices=("fused", "reference"),
+    lif_backend: str = _f("fused", choices=LIF_BACKENDS,
                           doc="fused: custom autograd that stores one tensor per layer; reference: plain loop")
 
 
@@ -309,14 +311,6 @@ def with_method(base: Recipe, method: str, **sparsity: Any) -> tuple[Recipe, lis
                          f"{LTH_PRUNE_RATE:g}, rewind_epoch = min({LTH_MAX_REWIND_EPOCH}, {round_epochs} // 10) "
                          f"= {changes['rewind_epoch']}")
     return base.replace(sparsity=changes), notes
-
-
-def sparse_epochs(recipe: Recipe) -> tuple[float, float, float]:
-    """(t0, t1, t_end) in epochs with the defaults resolved: t_end 75% of training, t1 75% of t_end."""
-    sp = recipe.sparsity
-    t_end = sp.update_end_epoch if sp.update_end_epoch != -1 else 0.75 * recipe.train.epochs
-    t1 = sp.ramp_end_epoch if sp.ramp_end_epoch != -1 else 0.75 * t_end
-    return sp.ramp_start_epoch, t1, t_end
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -80,6 +80,10 @@ class SpikingNet(nn.Module):
         return [m for m in self.modules() if isinstance(m, LIF)]
 
     def set_lif_backend(self, backend: str) -> None:
+        from ndsnn_cli.snn import LIF_BACKENDS
+
+        if backend not in LIF_BACKENDS:
+            raise ValueError(f"unknown LIF backend {backend!r} (known: {', '.join(LIF_BACKENDS)})")
         for lif in self.lif_layers():
             lif.backend = backend
 

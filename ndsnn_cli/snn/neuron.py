@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from ndsnn_cli.snn import LIF_BACKENDS, SURROGATE_NAMES
+
 
 def _atan_grad_(x: torch.Tensor, alpha: float) -> torch.Tensor:
     """In place: d/dx of arctan(pi/2 alpha x) / pi + 1/2 (SpikingJelly's ATan) = (alpha/2) / (1 + (pi/2 alpha x)^2)."""
@@ -27,7 +29,7 @@ def _sigmoid_grad_(x: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 # In-place forms avoid fresh [T*B, ...] buffers in backward (each one costs page faults on CPU).
-SURROGATES = {"atan": _atan_grad_, "sigmoid": _sigmoid_grad_}
+SURROGATES = dict(zip(SURROGATE_NAMES, (_atan_grad_, _sigmoid_grad_), strict=True))
 
 
 def surrogate_grad(x: torch.Tensor, surrogate: str, alpha: float) -> torch.Tensor:
@@ -240,6 +242,8 @@ class LIF(nn.Module):
         super().__init__()
         if surrogate not in SURROGATES:
             raise ValueError(f"unknown surrogate {surrogate!r} (known: {', '.join(SURROGATES)})")
+        if backend not in LIF_BACKENDS:  # an unknown name used to run the reference loop silently
+            raise ValueError(f"unknown LIF backend {backend!r} (known: {', '.join(LIF_BACKENDS)})")
         self.timesteps, self.tau, self.v_threshold = timesteps, tau, v_threshold
         self.surrogate, self.alpha, self.backend = surrogate, alpha, backend
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ndsnn_cli.recipe import Recipe, sparse_epochs
+if TYPE_CHECKING:  # recipe.py takes its method names from this module's registry, so no runtime import
+    from ndsnn_cli.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ def static_schedule(sparsity: float) -> SparseSchedule:
 # ---------------------------------------------------------------------------------------------
 # Each method as a schedule (DESIGN §4)
 
-ScheduleBuilder = Callable[[Recipe, int], SparseSchedule | None]
+ScheduleBuilder = Callable[["Recipe", int], SparseSchedule | None]
+# The registry of methods: recipe choices (recipe.METHODS), prune-compare and `ndsnn cost` derive from it.
 METHOD_SCHEDULES: dict[str, ScheduleBuilder] = {}
 
 
@@ -109,6 +112,14 @@ def register_schedule(name: str) -> Callable[[ScheduleBuilder], ScheduleBuilder]
         METHOD_SCHEDULES[name] = builder
         return builder
     return add
+
+
+def sparse_epochs(recipe: Recipe) -> tuple[float, float, float]:
+    """(t0, t1, t_end) in epochs with the defaults resolved: t_end 75% of training, t1 75% of t_end."""
+    sp = recipe.sparsity
+    t_end = sp.update_end_epoch if sp.update_end_epoch != -1 else 0.75 * recipe.train.epochs
+    t1 = sp.ramp_end_epoch if sp.ramp_end_epoch != -1 else 0.75 * t_end
+    return sp.ramp_start_epoch, t1, t_end
 
 
 def _steps(recipe: Recipe, steps_per_epoch: int) -> tuple[int, int, int]:
@@ -125,12 +136,6 @@ def _dense(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule | None:
 @register_schedule("static")
 def _static(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule:
     return static_schedule(recipe.sparsity.final)
-
-
-@register_schedule("lth")
-def _lth(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule | None:
-    """Within one LTH round the mask is static; the rounds themselves are driven by the trainer."""
-    return None
 
 
 @register_schedule("set")
@@ -160,6 +165,12 @@ def _ndsnn(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule:
     t0, t1, t_end = _steps(recipe, steps_per_epoch)
     return SparseSchedule(sp.initial, sp.final, t0, t1, t_end, sp.update_every_steps,
                           sp.drop_fraction, sp.drop_fraction_min, sp.grow)
+
+
+@register_schedule("lth")
+def _lth(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule | None:
+    """Within one LTH round the mask is static; the rounds themselves are driven by the trainer."""
+    return None
 
 
 def method_schedule(recipe: Recipe, steps_per_epoch: int) -> SparseSchedule | None:
