@@ -193,15 +193,85 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
         write_text(existing, recipe.to_toml())
 
 
+@dataclass(frozen=True)
+class RoundStart:
+    """How one training run starts. Plain runs use the defaults; LTH round 0 saves the weights to rewind
+    to (`rewind` = (epoch, path)), later rounds start from those weights with their pruned mask."""
+
+    epochs: int | None = None                               # None: recipe.train.epochs
+    initial_state: dict[str, torch.Tensor] | None = None    # rewound weights
+    initial_masks: dict[str, torch.Tensor] | None = None    # the round's static mask
+    rewind: tuple[int, Path] | None = None
+
+
+@dataclass
+class Run:
+    """Everything one training loop needs, built once by `_setup`; the loop only reads and steps it."""
+
+    recipe: Recipe
+    run_dir: Path
+    callbacks: TrainCallbacks
+    start: RoundStart
+    device: torch.device
+    train_set: Any
+    test_set: Any
+    model: SpikingNet
+    train_model: nn.Module          # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    method: SparseMethod
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype
+    state: _RunState
+    epochs: int
+    steps_per_epoch: int
+    total_steps: int
+    drop_last: bool
+    started: float
+
+    @property
+    def main(self) -> bool:
+        return distributed.is_main()
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT
+
+    def checkpoint(self) -> None:
+        """Save everything a resume needs (rank 0); never overwrite a good checkpoint with NaN weights."""
+        _check_weights_finite(self.model, self.state.step, self.checkpoint_path)
+        if not self.main:
+            return
+        state = self.state
+        tensors, method_meta = self.method.state_dict()
+        meta = {"recipe": self.recipe.to_toml(), "epoch": state.epoch, "step": state.step,
+                "batch_in_epoch": state.batch_in_epoch, "loss_sum": state.loss_sum, "correct": state.correct,
+                "seen": state.seen, "best_accuracy": state.best_accuracy, "method": method_meta,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+        save_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer, extra_tensors=tensors,
+                        meta=meta)
+
+
 def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: TrainCallbacks,
-                initial_state: dict[str, torch.Tensor] | None = None,
-                initial_masks: dict[str, torch.Tensor] | None = None,
-                epochs: int | None = None, rewind: tuple[int, Path] | None = None,
-                datasets: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    """One training run. LTH rounds pass their rewound weights, masks and epoch count."""
+                start: RoundStart | None = None, datasets: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """One training run: set up, train epoch by epoch (evaluating and checkpointing after each), summarise."""
+    run = _setup(recipe, run_dir, resume, callbacks, start or RoundStart(), datasets)
+    callbacks.on_run_start(recipe, run.total_steps, run.steps_per_epoch, run.state.step)
+    last_record: dict[str, Any] = {}
+    for epoch in range(run.state.epoch, run.epochs):
+        _train_epoch(run, epoch)
+        last_record = _end_epoch(run, epoch)
+    return _finish(run, last_record)
+
+
+def _setup(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallbacks, start: RoundStart,
+           datasets: tuple[Any, Any] | None) -> Run:
+    """Device, data, model, optimizer, sparse method and AMP; then resume from the checkpoint if asked."""
     started = time.perf_counter()
     t = recipe.train
-    epochs = epochs or t.epochs
     if t.threads:
         torch.set_num_threads(t.threads)
     device = resolve_device(t.device)
@@ -209,135 +279,148 @@ def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: Train
     if distributed.active() and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     train_set, test_set = datasets or build_datasets(recipe.data)
-    rank, world = distributed.rank(), distributed.world_size()
-    main = distributed.is_main()
+    world = distributed.world_size()
     # batch_size is per rank: each rank trains on its 1/world share of every epoch
     steps_per_epoch, drop_last = batches_per_epoch(len(train_set), recipe.data.batch_size, world)
-    total_steps = steps_per_epoch * epochs
+    epochs = start.epochs or t.epochs
     model = build_training_model(recipe, device)
-    if initial_state is not None:
-        model.load_state_dict(initial_state)
+    if start.initial_state is not None:
+        model.load_state_dict(start.initial_state)
     optimizer = build_optimizer(recipe, model)
-    if initial_masks is not None:
+    if start.initial_masks is not None:
         method = SparseMethod("lth", static_schedule(recipe.sparsity.final), recipe.sparsity.distribution,
                               tuple(recipe.sparsity.dense), recipe.seed)
-        method.setup(model, initial_masks=initial_masks)
+        method.setup(model, initial_masks=start.initial_masks)
     else:
         method = build_method(recipe, steps_per_epoch)
         method.setup(model)
-    use_amp = t.amp
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda")
-    state = _RunState()
-    metrics_path = run_dir / "metrics.jsonl"
-    checkpoint_path = run_dir / CHECKPOINT
-
-    if resume and checkpoint_path.exists():
-        checkpoint = load_checkpoint(checkpoint_path)
-        state = _restore(checkpoint, model, optimizer, method, scaler)
-        if main:
-            _truncate_metrics(metrics_path, state.step, state.epoch)
-    elif main and metrics_path.exists():
-        metrics_path.unlink()
-    if main and state.step == 0 and method.masks is not None:  # the realised start, for `ndsnn cost RUN`
-        append_line(metrics_path, json.dumps({"kind": "mask_init", "step": 0, "layers": method.masks.nnz()}))
-    if distributed.sum_values(state.step)[0] != state.step * world:
-        raise UserError(f"{checkpoint_path}: ranks resumed from different steps; "
-                        "multi-node runs need the run directory on a shared file system")
-    train_model = _wrap_ddp(model, device) if distributed.active() else model
-    if rewind is not None and rewind[0] == 0 and state.step == 0:
-        _save_weights(rewind[1], model)
-
-    def checkpoint() -> None:
-        _check_weights_finite(model, state.step, checkpoint_path)  # never overwrite a good checkpoint with NaN
-        if not main:
-            return
-        tensors, method_meta = method.state_dict()
-        meta = {"recipe": recipe.to_toml(), "epoch": state.epoch, "step": state.step,
-                "batch_in_epoch": state.batch_in_epoch, "loss_sum": state.loss_sum, "correct": state.correct,
-                "seen": state.seen, "best_accuracy": state.best_accuracy, "method": method_meta,
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-        save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, extra_tensors=tensors, meta=meta)
-
-    callbacks.on_run_start(recipe, total_steps, steps_per_epoch, state.step)
-    last_record: dict[str, Any] = {}
-    for epoch in range(state.epoch, epochs):
-        model.train()
-        loader = make_loader(train_set, recipe.data.batch_size, shuffle=True, seed=recipe.seed, epoch=epoch,
-                             start_batch=state.batch_in_epoch, num_workers=recipe.data.num_workers,
-                             drop_last=drop_last, distributed_rank=rank, world_size=world)
-        for images, labels in loader:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            lr = learning_rate(recipe, state.step, total_steps, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = train_model(images)
-            loss = spiking_loss(logits, labels, t.label_smoothing)
-            correct = int((predict(logits.detach()) == labels).sum())
-            # summed over ranks, so every rank sees the same numbers and stops together on NaN
-            batch_loss, correct, batch = distributed.sum_values(loss.item() * labels.shape[0], correct,
-                                                                labels.shape[0])
-            if not math.isfinite(batch_loss):
-                raise TrainingDiverged(f"loss is {batch_loss / batch} at step {state.step + 1} (epoch {epoch + 1}); "
-                                       f"the last good checkpoint is {checkpoint_path}")
-            optimizer.zero_grad(set_to_none=False)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if t.max_grad_norm > 0:
-                clip_active_gradients(model, method.masks, t.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            state.step += 1
-            update = method.after_step(state.step, optimizer)
-            if update is not None:
-                # identical on every rank already (all-reduced gradients, same seeded generator); cheap insurance
-                distributed.broadcast_tensors(method.masks.masks.values())
-                method.masks.apply(optimizer)
-                if main:
-                    append_line(metrics_path, json.dumps(update.to_record()))
-                callbacks.on_mask_update(update)
-            state.batch_in_epoch += 1
-            state.loss_sum += batch_loss
-            state.correct += int(correct)
-            state.seen += int(batch)
-            if state.step % t.log_every_steps == 0 or state.batch_in_epoch == steps_per_epoch:
-                callbacks.on_step(state.step, epoch, state.loss_sum / state.seen, state.correct / state.seen)
-            if t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0:
-                checkpoint()
-        _check_weights_finite(model, state.step, checkpoint_path)
-        distributed.broadcast_tensors(model.buffers())  # BN statistics: each rank updated its own
-        test_loss, test_accuracy = evaluate(model, test_set, recipe, device)
-        if epoch == 0:
-            _warn_dead_layers(model, method, test_set, device, state.step, metrics_path if main else None,
-                              callbacks)
-        state.best_accuracy = max(state.best_accuracy, test_accuracy)
-        last_record = {"kind": "epoch", "epoch": epoch + 1, "step": state.step,
-                       "lr": learning_rate(recipe, state.step - 1, total_steps, steps_per_epoch),
-                       "train_loss": state.loss_sum / max(1, state.seen),
-                       "train_accuracy": state.correct / max(1, state.seen),
-                       "test_loss": test_loss, "test_accuracy": test_accuracy,
-                       "sparsity": method.masks.sparsity() if method.masks else 0.0}
-        if main:
-            append_line(metrics_path, json.dumps(last_record))
-        state.epoch, state.batch_in_epoch, state.loss_sum, state.correct, state.seen = epoch + 1, 0, 0.0, 0, 0
-        if rewind is not None and rewind[0] == epoch + 1:
-            # Before the checkpoint: a kill in between redoes this epoch and rewrites the same weights.
-            _save_weights(rewind[1], model)
-        checkpoint()
-        callbacks.on_epoch_end(last_record)
-
-    if not last_record:  # resumed a finished run: report from its metrics
-        last_record = [r for r in read_metrics(run_dir) if r["kind"] == "epoch"][-1]
-    summary = _summary(recipe, model, method, test_set, device, last_record, state, epochs,
-                       time.perf_counter() - started)
+    scaler = torch.amp.GradScaler("cuda", enabled=t.amp and device.type == "cuda")
+    run = Run(recipe, run_dir, callbacks, start, device, train_set, test_set, model, model, optimizer, method,
+              scaler, torch.float16 if device.type == "cuda" else torch.bfloat16, _RunState(), epochs,
+              steps_per_epoch, steps_per_epoch * epochs, drop_last, started)
+    _resume_or_start(run, resume)
     if distributed.active():
-        distributed.broadcast_tensors(model.buffers())
-        tensors = [*model.state_dict().values(), *(method.masks.masks.values() if method.masks else [])]
-        summary.update(world_size=world, ranks_in_sync=distributed.in_sync(tensors))
-    if main:
-        write_json(run_dir / "summary.json", summary)
+        run.train_model = _wrap_ddp(model, device)
+    if start.rewind is not None and start.rewind[0] == 0 and run.state.step == 0:
+        _save_weights(start.rewind[1], model)
+    return run
+
+
+def _resume_or_start(run: Run, resume: bool) -> None:
+    """Restore the checkpoint (and cut metrics.jsonl back to it), or start a fresh metrics log."""
+    if resume and run.checkpoint_path.exists():
+        run.state = _restore(load_checkpoint(run.checkpoint_path), run.model, run.optimizer, run.method, run.scaler)
+        if run.main:
+            _truncate_metrics(run.metrics_path, run.state.step, run.state.epoch)
+    elif run.main and run.metrics_path.exists():
+        run.metrics_path.unlink()
+    if run.main and run.state.step == 0 and run.method.masks is not None:  # the realised start, for `cost RUN`
+        append_line(run.metrics_path, json.dumps({"kind": "mask_init", "step": 0, "layers": run.method.masks.nnz()}))
+    if distributed.sum_values(run.state.step)[0] != run.state.step * distributed.world_size():
+        raise UserError(f"{run.checkpoint_path}: ranks resumed from different steps; "
+                        "multi-node runs need the run directory on a shared file system")
+
+
+def _train_epoch(run: Run, epoch: int) -> None:
+    """The optimizer steps of one epoch (from `batch_in_epoch` on, after a mid-epoch resume)."""
+    recipe, state = run.recipe, run.state
+    run.model.train()
+    loader = make_loader(run.train_set, recipe.data.batch_size, shuffle=True, seed=recipe.seed, epoch=epoch,
+                         start_batch=state.batch_in_epoch, num_workers=recipe.data.num_workers,
+                         drop_last=run.drop_last, distributed_rank=distributed.rank(),
+                         world_size=distributed.world_size())
+    for images, labels in loader:
+        batch_loss, correct, batch = _train_step(run, epoch, images.to(run.device, non_blocking=True),
+                                                 labels.to(run.device, non_blocking=True))
+        state.batch_in_epoch += 1
+        state.loss_sum += batch_loss
+        state.correct += int(correct)
+        state.seen += int(batch)
+        if state.step % recipe.train.log_every_steps == 0 or state.batch_in_epoch == run.steps_per_epoch:
+            run.callbacks.on_step(state.step, epoch, state.loss_sum / state.seen, state.correct / state.seen)
+        if recipe.train.checkpoint_every_steps and state.step % recipe.train.checkpoint_every_steps == 0:
+            run.checkpoint()
+
+
+def _train_step(run: Run, epoch: int, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+    """Forward, backward, optimizer step and the sparse method's mask step; (loss sum, correct, batch) over ranks."""
+    t, state, optimizer, scaler = run.recipe.train, run.state, run.optimizer, run.scaler
+    lr = learning_rate(run.recipe, state.step, run.total_steps, run.steps_per_epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=t.amp):
+        logits = run.train_model(images)
+    loss = spiking_loss(logits, labels, t.label_smoothing)
+    correct = int((predict(logits.detach()) == labels).sum())
+    # summed over ranks, so every rank sees the same numbers and stops together on NaN
+    batch_loss, correct, batch = distributed.sum_values(loss.item() * labels.shape[0], correct, labels.shape[0])
+    if not math.isfinite(batch_loss):
+        raise TrainingDiverged(f"loss is {batch_loss / batch} at step {state.step + 1} (epoch {epoch + 1}); "
+                               f"the last good checkpoint is {run.checkpoint_path}")
+    optimizer.zero_grad(set_to_none=False)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if t.max_grad_norm > 0:
+        clip_active_gradients(run.model, run.method.masks, t.max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    state.step += 1
+    update = run.method.after_step(state.step, optimizer)
+    if update is not None:
+        _after_mask_update(run, update)
+    return batch_loss, correct, batch
+
+
+def _after_mask_update(run: Run, update: MaskUpdate) -> None:
+    """Masks changed: keep ranks identical, log the update. (Per-layer kernel dispatch hooks in here.)"""
+    # identical on every rank already (all-reduced gradients, same seeded generator); cheap insurance
+    distributed.broadcast_tensors(run.method.masks.masks.values())
+    run.method.masks.apply(run.optimizer)
+    if run.main:
+        append_line(run.metrics_path, json.dumps(update.to_record()))
+    run.callbacks.on_mask_update(update)
+
+
+def _end_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """Evaluate, log the epoch record, save the LTH rewind point when due, checkpoint; the record."""
+    recipe, state = run.recipe, run.state
+    _check_weights_finite(run.model, state.step, run.checkpoint_path)
+    distributed.broadcast_tensors(run.model.buffers())  # BN statistics: each rank updated its own
+    test_loss, test_accuracy = evaluate(run.model, run.test_set, recipe, run.device)
+    if epoch == 0:
+        _warn_dead_layers(run.model, run.method, run.test_set, run.device, state.step,
+                          run.metrics_path if run.main else None, run.callbacks)
+    state.best_accuracy = max(state.best_accuracy, test_accuracy)
+    record = {"kind": "epoch", "epoch": epoch + 1, "step": state.step,
+              "lr": learning_rate(recipe, state.step - 1, run.total_steps, run.steps_per_epoch),
+              "train_loss": state.loss_sum / max(1, state.seen),
+              "train_accuracy": state.correct / max(1, state.seen),
+              "test_loss": test_loss, "test_accuracy": test_accuracy,
+              "sparsity": run.method.masks.sparsity() if run.method.masks else 0.0}
+    if run.main:
+        append_line(run.metrics_path, json.dumps(record))
+    state.epoch, state.batch_in_epoch, state.loss_sum, state.correct, state.seen = epoch + 1, 0, 0.0, 0, 0
+    rewind = run.start.rewind
+    if rewind is not None and rewind[0] == epoch + 1:
+        # Before the checkpoint: a kill in between redoes this epoch and rewrites the same weights.
+        _save_weights(rewind[1], run.model)
+    run.checkpoint()
+    run.callbacks.on_epoch_end(record)
+    return record
+
+
+def _finish(run: Run, last_record: dict[str, Any]) -> dict[str, Any]:
+    """The summary (summary.json on rank 0); a resumed finished run reports from its metrics."""
+    if not last_record:
+        last_record = [r for r in read_metrics(run.run_dir) if r["kind"] == "epoch"][-1]
+    summary = _summary(run.recipe, run.model, run.method, run.test_set, run.device, last_record, run.state,
+                       run.epochs, time.perf_counter() - run.started)
+    if distributed.active():
+        distributed.broadcast_tensors(run.model.buffers())
+        tensors = [*run.model.state_dict().values(), *(run.method.masks.masks.values() if run.method.masks else [])]
+        summary.update(world_size=distributed.world_size(), ranks_in_sync=distributed.in_sync(tensors))
+    if run.main:
+        write_json(run.run_dir / "summary.json", summary)
     distributed.barrier()
     return summary
 
@@ -549,12 +632,11 @@ def _train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCall
             round_dir.mkdir(parents=True, exist_ok=True)
             round_resume = resume and (round_dir / CHECKPOINT).exists()
             if index == 0:
-                summary = _train_once(recipe, round_dir, resume=round_resume, callbacks=callbacks,
-                                      epochs=epochs, rewind=(sp.rewind_epoch, rewind_path))
+                start = RoundStart(epochs=epochs, rewind=(sp.rewind_epoch, rewind_path))
             else:
-                rewind_state = load_checkpoint(rewind_path).model_state
-                summary = _train_once(recipe, round_dir, resume=round_resume, callbacks=callbacks,
-                                      initial_state=rewind_state, initial_masks=masks, epochs=round_epochs[index])
+                start = RoundStart(epochs=round_epochs[index], initial_state=load_checkpoint(rewind_path).model_state,
+                                   initial_masks=masks)
+            summary = _train_once(recipe, round_dir, resume=round_resume, callbacks=callbacks, start=start)
         rounds.append({"round": index, "target_sparsity": sparsity, "sparsity": summary["sparsity"]["sparsity"],
                        "test_accuracy": summary["test_accuracy"], "epochs": round_epochs[index]})
         if index + 1 < len(sparsities):
