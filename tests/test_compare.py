@@ -6,6 +6,7 @@ import csv
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import tiny_toml
@@ -260,3 +261,52 @@ def test_run_dir_with_a_different_recipe_is_refused(tmp_path: Path) -> None:
     (run_dir / "recipe.toml").write_text(plan.runs[0].recipe.replace(train={"lr": 0.2}).to_toml())
     with pytest.raises(UserError, match="holds a run of a different recipe"):
         compare.check_run_dirs(plan)
+
+
+def test_published_baselines_follow_their_papers_schedules_scaled_to_the_run() -> None:
+    # 2048 synthetic images at batch 32: 64 steps an epoch, shorter than RigL's 391: ΔT = round(100 * 64 / 391) = 16
+    base = parse_recipe(tiny_toml(data={"batch_size": 32, "train_limit": 0}, train={"epochs": 6}))
+    plan = compare.plan_runs(base, ["ndsnn", "rigl", "set", "lth", "dense"], [0.9], 1, "out", "both")
+    rows = {spec.row: spec for spec in plan.runs}
+    assert list(rows) == ["ndsnn", "rigl", "rigl-pub", "set", "set-pub", "lth", "dense"]
+    rigl, set_ = rows["rigl-pub"].recipe.sparsity, rows["set-pub"].recipe.sparsity
+    assert (rigl.method, rigl.update_every_steps, rigl.drop_fraction, rigl.drop_fraction_min, rigl.grow,
+            rigl.update_end_epoch) == ("rigl", 16, 0.3, 0.0, "gradient", 4.5)
+    assert (set_.method, set_.update_every_steps, set_.drop_fraction, set_.drop_fraction_min, set_.grow,
+            set_.update_end_epoch) == ("set", 64, 0.3, 0.3, "random", 6.0)
+    assert rigl.dense == set_.dense == ["encoder.1.weight"]  # the mlp's first layer, dense as in RigL
+    assert rows["rigl"].recipe.sparsity.update_every_steps == base.sparsity.update_every_steps  # shared settings
+    assert rows["rigl-pub"].run_dir == Path("out/rigl-pub-s0.9-seed0")
+    # the recipe has no LTH settings, so LTH-SNN's are used either way: one run, one row
+    assert (rows["lth"].recipe.sparsity.prune_rate, rows["lth"].recipe.sparsity.rewind_epoch) == (0.25, 0)
+    assert any(n.startswith("rigl-pub: RigL's published schedule: ΔT = 16 steps") for n in plan.notes)
+    published = compare.plan_runs(base, ["rigl", "lth", "ndsnn"], [0.9], 1, "out", "published")
+    assert [s.row for s in published.runs] == ["rigl-pub", "lth", "ndsnn"]
+    own_lth = base.replace(sparsity={"method": "lth", "prune_rate": 0.5, "rewind_epoch": 2})
+    both = compare.plan_runs(own_lth, ["lth"], [0.9], 1, "out", "both")
+    assert [s.row for s in both.runs] == ["lth", "lth-pub"]
+    assert both.runs[1].recipe.sparsity.prune_rate == 0.25
+
+
+def test_rigl_published_delta_t_is_100_steps_on_epochs_of_391_steps_or_more() -> None:
+    base = parse_recipe(tiny_toml(data={"dataset": "cifar10", "batch_size": 128, "train_limit": 0},
+                                  model={"arch": "scnn"}))
+    recipe, notes = compare.published_recipe(compare.run_recipe(base, "rigl", 0.9, 0)[0], "encoder.0.weight")
+    assert recipe.sparsity.update_every_steps == 100 and "ΔT = 100 steps;" in notes[0]
+
+
+def test_set_overrides_change_every_run_and_bad_ones_are_one_line_errors() -> None:
+    base = parse_recipe(RECIPE)
+    changed = compare.apply_overrides(base, ["sparsity.init=dense", "train.epochs=3", "model.timesteps = 3"])
+    assert (changed.sparsity.init, changed.train.epochs, changed.model.timesteps) == ("dense", 3, 3)
+    for bad, message in [("sparsity.init=sparse", "must be one of scaled, dense"), ("epochs=3", "TABLE.KEY=VALUE"),
+                         ("nope.x=1", "unknown table"), ("train.epochz=3", "did you mean 'epochs'")]:
+        with pytest.raises(UserError, match=message):
+            compare.apply_overrides(base, [bad])
+
+
+def test_unknown_baselines_value_is_exit_2(tmp_path: Path, run_main: Any) -> None:
+    recipe_path = tmp_path / "r.toml"
+    recipe_path.write_text(RECIPE)
+    code, _, err = run_main("prune-compare", str(recipe_path), "--baselines", "papers", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--baselines: unknown 'papers' (known: same, published, both)" in err
