@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -11,6 +12,7 @@ from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.snn.models import NeuronConfig, create_model
 from ndsnn_cli.sparse.masks import layer_counts
 from ndsnn_cli.sparse.methods import MaskUpdate, SparseMethod, build_method, drop_and_grow
+from ndsnn_cli.sparse.schedules import SparseSchedule
 from ndsnn_cli.train import spiking_loss
 
 STEPS_PER_EPOCH = 10
@@ -273,26 +275,38 @@ def test_realised_sparsity_is_exact_per_layer(ndsnn: tuple[SparseMethod, list[St
     assert abs(sum(counts.values()) - 0.1 * total) <= len(counts) / 2
 
 
-def test_an_update_skipped_for_non_finite_gradients_runs_at_the_next_finite_step() -> None:
-    """AMP skips steps with inf gradients; the ramp's update at t1 must still happen, one step later."""
-    recipe = BASE.replace(sparsity={"method": "ndsnn"})
+AmpStep = tuple[int, dict[str, torch.Tensor], MaskUpdate | None]  # (step, masks before it, its update)
+
+
+def amp_run(sparsity: dict[str, object], overflow_at: Callable[[SparseSchedule], set[int]],
+            last_step: Callable[[SparseSchedule], int]) -> tuple[SparseMethod, list[AmpStep]]:
+    """Train as AMP does: at the `overflow_at` steps a gradient holds inf and the optimizer step is skipped."""
+    recipe = BASE.replace(sparsity=sparsity)
     torch.manual_seed(0)
     model = create_model("scnn", num_classes=10, in_channels=1, image_size=8, neuron=NeuronConfig(timesteps=2))
     method = build_method(recipe, STEPS_PER_EPOCH)
     method.setup(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     images, labels = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    ramp_end = method.schedule.ramp_end_step
-    for step in range(1, ramp_end + 2):
+    overflows, history = overflow_at(method.schedule), []
+    for step in range(1, last_step(method.schedule) + 1):
         optimizer.zero_grad()
         spiking_loss(model(images), labels).backward()
-        if step == ramp_end:  # the update at t1 sees an overflowed gradient
+        if step in overflows:
             next(iter(method.masks.params.values())).grad[0].fill_(float("inf"))
         else:
             optimizer.step()
-        update = method.after_step(step, optimizer)
-        if step == ramp_end:
-            assert update is None and method.pending_update
+        before = {n: m.clone() for n, m in method.masks.masks.items()}
+        history.append((step, before, method.after_step(step, optimizer)))
+    return method, history
+
+
+def test_an_update_skipped_for_non_finite_gradients_runs_at_the_next_finite_step() -> None:
+    """AMP skips steps with inf gradients; the ramp's update at t1 must still happen, one step later."""
+    method, history = amp_run({"method": "ndsnn"}, lambda s: {s.ramp_end_step}, lambda s: s.ramp_end_step + 1)
+    ramp_end = method.schedule.ramp_end_step
+    assert history[ramp_end - 1][2] is None
+    update = history[-1][2]
     assert update is not None and update.step == ramp_end + 1 and not method.pending_update
     assert nnz(method.masks.masks) == expected_counts(method, 0.9)
 
@@ -340,50 +354,24 @@ def test_a_layer_that_erk_makes_dense_is_untouched_by_updates(method_name: str) 
 
 def test_an_update_postponed_to_update_end_is_dropped_there_masks_stay_frozen() -> None:
     """An exploration update postponed by an AMP-skipped step must not run at or after t_end."""
-    recipe = BASE.replace(sparsity={"method": "rigl"})  # updates every 2 steps before t_end = 20
-    torch.manual_seed(0)
-    model = create_model("scnn", num_classes=10, in_channels=1, image_size=8, neuron=NeuronConfig(timesteps=2))
-    method = build_method(recipe, STEPS_PER_EPOCH)
-    method.setup(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    images, labels = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    # rigl updates every 2 steps before t_end = 20: the last update step (18) and the one after overflow
+    method, history = amp_run({"method": "rigl"}, lambda s: {s.update_end_step - 2, s.update_end_step - 1},
+                              lambda s: s.update_end_step + 2)
     end = method.schedule.update_end_step
     assert method.schedule.is_update_step(end - 2) and not method.schedule.is_update_step(end - 1)
-    for step in range(1, end + 3):
-        optimizer.zero_grad()
-        spiking_loss(model(images), labels).backward()
-        if step in (end - 2, end - 1):  # the last update step and the one after it both overflow
-            next(iter(method.masks.params.values())).grad[0].fill_(float("inf"))
-        else:
-            optimizer.step()
-        before = {n: m.clone() for n, m in method.masks.masks.items()}
-        update = method.after_step(step, optimizer)
-        if step >= end - 2:
-            assert update is None, step
-            assert all(torch.equal(before[n], method.masks.masks[n]) for n in before)
+    assert [update for _, _, update in history[end - 3:]] == [None] * 5  # steps end-2 .. end+2
+    masks_before_last_update = history[end - 3][1]
+    assert all(torch.equal(masks_before_last_update[n], m) for n, m in method.masks.masks.items())
     assert not method.pending_update
 
 
 def test_a_ramp_update_postponed_past_update_end_still_reaches_the_final_sparsity() -> None:
     """t1 = t_end: the ramp's last update, postponed, runs once after t_end and only prunes."""
-    recipe = BASE.replace(sparsity={"method": "ndsnn", "ramp_end_epoch": 2.0})
-    torch.manual_seed(0)
-    model = create_model("scnn", num_classes=10, in_channels=1, image_size=8, neuron=NeuronConfig(timesteps=2))
-    method = build_method(recipe, STEPS_PER_EPOCH)
-    method.setup(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    images, labels = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    method, history = amp_run({"method": "ndsnn", "ramp_end_epoch": 2.0}, lambda s: {s.update_end_step},
+                              lambda s: s.update_end_step + 1)
     end = method.schedule.update_end_step
     assert method.schedule.ramp_end_step == end
-    for step in range(1, end + 2):
-        optimizer.zero_grad()
-        spiking_loss(model(images), labels).backward()
-        if step == end:
-            next(iter(method.masks.params.values())).grad[0].fill_(float("inf"))
-        else:
-            optimizer.step()
-        before = {n: m.clone() for n, m in method.masks.masks.items()}
-        update = method.after_step(step, optimizer)
+    _, before, update = history[-1]
     assert update is not None and update.step == end + 1 and update.grown == 0
     assert not any((method.masks.masks[n] & ~before[n]).any() for n in before)  # nothing entered
     assert nnz(method.masks.masks) == expected_counts(method, 0.9)
