@@ -23,6 +23,7 @@ from ndsnn_cli.errors import UserError
 
 FORMAT = "ndsnn-checkpoint"
 VERSION = 1
+RUN_CHECKPOINT = Path("checkpoints") / "last.safetensors"  # a run directory's latest checkpoint
 
 
 @dataclass

@@ -34,7 +34,7 @@ from ndsnn_cli.sparse.masks import Masks, global_magnitude_masks, sparse_paramet
 from ndsnn_cli.sparse.methods import MaskUpdate, SparseMethod, build_method
 from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities, static_schedule
 
-CHECKPOINT = Path("checkpoints") / "last.safetensors"
+from ndsnn_cli.checkpoint import RUN_CHECKPOINT as CHECKPOINT  # isort: skip  (one definition, kept importable here)
 
 
 class TrainCallbacks:

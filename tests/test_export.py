@@ -250,7 +250,7 @@ def test_runtime_sparse_conv_equals_conv2d(width: int, kernel: tuple[int, int], 
     net = SparseNetwork(raw, {"timesteps": 1, "graph": [op]}, dense_above=1.0)
     assert "w" in net.sparse
     expected = torch.nn.functional.conv2d(x, weight * mask, bias, stride, padding, dilation)
-    got = net._run([op], x)
+    got = net._run(net.graph, x)  # the typed form of [op]
     assert got.shape == expected.shape and got.is_contiguous()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -265,7 +265,8 @@ def test_runtime_max_pool_equals_max_pool2d(size: int, kernel: tuple[int, int], 
     before = x.clone()
     op = {"op": "maxpool2d", "kernel": list(kernel), "stride": list(stride), "padding": list(padding),
           "ceil_mode": ceil_mode}
-    got = SparseNetwork({}, {"timesteps": 1, "graph": [op]})._run([op], x)
+    net = SparseNetwork({}, {"timesteps": 1, "graph": [op]})
+    got = net._run(net.graph, x)  # the typed form of [op]
     assert torch.equal(got, torch.nn.functional.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode))
     assert torch.equal(x, before)
 

@@ -15,8 +15,11 @@ def inspect_file(path: str) -> dict:
     from ndsnn_cli.errors import UserError
 
     file = Path(path)
-    if file.is_dir() and (file / "checkpoints" / "last.safetensors").is_file():  # a run directory
-        file = file / "checkpoints" / "last.safetensors"
+    if file.is_dir():
+        from ndsnn_cli.checkpoint import RUN_CHECKPOINT
+
+        if (file / RUN_CHECKPOINT).is_file():  # a run directory
+            file = file / RUN_CHECKPOINT
     if not file.is_file():
         raise UserError(f"{file}: no such file")
     if file.suffix == ".onnx":

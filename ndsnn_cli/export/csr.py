@@ -11,7 +11,6 @@ This module imports no training code: the runtime reads artefacts through it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -144,7 +143,6 @@ def artefact_metadata(trained: Any, model: Any, *, bn_folded: bool) -> dict[str,
                         "sparsity": 1 - nnz / mask.numel()}
     numel = sum(layer["numel"] for layer in layers.values())
     nnz = sum(layer["nnz"] for layer in layers.values())
-    toml = recipe.to_toml()
     return {
         "arch": m.arch, "timesteps": m.timesteps,
         "neuron": {"model": "lif", "tau": m.tau, "v_threshold": m.v_threshold, "reset": "hard", "v_reset": 0.0,
@@ -153,7 +151,7 @@ def artefact_metadata(trained: Any, model: Any, *, bn_folded: bool) -> dict[str,
                     "image_size": info.image_size},
         "sparsity": {"layers": layers, "numel": numel, "nnz": nnz, "sparsity": 1 - nnz / numel if numel else 0.0},
         "graph": inference_graph(model), "bn_folded": bn_folded,
-        "recipe": toml, "recipe_sha256": hashlib.sha256(toml.encode()).hexdigest(),
+        "recipe": recipe.to_toml(), "recipe_sha256": recipe.sha256(),
         "source": {"checkpoint": str(trained.path), "epoch": trained.meta.get("epoch"),
                    "step": trained.meta.get("step")},
         "ndsnn_version": __version__,

@@ -1,8 +1,8 @@
-"""From a checkpoint to an inference model: load it, fold BatchNorm into the layer before, describe the graph.
+"""From a checkpoint to an inference model: load it, fold BatchNorm into the layer before.
 
 Folding `BN(conv(x))` into `conv'(x)` scales each output row of the weight, so the sparsity pattern
-(the mask) is unchanged. `inference_graph` writes the network as an ordered op list that the
-reference runtime executes without the training code.
+(the mask) is unchanged. `inference_graph` is the artefact's JSON form of `graph.network_graph`, the
+op list the reference runtime executes without the training code.
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ndsnn_cli.checkpoint import load_checkpoint
+from ndsnn_cli.checkpoint import RUN_CHECKPOINT, load_checkpoint
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.export import graph
 from ndsnn_cli.recipe import Recipe, parse_recipe
 from ndsnn_cli.snn.models import BasicBlock, SpikingNet
-from ndsnn_cli.snn.neuron import LIF
-
-CHECKPOINT_IN_RUN = Path("checkpoints") / "last.safetensors"
 
 
 @dataclass
@@ -39,7 +37,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory means its checkpoints/last.safetensors."""
     path = Path(path)
     if path.is_dir():
-        path = path / CHECKPOINT_IN_RUN
+        path = path / RUN_CHECKPOINT
         if not path.is_file():
             raise UserError(f"{path}: run directory has no checkpoint (train it first)")
     elif not path.exists():
@@ -97,45 +95,6 @@ def fold_batchnorm(model: SpikingNet) -> SpikingNet:
     return folded
 
 
-def _module_ops(module: nn.Module, prefix: str) -> list[dict[str, Any]]:
-    """The op list of one module (recursing into Sequential and BasicBlock)."""
-    name = prefix.rstrip(".")
-    if isinstance(module, nn.Sequential):
-        ops: list[dict[str, Any]] = []
-        for child_name, child in module.named_children():
-            ops += _module_ops(child, f"{prefix}{child_name}.")
-        return ops
-    if isinstance(module, BasicBlock):
-        main = []
-        for child_name in ("conv1", "bn1", "lif1", "conv2", "bn2"):
-            main += _module_ops(getattr(module, child_name), f"{prefix}{child_name}.")
-        shortcut = _module_ops(module.shortcut, f"{prefix}shortcut.")
-        return [{"op": "residual", "main": main, "shortcut": shortcut}] + _module_ops(module.lif2, f"{prefix}lif2.")
-    if isinstance(module, nn.Identity):
-        return []
-    if isinstance(module, nn.Conv2d):
-        bias = f"{name}.bias" if module.bias is not None else None
-        return [{"op": "conv2d", "weight": f"{name}.weight", "bias": bias,
-                 "stride": list(module.stride), "padding": list(module.padding), "dilation": list(module.dilation),
-                 "groups": module.groups}]
-    if isinstance(module, nn.Linear):
-        return [{"op": "linear", "weight": f"{name}.weight",
-                 "bias": f"{name}.bias" if module.bias is not None else None}]
-    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
-        return [{"op": "batchnorm", "prefix": name, "eps": module.eps}]
-    if isinstance(module, LIF):
-        return [{"op": "lif", "tau": module.tau, "v_threshold": module.v_threshold}]
-    if isinstance(module, nn.MaxPool2d):
-        pair = nn.modules.utils._pair
-        return [{"op": "maxpool2d", "kernel": list(pair(module.kernel_size)), "stride": list(pair(module.stride)),
-                 "padding": list(pair(module.padding)), "ceil_mode": module.ceil_mode}]
-    if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
-        return [{"op": "global_avgpool"}]
-    if isinstance(module, nn.Flatten):
-        return [{"op": "flatten"}]
-    raise UserError(f"layer {name} ({type(module).__name__}) has no export op")
-
-
 def inference_graph(model: SpikingNet) -> list[dict[str, Any]]:
-    """Encoder ops (run once), `repeat_timesteps`, then body ops on the [T*B] batch."""
-    return _module_ops(model.encoder, "encoder.") + [{"op": "repeat_timesteps"}] + _module_ops(model.body, "body.")
+    """The artefact's `graph` metadata: `network_graph` as JSON (encoder ops, `repeat_timesteps`, body ops)."""
+    return graph.to_json(graph.network_graph(model))

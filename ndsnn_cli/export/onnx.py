@@ -56,16 +56,19 @@ class _ExportWrapper(nn.Module):
 
 
 def export_model(model: nn.Module) -> nn.Module:
-    """A copy of a (folded) SpikingNet with traceable LIFs, returning (summed logits, per-step logits)."""
+    """A copy of a (folded) SpikingNet with the graph's LIF ops made traceable, returning (summed logits,
+    per-step logits)."""
     import copy
 
-    from ndsnn_cli.snn.neuron import LIF
+    from ndsnn_cli.export import graph
 
     model = copy.deepcopy(model).eval()
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, LIF):
-                setattr(module, name, TraceableLIF(child.timesteps, child.tau, child.v_threshold))
+    for op in graph.walk(graph.network_graph(model)):
+        if isinstance(op, graph.LIF):
+            parent_name, _, attribute = op.name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            timesteps = getattr(parent, attribute).timesteps
+            setattr(parent, attribute, TraceableLIF(timesteps, op.tau, op.v_threshold))
     return _ExportWrapper(model).eval()
 
 

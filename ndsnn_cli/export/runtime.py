@@ -11,6 +11,7 @@ matches the training neuron exactly: `h = v + (x - v) / tau`, spike `h >= v_th`,
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.export import graph
 from ndsnn_cli.export.csr import load_raw, split_csr
 
 # A layer denser than this runs the dense kernel on its weight rebuilt at load time: above ~10%
 # density the CSR product plus its patch copy is slower than oneDNN's dense convolution (at 90%
 # sparsity the all-CSR runtime took 1.7-2.5x the dense model's time; benchmarks/export_sizes.md).
 DENSE_ABOVE = 0.1
-OPS = ("conv2d", "linear", "batchnorm", "lif", "maxpool2d", "global_avgpool", "flatten", "repeat_timesteps",
-       "residual")
 
 
 class SparseNetwork:
@@ -39,7 +39,7 @@ class SparseNetwork:
                  dense_above: float = DENSE_ABOVE) -> None:
         self.metadata = metadata
         self.timesteps = int(metadata["timesteps"])
-        self.graph = metadata["graph"]
+        self.graph = graph.from_json(metadata["graph"])
         sparse, plain = split_csr(tensors)
         self.dense = {k: v.float() if v.is_floating_point() else v for k, v in plain.items()}
         self.sparse: dict[str, tuple[torch.Tensor, list[int]]] = {}
@@ -59,17 +59,11 @@ class SparseNetwork:
                     self.sparse[name] = (matrix, shape)
         self._check(self.graph)
 
-    def _check(self, ops: list[dict[str, Any]]) -> None:
-        for op in ops:
-            if op["op"] not in OPS:
-                raise UserError(f"artefact op {op['op']!r} is not supported by this runtime (known: {', '.join(OPS)})")
-            if op["op"] == "residual":
-                self._check(op["main"])
-                self._check(op["shortcut"])
-            for key in ("weight", "bias"):
-                name = op.get(key)
-                if name and name not in self.sparse and name not in self.dense:
-                    raise UserError(f"artefact lacks tensor {name!r} needed by its {op['op']} op")
+    def _check(self, ops: list[graph.Op]) -> None:
+        for op in graph.walk(ops):
+            for name in op.tensor_names if isinstance(op, graph.WeightedOp) else ():
+                if name not in self.sparse and name not in self.dense:
+                    raise UserError(f"artefact lacks tensor {name!r} needed by its {op.kind} op")
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -79,24 +73,23 @@ class SparseNetwork:
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self(images).sum(0).argmax(-1)
 
-    def _run(self, ops: list[dict[str, Any]], x: torch.Tensor) -> torch.Tensor:
+    def _run(self, ops: Sequence[graph.Op], x: torch.Tensor) -> torch.Tensor:
         for op in ops:
-            x = getattr(self, f"_{op['op']}")(op, x)
+            x = getattr(self, f"_{op.kind}")(op, x)
         return x
 
-    def _bias(self, op: dict[str, Any]) -> torch.Tensor | None:
-        return self.dense[op["bias"]] if op.get("bias") else None
+    def _bias(self, op: graph.WeightedOp) -> torch.Tensor | None:
+        return self.dense[op.bias] if op.bias else None
 
-    def _conv2d(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    def _conv2d(self, op: graph.Conv2d, x: torch.Tensor) -> torch.Tensor:
         bias = self._bias(op)
-        if op["weight"] not in self.sparse:
-            return F.conv2d(x, self.dense[op["weight"]], bias, op["stride"], op["padding"], op["dilation"],
-                            op["groups"])
-        if op["groups"] != 1:
-            raise UserError(f"{op['weight']}: grouped sparse convolution is not supported by this runtime")
-        matrix, shape = self.sparse[op["weight"]]
+        if op.weight not in self.sparse:
+            return F.conv2d(x, self.dense[op.weight], bias, op.stride, op.padding, op.dilation, op.groups)
+        if op.groups != 1:
+            raise UserError(f"{op.weight}: grouped sparse convolution is not supported by this runtime")
+        matrix, shape = self.sparse[op.weight]
         batch = x.shape[0]
-        columns, out_h, out_w, batch_last = _im2col(x, shape[2:], op["stride"], op["padding"], op["dilation"])
+        columns, out_h, out_w, batch_last = _im2col(x, shape[2:], op.stride, op.padding, op.dilation)
         product = _sparse_mm(matrix, columns)
         if batch_last:
             product = product.view(shape[0], out_h, out_w, batch).permute(3, 0, 1, 2)
@@ -105,26 +98,26 @@ class SparseNetwork:
         out = x.new_empty((batch, shape[0], out_h, out_w))  # back to [N, C, H, W] and the bias: one pass
         return torch.add(product, bias.reshape(1, -1, 1, 1), out=out) if bias is not None else out.copy_(product)
 
-    def _linear(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, op: graph.Linear, x: torch.Tensor) -> torch.Tensor:
         bias = self._bias(op)
-        if op["weight"] not in self.sparse:
-            return F.linear(x, self.dense[op["weight"]], bias)
-        matrix, _ = self.sparse[op["weight"]]
+        if op.weight not in self.sparse:
+            return F.linear(x, self.dense[op.weight], bias)
+        matrix, _ = self.sparse[op.weight]
         out = _sparse_mm(matrix, x.t().contiguous()).t()
         return out + bias if bias is not None else out
 
-    def _batchnorm(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
-        p = op["prefix"]
+    def _batchnorm(self, op: graph.BatchNorm, x: torch.Tensor) -> torch.Tensor:
+        p = op.name
         return F.batch_norm(x, self.dense[f"{p}.running_mean"], self.dense[f"{p}.running_var"],
-                            self.dense.get(f"{p}.weight"), self.dense.get(f"{p}.bias"), False, 0.0, op["eps"])
+                            self.dense.get(f"{p}.weight"), self.dense.get(f"{p}.bias"), False, 0.0, op.eps)
 
-    def _lif(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    def _lif(self, op: graph.LIF, x: torch.Tensor) -> torch.Tensor:
         """Spikes written step by step into the output; four cheap arithmetic kernels per step.
 
         Same values as the training neuron: `(x - v) / tau + v` via addcdiv is the same rounding, the
         first step (V = 0) is exactly `x / tau`, and the reset `h - h * s` is exactly `h * (1 - s)`.
         """
-        tau, v_threshold = op["tau"], op["v_threshold"]
+        tau, v_threshold = op.tau, op.v_threshold
         spikes = torch.empty_like(x)
         inputs = x.view(self.timesteps, -1, *x.shape[1:]).unbind(0)
         h = torch.div(inputs[0], tau)
@@ -138,13 +131,13 @@ class SparseNetwork:
             torch.addcmul(h, h, spiked, value=-1, out=v)  # hard reset: V = H (1 - S)
         return spikes
 
-    def _maxpool2d(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    def _maxpool2d(self, op: graph.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
         """Unpadded windows that tile the map exactly: the elementwise maximum of the kh*kw strided
         window slices (4x faster than `F.max_pool2d` on 2x2 windows here); otherwise the library op."""
-        (kh, kw), (sh, sw) = op["kernel"], op["stride"]
+        (kh, kw), (sh, sw) = op.kernel, op.stride
         height, width = x.shape[2:]
-        if any(op["padding"]) or (height - kh) % sh or (width - kw) % sw or kh * kw > 16:
-            return F.max_pool2d(x, op["kernel"], op["stride"], op["padding"], ceil_mode=op["ceil_mode"])
+        if any(op.padding) or (height - kh) % sh or (width - kw) % sw or kh * kw > 16:
+            return F.max_pool2d(x, op.kernel, op.stride, op.padding, ceil_mode=op.ceil_mode)
         out_h, out_w = (height - kh) // sh + 1, (width - kw) // sw + 1
         out = None
         for i in range(kh):
@@ -154,17 +147,17 @@ class SparseNetwork:
                     torch.maximum(out, window, out=out)
         return out
 
-    def _global_avgpool(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    def _global_avgpool(self, op: graph.GlobalAvgPool, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(x, 1)
 
-    def _flatten(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    def _flatten(self, op: graph.Flatten, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1)
 
-    def _repeat_timesteps(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    def _repeat_timesteps(self, op: graph.RepeatTimesteps, x: torch.Tensor) -> torch.Tensor:
         return x.unsqueeze(0).expand(self.timesteps, *x.shape).reshape(-1, *x.shape[1:])
 
-    def _residual(self, op: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
-        return self._run(op["main"], x) + self._run(op["shortcut"], x)
+    def _residual(self, op: graph.Residual, x: torch.Tensor) -> torch.Tensor:
+        return self._run(op.main, x) + self._run(op.shortcut, x)
 
 
 def _sparse_mm(matrix: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
