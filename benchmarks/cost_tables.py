@@ -5,22 +5,18 @@
 
 from __future__ import annotations
 
-import inspect
-
-from ndsnn_cli.cli.cost import _base_recipe, cost
-from ndsnn_cli.cost import training_cost
+from ndsnn_cli.cost import base_recipe, training_cost
 
 SPARSITIES = (0.9, 0.95, 0.98, 0.99)
 
 
 def main() -> None:
-    defaults = {name: None for name in inspect.signature(cost).parameters}
     for arch in ("resnet19", "vgg16"):
         print(f"### {arch}\n")
         print("| sparsity | method | training FLOPs | vs LTH | vs dense | mean density | inference FLOPs/sample |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for sparsity in SPARSITIES:
-            report = training_cost(_base_recipe(None, {**defaults, "model": arch, "sparsity": sparsity}))
+            report = training_cost(base_recipe(model=arch, sparsity=sparsity))
             for name, mc in report.methods.items():
                 print(f"| {sparsity:g} | {name} | {mc.train_flops:.3e} | {report.relative(name, 'lth'):.2%} | "
                       f"{report.relative(name, 'dense'):.2%} | {mc.mean_density:.4f} | {mc.inference_flops:.3e} |")

@@ -312,6 +312,57 @@ def method_recipe(base: Recipe, method: str) -> Recipe:
     return with_method(base, method)[0]
 
 
+def paper_recipe() -> Recipe:
+    """The paper's CIFAR-10 setup, the base of `ndsnn cost` without a recipe."""
+    return Recipe(source="ndsnn cost").replace(
+        model={"arch": "resnet19", "timesteps": 5}, data={"dataset": "cifar10", "batch_size": 128},
+        train={"epochs": 300}, sparsity={"final": 0.99, "initial": 0.5, "update_every_steps": 100})
+
+
+def base_recipe(recipe_file: Path | None = None, *, model: str | None = None, timesteps: int | None = None,
+                dataset: str | None = None, batch_size: int | None = None, epochs: int | None = None,
+                sparsity: float | None = None, initial: float | None = None, update_every: int | None = None,
+                ramp_start: float | None = None, ramp_end: float | None = None, update_end: float | None = None,
+                distribution: str | None = None, round_epochs: int | None = None,
+                prune_rate: float | None = None, rewind_epoch: int | None = None) -> Recipe:
+    """The recipe every method's cost is derived from: the paper setup (or a recipe file) with the
+    given settings (the `cost` command's options; None keeps the base's value) on top, as method
+    "lth" with its prune rate and rewind epoch resolved.
+
+    Each LTH key comes from the settings, else the base recipe, else LTH-SNN's default (the one
+    `method_recipe(base, "lth")` picks), so every method sees one validated set of LTH settings.
+    """
+    from ndsnn_cli.recipe import load_recipe
+
+    base = load_recipe(recipe_file) if recipe_file is not None else paper_recipe()
+    if model is not None and model not in (known := known_models()):
+        raise UserError(f"--model: unknown model '{model}' (known: {', '.join(known)})")
+    pairs = {
+        "model": {"arch": model, "timesteps": timesteps},
+        "data": {"dataset": dataset, "batch_size": batch_size},
+        "train": {"epochs": epochs},
+        "sparsity": {"final": sparsity, "initial": initial, "update_every_steps": update_every,
+                     "ramp_start_epoch": ramp_start, "ramp_end_epoch": ramp_end, "update_end_epoch": update_end,
+                     "distribution": distribution, "round_epochs": round_epochs},
+    }
+    tables = {table: {k: v for k, v in keys.items() if v is not None} for table, keys in pairs.items()}
+    # The cost compares every method, so the base is validated as method "dense" and LTH keys ride apart.
+    tables["sparsity"].update(method="dense", prune_rate=-1.0, rewind_epoch=-1)
+    own = base.sparsity
+    base = base.replace(**tables)
+    lth_defaults = method_recipe(base, "lth").sparsity  # base has no LTH keys now: LTH-SNN's defaults
+    if prune_rate is None:
+        prune_rate = own.prune_rate if own.prune_rate != -1 else lth_defaults.prune_rate
+    if rewind_epoch is None:
+        rewind_epoch = own.rewind_epoch
+    if rewind_epoch == -1:
+        rewind_epoch = lth_defaults.rewind_epoch
+    checked = base.replace(sparsity={"method": "lth", "prune_rate": prune_rate, "rewind_epoch": rewind_epoch})
+    method_recipe(checked, "gmp")  # validates t0 < t1 <= t_end once, with the user's keys
+    return checked
+
+
+
 def method_cost(base: Recipe, method: str, layers: list[LayerFlops], train_size: int) -> MethodCost:
     recipe = method_recipe(base, method)
     batch, epochs = recipe.data.batch_size, recipe.train.epochs

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -12,7 +12,6 @@ from ndsnn_cli.errors import UserError
 
 if TYPE_CHECKING:
     from ndsnn_cli.cost import CostReport, RunCost
-    from ndsnn_cli.recipe import Recipe
 
 
 @app.command()
@@ -56,7 +55,7 @@ def cost(
         raise UserError(f"--sparsity {sparsity:g} must be in [0, 1)")
     if target is not None and not target.exists():
         raise UserError(f"{target}: no such recipe file or run directory")
-    from ndsnn_cli.cost import is_run_dir, run_cost, training_cost
+    from ndsnn_cli.cost import base_recipe, is_run_dir, run_cost, training_cost
 
     if target is not None and target.is_dir():
         if not is_run_dir(target):
@@ -67,7 +66,11 @@ def cost(
         else:
             print_run(result)
         return
-    base = _base_recipe(target, locals())
+    base = base_recipe(
+        target, model=model, timesteps=timesteps, dataset=dataset, batch_size=batch_size, epochs=epochs,
+        sparsity=sparsity, initial=initial, update_every=update_every, ramp_start=ramp_start, ramp_end=ramp_end,
+        update_end=update_end, distribution=distribution, round_epochs=round_epochs, prune_rate=prune_rate,
+        rewind_epoch=rewind_epoch)
     report = training_cost(base, train_size)
     if plot is not None:
         write_plot(report, plot)
@@ -77,43 +80,6 @@ def cost(
         print_report(report, per_layer)
         if plot is not None:
             typer.echo(f"plot: {plot}")
-
-
-def _base_recipe(target: Path | None, opts: dict[str, Any]) -> Recipe:
-    """The paper's CIFAR-10 setup (or a recipe), with every given option applied on top."""
-    from ndsnn_cli.cost import known_models, method_recipe
-    from ndsnn_cli.recipe import LTH_MAX_REWIND_EPOCH, LTH_PRUNE_RATE, Recipe, load_recipe
-
-    if target is not None:
-        base = load_recipe(target)
-    else:
-        base = Recipe(source="ndsnn cost").replace(
-            model={"arch": "resnet19", "timesteps": 5}, data={"dataset": "cifar10", "batch_size": 128},
-            train={"epochs": 300}, sparsity={"final": 0.99, "initial": 0.5, "update_every_steps": 100})
-    if opts["model"] is not None and opts["model"] not in (known := known_models()):
-        raise UserError(f"--model: unknown model '{opts['model']}' (known: {', '.join(known)})")
-    pairs = {
-        "model": {"arch": opts["model"], "timesteps": opts["timesteps"]},
-        "data": {"dataset": opts["dataset"], "batch_size": opts["batch_size"]},
-        "train": {"epochs": opts["epochs"]},
-        "sparsity": {"final": opts["sparsity"], "initial": opts["initial"], "update_every_steps": opts["update_every"],
-                     "ramp_start_epoch": opts["ramp_start"], "ramp_end_epoch": opts["ramp_end"],
-                     "update_end_epoch": opts["update_end"], "distribution": opts["distribution"],
-                     "round_epochs": opts["round_epochs"]},
-    }
-    # The cost compares every method, so the base is validated as method "dense" and LTH keys ride apart.
-    tables = {t: {k: v for k, v in kv.items() if v is not None} for t, kv in pairs.items()}
-    tables["sparsity"].update(method="dense", prune_rate=-1.0, rewind_epoch=-1)
-    lth_prune = opts["prune_rate"] if opts["prune_rate"] is not None else (
-        base.sparsity.prune_rate if base.sparsity.prune_rate != -1 else LTH_PRUNE_RATE)
-    lth_rewind = opts["rewind_epoch"] if opts["rewind_epoch"] is not None else base.sparsity.rewind_epoch
-    base = base.replace(**tables)
-    if lth_rewind == -1:  # the LTH-SNN default of recipe.with_method
-        lth_rewind = min(LTH_MAX_REWIND_EPOCH, (base.sparsity.round_epochs or base.train.epochs) // 10)
-
-    checked = base.replace(sparsity={"method": "lth", "prune_rate": lth_prune, "rewind_epoch": lth_rewind})
-    method_recipe(checked, "gmp")  # validates t0 < t1 <= t_end once, with the user's keys
-    return checked
 
 
 def print_report(report: CostReport, per_layer: bool) -> None:

@@ -11,8 +11,6 @@ import typer
 from ndsnn_cli.cli import app
 from ndsnn_cli.errors import UserError
 
-FORMATS = ("csr", "onnx", "nir")
-
 
 @app.command()
 def export(
@@ -37,51 +35,27 @@ def export(
       ndsnn export runs/quick --format onnx -o quick.onnx
       ndsnn export runs/quick --format nir -o quick.nir   (BN folded; no max-pooling models)
     """
-    if format not in FORMATS:
-        raise UserError(f"--format {format}: unknown (known: {', '.join(FORMATS)})")
-    if format == "csr":
-        from ndsnn_cli.export.csr import export_csr
+    from ndsnn_cli.export.exporters import ExportOptions, ExportVerificationError, export
 
-        path, meta = export_csr(source, out, dtype=dtype, fold_bn=fold_bn)
-        result: dict[str, Any] = {"path": str(path), "format": meta["format"], "bytes": path.stat().st_size,
-                                  "dtype": dtype, "bn_folded": fold_bn, "sparsity": meta["sparsity"]["sparsity"],
-                                  "nnz": meta["sparsity"]["nnz"], "recipe_sha256": meta["recipe_sha256"]}
-    elif format == "nir":
-        from ndsnn_cli.export.nir import export_nir
-
-        path, meta = export_nir(source, out)
-        result = {"path": str(path), "format": "nir", "bytes": path.stat().st_size, "nodes": meta["nodes"],
-                  "sparsity": meta["sparsity"], "nnz": meta["nnz"], "recipe_sha256": meta["recipe_sha256"]}
-    else:
-        from ndsnn_cli.export.onnx import ExportVerificationError, export_onnx
-
-        try:
-            path, report = export_onnx(source, out, run_verify=verify, sparse_initializers=sparse_initializers)
-        except ExportVerificationError as exc:
-            if json_output:
-                typer.echo(json.dumps({"error": str(exc), **exc.report}, indent=2))
-            typer.echo(f"error: {exc}: {json.dumps(exc.report['verify']['inputs'])}; no file written", err=True)
-            raise typer.Exit(1) from None
-        result = {"path": str(path), "format": "onnx", **report}
-        if sparse_initializers and not json_output:
-            typer.echo(f"note: {report['sparse_initializers']} weights stored as sparse (COO) initializers; "
-                       "onnxruntime and most runtimes densify them on load (smaller file, same compute)", err=True)
+    options = ExportOptions(dtype=dtype, fold_bn=fold_bn, verify=verify, sparse_initializers=sparse_initializers)
+    try:
+        result = export(format, source, out, options)
+    except ExportVerificationError as exc:
+        if json_output:
+            typer.echo(json.dumps({"error": str(exc), **exc.report}, indent=2))
+        typer.echo(f"error: {exc}: {exc.detail}; no file written", err=True)
+        raise typer.Exit(1) from None
     if json_output:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(json.dumps(result.to_json(), indent=2))
         return
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
     from rich.console import Console
 
     console = Console()
-    console.print(f"wrote [bold]{result['path']}[/bold] ({result['bytes']:,} bytes, {result['format']})")
-    if "verify" in result:
-        for label, check in result["verify"]["inputs"].items():
-            console.print(f"  verify {label}: {check['same_predictions']}/{check['samples']} same predictions, "
-                          f"max |logit diff| {check['max_abs_diff']:.3g} (tolerance {result['verify']['atol']:g} "
-                          f"+ {result['verify']['rtol']:g}*|logit|)")
-    elif "nodes" in result:
-        console.print(f"  {result['nodes']} NIR nodes, sparsity {result['sparsity']:.4f} (weights stored dense)")
-    elif "sparsity" in result:
-        console.print(f"  sparsity {result['sparsity']:.4f}, {result['nnz']:,} stored weights, values {dtype}")
+    console.print(f"wrote [bold]{result.path}[/bold] ({result.size_bytes:,} bytes, {result.format})")
+    for line in result.summary:
+        console.print(f"  {line}")
 
 
 @app.command()

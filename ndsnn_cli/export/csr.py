@@ -23,6 +23,7 @@ from ndsnn_cli.atomic import write_bytes
 from ndsnn_cli.checkpoint import read_safetensors
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import CSR_FORMAT, CSR_VERSION
+from ndsnn_cli.export.exporters import ExportOptions, ExportResult
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CSR_PARTS = ("crow_indices", "col_indices", "values", "shape")
@@ -124,6 +125,16 @@ def export_csr(source: str | Path, out: str | Path | None = None, *, dtype: str 
     data = pack(state, trained.masks, metadata, dtype)
     target = Path(out) if out is not None else default_output(trained.path, "csr.safetensors")
     return write_checked(target, data), {"format": CSR_FORMAT, "dtype": dtype, **metadata}
+
+
+def export_result(source: str | Path, out: str | Path | None, options: ExportOptions) -> ExportResult:
+    """`export_csr` as the exporter registry's common result."""
+    path, meta = export_csr(source, out, dtype=options.dtype, fold_bn=options.fold_bn)
+    sparsity, nnz = meta["sparsity"]["sparsity"], meta["sparsity"]["nnz"]
+    details = {"bytes": path.stat().st_size, "dtype": options.dtype, "bn_folded": options.fold_bn,
+               "sparsity": sparsity, "nnz": nnz, "recipe_sha256": meta["recipe_sha256"]}
+    return ExportResult(path, meta["format"], details,
+                        summary=[f"sparsity {sparsity:.4f}, {nnz:,} stored weights, values {options.dtype}"])
 
 
 def artefact_metadata(trained: Any, model: Any, *, bn_folded: bool) -> dict[str, Any]:

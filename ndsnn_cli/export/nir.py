@@ -23,6 +23,7 @@ import torch
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import graph
 from ndsnn_cli.export.csr import default_output
+from ndsnn_cli.export.exporters import ExportOptions, ExportResult
 from ndsnn_cli.export.fold import fold_batchnorm, load_trained
 
 DT = 1.0  # NIR's time unit: one simulation step of the discrete neuron
@@ -155,3 +156,12 @@ def export_nir(source: str | Path, out: str | Path | None = None) -> tuple[Path,
     nir.write(buffer, nir_graph)
     target = Path(out) if out is not None else default_output(resolve_checkpoint(source), "nir")
     return write_checked(target, buffer.getvalue()), {**metadata, "nodes": len(nir_graph.nodes)}
+
+
+def export_result(source: str | Path, out: str | Path | None, options: ExportOptions) -> ExportResult:
+    """`export_nir` as the exporter registry's common result (NIR takes no options)."""
+    path, meta = export_nir(source, out)
+    details = {"bytes": path.stat().st_size, "nodes": meta["nodes"], "sparsity": meta["sparsity"],
+               "nnz": meta["nnz"], "recipe_sha256": meta["recipe_sha256"]}
+    summary = f"{meta['nodes']} NIR nodes, sparsity {meta['sparsity']:.4f} (weights stored dense)"
+    return ExportResult(path, "nir", details, summary=[summary])

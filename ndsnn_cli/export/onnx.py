@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.export.exporters import ExportOptions, ExportResult, ExportVerificationError
 
 # Verification: both sides run the same folded fp32 weights; only kernel summation order differs,
 # so logits agree to float rounding unless a membrane sits within rounding of the threshold.
@@ -158,7 +159,8 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, run_verify
     if run_verify:
         report["verify"] = verify(data, wrapper, _verify_inputs(trained.recipe, info, real_samples))
         if not report["verify"]["passed"]:
-            raise ExportVerificationError(report)
+            raise ExportVerificationError("onnxruntime output differs from PyTorch beyond tolerance", report,
+                                          json.dumps(report["verify"]["inputs"]))
     target = Path(out) if out is not None else default_output(trained.path, "onnx")
     return write_checked(target, data), report
 
@@ -178,9 +180,14 @@ def _verify_inputs(recipe: Any, info: dict[str, Any], real_samples: int) -> dict
     return inputs
 
 
-class ExportVerificationError(Exception):
-    """onnxruntime disagrees with PyTorch beyond the tolerance; carries the report (exit 1, no file)."""
-
-    def __init__(self, report: dict[str, Any]) -> None:
-        super().__init__("onnxruntime output differs from PyTorch beyond tolerance")
-        self.report = report
+def export_result(source: str | Path, out: str | Path | None, options: ExportOptions) -> ExportResult:
+    """`export_onnx` as the exporter registry's common result: the report, verify lines, a note on COO."""
+    path, report = export_onnx(source, out, run_verify=options.verify,
+                               sparse_initializers=options.sparse_initializers)
+    check = report.get("verify")
+    summary = [f"verify {label}: {c['same_predictions']}/{c['samples']} same predictions, max |logit diff| "
+               f"{c['max_abs_diff']:.3g} (tolerance {check['atol']:g} + {check['rtol']:g}*|logit|)"
+               for label, c in check["inputs"].items()] if check else []
+    notes = [f"{report['sparse_initializers']} weights stored as sparse (COO) initializers; onnxruntime and most "
+             "runtimes densify them on load (smaller file, same compute)"] if options.sparse_initializers else []
+    return ExportResult(path, "onnx", report, summary=summary, notes=notes)

@@ -1,0 +1,31 @@
+"""The exporter registry: every format names a module with `export_result`, and the CLI offers each one."""
+
+from __future__ import annotations
+
+import importlib
+
+from typer.testing import CliRunner
+
+from ndsnn_cli.cli import app
+from ndsnn_cli.export.exporters import EXPORTERS, ExportOptions, ExportResult, export
+
+
+def test_every_registered_format_has_an_exporter_and_appears_in_the_cli_help() -> None:
+    help_text = CliRunner().invoke(app, ["export", "--help"]).output
+    for name, exporter in EXPORTERS.items():
+        assert exporter.format == name and name in help_text
+        assert callable(importlib.import_module(exporter.module).export_result)
+
+
+def test_unknown_format_is_a_user_error_listing_the_registry() -> None:
+    import pytest
+
+    from ndsnn_cli.errors import UserError
+
+    with pytest.raises(UserError, match="--format c: unknown \\(known: csr, onnx, nir\\)"):
+        export("c", "run", None, ExportOptions())
+
+
+def test_result_json_is_path_format_then_the_details_in_order(tmp_path) -> None:
+    result = ExportResult(tmp_path / "m.x", "fmt", {"bytes": 3, "nodes": 2})
+    assert list(result.to_json()) == ["path", "format", "bytes", "nodes"] and result.size_bytes == 3
