@@ -23,7 +23,14 @@ from torch import nn
 
 from ndsnn_cli import __version__, distributed
 from ndsnn_cli.atomic import append_line, write_bytes, write_json, write_text
-from ndsnn_cli.checkpoint import Checkpoint, load_checkpoint, optimizer_from_tensors, restore_rng, save_checkpoint
+from ndsnn_cli.checkpoint import (
+    RUN_CHECKPOINT,
+    Checkpoint,
+    load_checkpoint,
+    optimizer_from_tensors,
+    restore_rng,
+    save_checkpoint,
+)
 from ndsnn_cli.data import batches_per_epoch, dataset_info
 from ndsnn_cli.data.loading import build_datasets, make_loader
 from ndsnn_cli.errors import UserError
@@ -34,7 +41,7 @@ from ndsnn_cli.sparse.masks import Masks, global_magnitude_masks, sparse_paramet
 from ndsnn_cli.sparse.methods import MaskUpdate, SparseMethod, build_method
 from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities, static_schedule
 
-from ndsnn_cli.checkpoint import RUN_CHECKPOINT as CHECKPOINT  # isort: skip  (one definition, kept importable here)
+CHECKPOINT = RUN_CHECKPOINT  # the one definition lives in checkpoint.py; kept importable from here
 
 
 class TrainCallbacks:
