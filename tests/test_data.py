@@ -365,3 +365,12 @@ def test_augmentation_of_a_sample_depends_only_on_seed_epoch_and_index() -> None
     torch.rand(1000)
     assert torch.equal(wrapped[5][0], first)
     assert not torch.equal(data.SeededAugmentation(dataset, seed=8, epoch=1)[5][0], first)
+
+
+def test_input_contract_states_the_training_normalisation_of_each_dataset() -> None:
+    from ndsnn_cli.data import input_contract
+
+    contract = input_contract("fashion-mnist")
+    assert contract == {"layout": "NCHW", "range": [0.0, 1.0], "shape": [1, 28, 28], "mean": [0.2860], "std": [0.3530]}
+    assert input_contract("cifar10")["mean"] == [0.4914, 0.4822, 0.4465]
+    assert input_contract("synthetic")["mean"] == [0.0] and input_contract("synthetic")["std"] == [1.0]

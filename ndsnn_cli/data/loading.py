@@ -200,12 +200,18 @@ class _Stats:
     std: tuple[float, ...]
 
 
-# Per-channel mean/std of each training set's pixels in [0, 1].
-_MNIST_STATS = _Stats((0.1307,), (0.3081,))
-_FASHION_MNIST_STATS = _Stats((0.2860,), (0.3530,))
-_CIFAR10_STATS = _Stats((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-_CIFAR100_STATS = _Stats((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
-_TINY_IMAGENET_STATS = _Stats((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821))
+def _stats(name: str) -> _Stats:
+    """Per-channel mean/std of a training set's pixels in [0, 1], from the catalog (the export input
+    contract reads the same numbers)."""
+    info = dataset_info(name)
+    return _Stats(info.mean, info.std)
+
+
+_MNIST_STATS = _stats("mnist")
+_FASHION_MNIST_STATS = _stats("fashion-mnist")
+_CIFAR10_STATS = _stats("cifar10")
+_CIFAR100_STATS = _stats("cifar100")
+_TINY_IMAGENET_STATS = _stats("tinyimagenet")
 
 
 def _tv_datasets() -> Any:
