@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.loggers import LOGGER_NAMES
 from ndsnn_cli.snn import LIF_BACKENDS, SURROGATE_NAMES
 from ndsnn_cli.sparse.schedules import METHOD_SCHEDULES, sparse_epochs
 
@@ -88,6 +89,8 @@ class TrainConfig:
     log_every_steps: int = _f(50, lo=1)
     max_grad_norm: float = _f(0.0, lo=0.0, doc="clip the global gradient norm (0 = off)")
     threads: int = _f(0, lo=0, doc="torch CPU threads (0 = torch's default)")
+    loggers: list[str] = _f(["jsonl"], choices=LOGGER_NAMES,
+                            doc='metrics.jsonl (always) plus e.g. "tensorboard" (<run_dir>/tb/; the tensorboard extra)')
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,12 @@ def _check_range(source: str, table: str, key: str, value: Any, spec: Any) -> No
     if not spec:
         return
     choices = spec.get("choices")
-    if choices and value not in choices:
+    if choices and isinstance(value, list):  # a list key: every item a choice
+        for item in value:
+            if item not in choices:
+                raise RecipeError(source, table, key, f"= {_show(value)}: \"{item}\" is not one of "
+                                                      f"{', '.join(choices)}{_did_you_mean(item, list(choices))}")
+    elif choices and value not in choices:
         hint = _did_you_mean(str(value), list(choices))
         raise RecipeError(source, table, key, f"= {_show(value)} must be one of {', '.join(choices)}{hint}")
     lo, hi = spec.get("lo"), spec.get("hi")
@@ -251,6 +259,9 @@ def _check_range(source: str, table: str, key: str, value: Any, spec: Any) -> No
 def _check_cross_fields(recipe: Recipe) -> None:
     """Rules that involve several keys; defaults that depend on other keys stay as written (-1)."""
     src, sp, train = recipe.source, recipe.sparsity, recipe.train
+    if "jsonl" not in train.loggers:
+        raise RecipeError(src, "train", "loggers", f"= {_show(train.loggers)} must include \"jsonl\": metrics.jsonl is "
+                                                   "the run's record that resume, cost and prune-compare read")
     err = lambda key, msg: RecipeError(src, "sparsity", key, msg)  # noqa: E731
     if sp.method == "ndsnn" and sp.initial > sp.final:
         raise err("initial", f"= {_num(sp.initial)} must be <= final ({_num(sp.final)}): "
@@ -355,6 +366,8 @@ def _show(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float):
         return _num(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return _toml_value(value)
     return repr(value)
 
 

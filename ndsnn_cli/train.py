@@ -1,7 +1,8 @@
 """The trainer: one loop for every method, evaluation each epoch, checkpoints, resume, and the LTH driver.
 
 A run directory holds `recipe.toml`, `metrics.jsonl` (epoch and mask-update records, deterministic so
-that a resumed run matches an uninterrupted one), `checkpoints/last.safetensors` and `summary.json`.
+that a resumed run matches an uninterrupted one), `checkpoints/last.safetensors` and `summary.json`
+(and `tb/` with `[train] loggers = ["jsonl", "tensorboard"]`: see loggers.py).
 The core never prints: progress goes to a `TrainCallbacks` object the CLI supplies.
 """
 
@@ -13,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ndsnn_cli import __version__, distributed
-from ndsnn_cli.atomic import append_line, write_bytes, write_json, write_text
+from ndsnn_cli.atomic import write_bytes, write_json, write_text
 from ndsnn_cli.checkpoint import (
     RUN_CHECKPOINT,
     Checkpoint,
@@ -34,6 +35,7 @@ from ndsnn_cli.checkpoint import (
 from ndsnn_cli.data import batches_per_epoch, dataset_info
 from ndsnn_cli.data.loading import build_datasets, make_loader
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.loggers import METRICS, Loggers, check_available
 from ndsnn_cli.recipe import Recipe, parse_recipe
 from ndsnn_cli.snn.models import NeuronConfig, SpikingNet, create_model
 from ndsnn_cli.sparse.budget import active_count
@@ -175,6 +177,7 @@ def _check_inputs(recipe: Recipe) -> tuple[Any, Any]:
 
     try:
         resolve_device(recipe.train.device)
+        check_available(recipe.train.loggers)
         if recipe.model.arch not in MODELS:
             raise UserError(f"[model] arch = {recipe.model.arch!r} is not a known model "
                             f"(known: {', '.join(sorted(MODELS))})")
@@ -234,6 +237,7 @@ class Run:
     total_steps: int
     drop_last: bool
     started: float
+    loggers: Loggers = field(default_factory=Loggers)  # rank 0's metrics.jsonl (+ tensorboard); none elsewhere
 
     @property
     def main(self) -> bool:
@@ -241,7 +245,7 @@ class Run:
 
     @property
     def metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return self.run_dir / METRICS
 
     @property
     def checkpoint_path(self) -> Path:
@@ -266,12 +270,15 @@ def _train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: Train
                 start: RoundStart | None = None, datasets: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """One training run: set up, train epoch by epoch (evaluating and checkpointing after each), summarise."""
     run = _setup(recipe, run_dir, resume, callbacks, start or RoundStart(), datasets)
-    callbacks.on_run_start(recipe, run.total_steps, run.steps_per_epoch, run.state.step)
-    last_record: dict[str, Any] = {}
-    for epoch in range(run.state.epoch, run.epochs):
-        _train_epoch(run, epoch)
-        last_record = _end_epoch(run, epoch)
-    return _finish(run, last_record)
+    try:
+        callbacks.on_run_start(recipe, run.total_steps, run.steps_per_epoch, run.state.step)
+        last_record: dict[str, Any] = {}
+        for epoch in range(run.state.epoch, run.epochs):
+            _train_epoch(run, epoch)
+            last_record = _end_epoch(run, epoch)
+        return _finish(run, last_record)
+    finally:
+        run.loggers.close()
 
 
 def _setup(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallbacks, start: RoundStart,
@@ -310,6 +317,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallback
         run.train_model = _wrap_ddp(model, device)
     if start.rewind is not None and start.rewind[0] == 0 and run.state.step == 0:
         _save_weights(start.rewind[1], model)
+    _open_loggers(run)
     return run
 
 
@@ -321,11 +329,20 @@ def _resume_or_start(run: Run, resume: bool) -> None:
             _truncate_metrics(run.metrics_path, run.state.step, run.state.epoch)
     elif run.main and run.metrics_path.exists():
         run.metrics_path.unlink()
-    if run.main and run.state.step == 0 and run.method.masks is not None:  # the realised start, for `cost RUN`
-        append_line(run.metrics_path, json.dumps({"kind": "mask_init", "step": 0, "layers": run.method.masks.nnz()}))
     if distributed.sum_values(run.state.step)[0] != run.state.step * distributed.world_size():
         raise UserError(f"{run.checkpoint_path}: ranks resumed from different steps; "
                         "multi-node runs need the run directory on a shared file system")
+
+
+def _open_loggers(run: Run) -> None:
+    """Rank 0's loggers, opened at the (resumed) step; a fresh run logs its recipe and realised start."""
+    if not run.main:
+        return
+    run.loggers = Loggers.open(run.recipe.train.loggers, run.run_dir, run.state.step)
+    if run.state.step == 0:
+        run.loggers.log_text("recipe", run.recipe.to_toml(), 0)
+        if run.method.masks is not None:  # the realised start, for `cost RUN`
+            run.loggers.log_record({"kind": "mask_init", "step": 0, "layers": run.method.masks.nnz()})
 
 
 def _train_epoch(run: Run, epoch: int) -> None:
@@ -344,6 +361,8 @@ def _train_epoch(run: Run, epoch: int) -> None:
         state.correct += int(correct)
         state.seen += int(batch)
         if state.step % recipe.train.log_every_steps == 0 or state.batch_in_epoch == run.steps_per_epoch:
+            lr = learning_rate(recipe, state.step - 1, run.total_steps, run.steps_per_epoch)
+            run.loggers.log_scalars({"train/loss": batch_loss / batch, "train/lr": lr}, state.step)
             run.callbacks.on_step(state.step, epoch, state.loss_sum / state.seen, state.correct / state.seen)
         if recipe.train.checkpoint_every_steps and state.step % recipe.train.checkpoint_every_steps == 0:
             run.checkpoint()
@@ -383,8 +402,7 @@ def _after_mask_update(run: Run, update: MaskUpdate) -> None:
     # identical on every rank already (all-reduced gradients, same seeded generator); cheap insurance
     distributed.broadcast_tensors(run.method.masks.masks.values())
     run.method.masks.apply(run.optimizer)
-    if run.main:
-        append_line(run.metrics_path, json.dumps(update.to_record()))
+    run.loggers.log_record(update.to_record())
     run.callbacks.on_mask_update(update)
 
 
@@ -395,17 +413,17 @@ def _end_epoch(run: Run, epoch: int) -> dict[str, Any]:
     distributed.broadcast_tensors(run.model.buffers())  # BN statistics: each rank updated its own
     test_loss, test_accuracy = evaluate(run.model, run.test_set, recipe, run.device)
     if epoch == 0:
-        _warn_dead_layers(run.model, run.method, run.test_set, run.device, state.step,
-                          run.metrics_path if run.main else None, run.callbacks)
+        _warn_dead_layers(run.model, run.method, run.test_set, run.device, state.step, run.loggers, run.callbacks)
     state.best_accuracy = max(state.best_accuracy, test_accuracy)
     record = {"kind": "epoch", "epoch": epoch + 1, "step": state.step,
               "lr": learning_rate(recipe, state.step - 1, run.total_steps, run.steps_per_epoch),
               "train_loss": state.loss_sum / max(1, state.seen),
               "train_accuracy": state.correct / max(1, state.seen),
               "test_loss": test_loss, "test_accuracy": test_accuracy,
-              "sparsity": run.method.masks.sparsity() if run.method.masks else 0.0}
-    if run.main:
-        append_line(run.metrics_path, json.dumps(record))
+              "sparsity": run.method.masks.sparsity() if run.method.masks else 0.0,
+              "layer_density": _realised_masks(recipe, run.model, run.method).layer_densities(),
+              "spike_rates": spike_rates(run.model, _probe(run.test_set, run.device))}
+    run.loggers.log_record(record)
     state.epoch, state.batch_in_epoch, state.loss_sum, state.correct, state.seen = epoch + 1, 0, 0.0, 0, 0
     rewind = run.start.rewind
     if rewind is not None and rewind[0] == epoch + 1:
@@ -490,7 +508,7 @@ def _truncate_metrics(path: Path, step: int, epoch: int) -> None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     if not path.exists():
         return []
     records = []
@@ -574,29 +592,36 @@ def dead_layers(model: SpikingNet, masks: Masks | None, images: torch.Tensor) ->
     return dead
 
 
+def _probe(test_set: torch.utils.data.Dataset, device: torch.device) -> torch.Tensor:
+    """The first (up to) 64 test images: the fixed batch spike rates are measured on."""
+    return torch.stack([test_set[i][0] for i in range(min(64, len(test_set)))]).to(device)
+
+
 def _warn_dead_layers(model: SpikingNet, method: SparseMethod, test_set: torch.utils.data.Dataset,
-                      device: torch.device, step: int, metrics_path: Path | None, callbacks: TrainCallbacks) -> None:
+                      device: torch.device, step: int, loggers: Loggers, callbacks: TrainCallbacks) -> None:
     """The dead-layer guard: a silent LIF layer at the first evaluation is named, with its density."""
-    probe = torch.stack([test_set[i][0] for i in range(min(64, len(test_set)))]).to(device)
-    dead = dead_layers(model, method.masks, probe)
+    dead = dead_layers(model, method.masks, _probe(test_set, device))
     if not dead:
         return
-    if metrics_path is not None:
-        append_line(metrics_path, json.dumps({"kind": "dead_layers", "step": step, "epoch": 1, "layers": dead}))
+    loggers.log_record({"kind": "dead_layers", "step": step, "epoch": 1, "layers": dead})
     for name, info in dead.items():
         callbacks.on_warning(f"LIF layer {name} fired at rate {info['spike_rate']:.2g} at the first evaluation "
                              f"(fed by {info['weight']} at density {info['density']:.4f}): it passes almost no "
                              "gradient; try [sparsity] init = \"scaled\" or a lower sparsity")
 
 
+def _realised_masks(recipe: Recipe, model: SpikingNet, method: SparseMethod) -> Masks:
+    """The method's masks; for a dense run, all-ones masks over the would-be sparse layers."""
+    names = sparse_parameter_names(model, recipe.sparsity.dense)
+    return method.masks or Masks.for_model(
+        model, names, {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n in names})
+
+
 def _summary(recipe: Recipe, model: SpikingNet, method: SparseMethod, test_set: torch.utils.data.Dataset,
              device: torch.device, last: dict[str, Any], state: _RunState, epochs: int,
              wall_time_s: float) -> dict[str, Any]:
-    masks = method.masks or Masks.for_model(
-        model, sparse_parameter_names(model, recipe.sparsity.dense),
-        {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()
-         if n in sparse_parameter_names(model, recipe.sparsity.dense)})
-    probe = torch.stack([test_set[i][0] for i in range(min(64, len(test_set)))]).to(device)
+    masks = _realised_masks(recipe, model, method)
+    probe = _probe(test_set, device)
     return {
         "name": recipe.name, "method": recipe.sparsity.method, "arch": recipe.model.arch,
         "dataset": recipe.data.dataset, "timesteps": recipe.model.timesteps, "seed": recipe.seed,

@@ -148,6 +148,10 @@ class Masks:
             total, active = total + numel, active + nnz
         return {"layers": layers, "numel": total, "nnz": active, "sparsity": 1 - active / total if total else 0.0}
 
+    def layer_densities(self) -> dict[str, float]:
+        """Active fraction of each sparse layer (1 - its sparsity)."""
+        return {name: int(mask.sum()) / mask.numel() for name, mask in self.masks.items()}
+
     def sparsity(self) -> float:
         total = sum(m.numel() for m in self.masks.values())
         return 1 - sum(int(m.sum()) for m in self.masks.values()) / total if total else 0.0
