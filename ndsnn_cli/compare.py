@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ndsnn_cli import plots
 from ndsnn_cli.atomic import write_bytes, write_json, write_text
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.recipe import METHODS, Recipe, parse_recipe, with_method
@@ -469,7 +470,8 @@ def _num(value: float | int | None) -> str:
     return "" if value is None else repr(value)
 
 
-def to_markdown(table: dict[str, Any]) -> str:
+def to_markdown(table: dict[str, Any], plot: str | None = None) -> str:
+    """The accuracy and cost tables (and `plot`, the PNG's file name beside the Markdown, when given)."""
     cols = table["sparsities"]
     lines = ["## Test accuracy (%), mean ± std over seeds; best per sparsity in bold", "",
              "| method | " + " | ".join(format_sparsity(s) for s in cols) + " |",
@@ -485,6 +487,9 @@ def to_markdown(table: dict[str, Any]) -> str:
               "| method | " + " | ".join(format_sparsity(s) for s in cols) + " |", "|---|" + "---:|" * len(cols)]
     for method in table["methods"]:
         lines.append(f"| {method} | " + " | ".join(format_cost(cell(table, method, s)) for s in cols) + " |")
+    if plot:
+        lines += ["", "## Accuracy vs sparsity (log density axis) and vs training FLOPs (one point per run)", "",
+                  f"![test accuracy vs sparsity and vs training FLOPs]({plot})"]
     if table["notes"]:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in table["notes"]]
     return "\n".join(lines) + "\n"
@@ -500,43 +505,80 @@ def format_cost(c: dict[str, Any] | None) -> str:
     return f"{flops}, {c['wall_time_s_mean']:.1f} s"
 
 
-def plot_png(table: dict[str, Any]) -> bytes:
-    """Accuracy vs sparsity per method (error bars = std over seeds); dense as a horizontal line."""
-    import matplotlib
+def results_figure(table: dict[str, Any]) -> Any:
+    """The report's figure: accuracy vs sparsity (log density axis) and, where the FLOPs model answers,
+    accuracy vs training FLOPs. One colour per table row (method) in both panels."""
+    plt = plots.pyplot()
+    flops = any(c["training_flops"] is not None and c["accuracy_mean"] is not None for c in table["cells"])
+    fig, axes = plt.subplots(1, 2 if flops else 1, figsize=(11.5 if flops else 6, 4.5), dpi=120, squeeze=False)
+    colours = {method: f"C{i}" for i, method in enumerate(table["methods"])}
+    _accuracy_vs_sparsity(axes[0][0], table, colours)
+    if flops:
+        _accuracy_vs_flops(axes[0][1], table, colours)
+    fig.tight_layout()
+    return fig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+def _accuracy_vs_sparsity(ax: Any, table: dict[str, Any], colours: dict[str, str]) -> None:
+    """Mean ± std over seeds at each sparsity, x = density 1 - s on a log axis; dense as a line (± std band)."""
     for method in table["methods"]:
         cs = [c for c in table["cells"] if c["method"] == method and c["accuracy_mean"] is not None]
         if not cs:
             continue
         if method == "dense":
-            ax.axhline(100 * cs[0]["accuracy_mean"], color="grey", linestyle="--", label="dense")
+            mean, std = 100 * cs[0]["accuracy_mean"], 100 * cs[0]["accuracy_std"]
+            ax.axhline(mean, color=colours[method], linestyle="--", label="dense")
+            if std:
+                ax.axhspan(mean - std, mean + std, color=colours[method], alpha=0.12, linewidth=0)
             continue
-        xs = [c["sparsity"] for c in cs]
-        ax.errorbar(xs, [100 * c["accuracy_mean"] for c in cs], yerr=[100 * c["accuracy_std"] for c in cs],
-                    marker="o", capsize=3, label=method)
-    ax.set_xlabel("sparsity")
+        ax.errorbar([1 - c["sparsity"] for c in cs], [100 * c["accuracy_mean"] for c in cs],
+                    yerr=[100 * c["accuracy_std"] for c in cs], marker="o", capsize=3, color=colours[method],
+                    label=method)
+    plots.log_density_axis(ax, "x", [s for s in table["sparsities"] if s > 0])
     ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy vs sparsity (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+
+
+def _accuracy_vs_flops(ax: Any, table: dict[str, Any], colours: dict[str, str]) -> None:
+    """One point per finished run at its cell's training FLOPs (the `ndsnn cost` model); a thin line joins
+    each method's means, cheapest first."""
+    for method in table["methods"]:
+        cs = sorted((c for c in table["cells"] if c["method"] == method and c["accuracy_mean"] is not None
+                     and c["training_flops"] is not None), key=lambda c: c["training_flops"])
+        if not cs:
+            continue
+        xs = [c["training_flops"] for c in cs for _ in c["test_accuracy"]]
+        ax.scatter(xs, [100 * a for c in cs for a in c["test_accuracy"]], color=colours[method], s=22,
+                   label=method, zorder=3)
+        if len(cs) > 1:
+            ax.plot([c["training_flops"] for c in cs], [100 * c["accuracy_mean"] for c in cs],
+                    color=colours[method], alpha=0.5, linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (ndsnn cost model)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy vs training cost (one point per run)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+
+
+def plot_png(table: dict[str, Any]) -> bytes:
+    return plots.png_bytes(results_figure(table))
+
+
+PLOT_FILE = "results.png"
 
 
 def write_reports(table: dict[str, Any], out: str | Path) -> dict[str, Path]:
-    """results.csv/.json/.md/.png in OUT, each written atomically."""
+    """results.csv/.json/.md/.png in OUT, each written atomically; the Markdown shows the PNG."""
     out = Path(out)
+    plot = PLOT_FILE if any(c["accuracy_mean"] is not None for c in table["cells"]) else None
     paths = {"csv": write_text(out / "results.csv", to_csv(table)),
              "json": write_json(out / "results.json", json_safe(table)),
-             "md": write_text(out / "results.md", to_markdown(table))}
-    if any(c["accuracy_mean"] is not None for c in table["cells"]):
-        paths["png"] = write_bytes(out / "results.png", plot_png(table))
+             "md": write_text(out / "results.md", to_markdown(table, plot))}
+    if plot:
+        paths["png"] = write_bytes(out / plot, plot_png(table))
     return paths
 
 

@@ -148,32 +148,32 @@ def print_run(result: RunCost) -> None:
 
 
 def write_plot(report: CostReport, path: Path) -> None:
-    """Two panels, density and cumulative FLOPs against training epochs; written atomically."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Two panels against training epochs: sparsity (log density axis) and cumulative FLOPs; written atomically."""
     from ndsnn_cli.atomic import write_bytes
+    from ndsnn_cli.plots import png_bytes
 
     if path.suffix.lower() != ".png":
         raise UserError(f"--plot {path}: the plot is a PNG file (name it *.png)")
-    fig, (ax_d, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
+    write_bytes(path, png_bytes(cost_figure(report), dpi=110))
+
+
+def cost_figure(report: CostReport) -> Any:
+    from ndsnn_cli.plots import log_density_axis, pyplot, spread_ticks
+
+    fig, (ax_d, ax_f) = pyplot().subplots(1, 2, figsize=(12, 4.5))
     for name, mc in report.methods.items():
         c = mc.curve
         ax_d.step(c["epochs"], [c["density"][0], *c["density"]], where="pre", label=name)
         ax_f.plot(c["epochs"], c["flops"], label=name)
-    ax_d.set(xlabel="training epochs", ylabel="density of sparse layers", yscale="log",
-             title=f"{report.arch}, sparsity {report.sparsity:g}")
+    initial = report.assumptions["ndsnn_initial_sparsity"] if "ndsnn" in report.methods else 0.0
+    round_numbers = [s for s in (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999) if s < report.sparsity]
+    log_density_axis(ax_d, "y", spread_ticks([0.0, report.sparsity, initial], round_numbers),
+                     label="sparsity of sparse layers (log density)")
+    ax_d.set(xlabel="training epochs", title=f"{report.arch}, sparsity {report.sparsity:g}")
     ax_f.set(xlabel="training epochs", ylabel="cumulative training FLOPs", yscale="log", title="training FLOPs")
     ax_d.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes(path, buffer.getvalue())
+    return fig
 
 
 def _pct(value: float | None) -> str:
