@@ -1,0 +1,67 @@
+"""Sparse execution of conv and linear layers during training: a registry of kernels and one pure rule.
+
+Each registered kernel computes a layer's forward at its active weights only, the input gradient
+through the transposed sparse weight and the weight gradient at the mask's positions (the dense
+weight gradient only when a drop-and-grow update needs it). `choose` decides, once per mask update
+and per layer, which kernel runs (or "dense": the masked-dense torch path). No torch import here, so
+the recipe can name the modes without loading it; implementations live in the submodules.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Collection
+from dataclasses import dataclass
+
+SPARSE_KERNEL_MODES = ("auto", "on", "off")
+DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """One sparse kernel: where it runs, what it needs, and the density below which it beats dense."""
+
+    name: str
+    devices: tuple[str, ...]
+    requires: str | None          # a module that must be importable (an optional dependency)
+    crossover_density: float      # auto mode: sparse when a layer's density is at or below this
+    auto: bool                    # auto mode may pick it (measured faster than dense somewhere)
+
+
+# Crossovers measured on the 2-core development machine (benchmarks/sparse_step.py, fwd + both grads,
+# VGG-16 shapes, batch 160): the numba kernel wins at density 0.05 and below on every shape and loses
+# at 0.10 on the small-map layers. The pure-torch kernel (torch.sparse per kernel offset) is the
+# always-available fallback for "on"; it was slower than dense in every measurement, so auto skips it.
+KERNELS: dict[str, KernelInfo] = {
+    "numba": KernelInfo("numba", ("cpu",), "numba", 0.07, True),
+    "torch-sparse": KernelInfo("torch-sparse", ("cpu",), None, 0.0, False),
+}
+PREFERENCE = ("numba", "torch-sparse")  # for "on": the first available kernel
+
+
+def available_kernels() -> tuple[str, ...]:
+    """Kernels whose optional dependency is importable here (no import is done)."""
+    return tuple(name for name in PREFERENCE
+                 if KERNELS[name].requires is None or importlib.util.find_spec(KERNELS[name].requires) is not None)
+
+
+def choose(mode: str, density: float, device_type: str, amp: bool, available: Collection[str]) -> str:
+    """The kernel a layer at `density` runs: a name from KERNELS, or "dense".
+
+    off -> dense. Mixed precision (bf16/fp16 autocast) -> dense: the kernels compute in fp32 only.
+    on -> the first available kernel for the device, dense if none. auto -> the first available kernel
+    that auto may pick, for the device, with the layer at or below its crossover density; else dense.
+    """
+    if mode not in SPARSE_KERNEL_MODES:
+        raise ValueError(f"unknown sparse_kernels mode {mode!r} (known: {', '.join(SPARSE_KERNEL_MODES)})")
+    if mode == "off" or amp:
+        return DENSE
+    for name in PREFERENCE:
+        info = KERNELS[name]
+        if name not in available or device_type not in info.devices:
+            continue
+        if mode == "on":
+            return name
+        if info.auto and density <= info.crossover_density:
+            return name
+    return DENSE

@@ -1,0 +1,216 @@
+"""Run a model's conv and linear layers on sparse kernels: an autograd Function and the per-model plan.
+
+`SparseExecution(model, masks, mode, device_type, amp)` replaces the `forward` of every sparse layer
+(state_dict and parameters unchanged) by one that runs the kernel `choose` picked for it, or the
+module's own dense forward. `rebuild()` re-decides and rebuilds the layouts (after every mask update,
+never per step); `dense_weight_grad` asks for the dense weight gradient (drop-and-grow update steps).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ndsnn_cli.kernels import DENSE, available_kernels, choose
+from ndsnn_cli.kernels.layout import TapLayout, build_layout
+from ndsnn_cli.snn.neuron import is_spikes
+
+
+def create_kernel(name: str) -> Any:
+    """The implementation registered under `name` (numba is imported only here)."""
+    if name == "numba":
+        from ndsnn_cli.kernels.numba_cpu import NumbaKernel, set_threads
+
+        set_threads(torch.get_num_threads())
+        return NumbaKernel()
+    if name == "torch-sparse":
+        from ndsnn_cli.kernels.torch_sparse import TorchSparseKernel
+
+        return TorchSparseKernel()
+    raise ValueError(f"unknown sparse kernel {name!r}")
+
+
+@dataclass
+class SparseLayer:
+    """One conv/linear layer's plan: its kernel (or "dense"), layout, geometry, gradient request."""
+
+    name: str
+    module: nn.Conv2d | nn.Linear
+    kernel_name: str = DENSE
+    kernel: Any = None
+    layout: TapLayout | None = None
+    stride: int = 1
+    pad: int = 0
+    dense_weight_grad: bool = False
+    calls: int = field(default=0)
+
+    @property
+    def active(self) -> bool:
+        return self.kernel is not None and self.layout is not None
+
+
+def supported(module: nn.Module) -> bool:
+    """Shapes the kernels implement: Linear, and Conv2d with square stride/padding, no dilation/groups."""
+    if isinstance(module, nn.Linear):
+        return True
+    if not isinstance(module, nn.Conv2d) or module.groups != 1 or module.padding_mode != "zeros":
+        return False
+    pad = module.padding
+    return (module.dilation == (1, 1) and module.stride[0] == module.stride[1] and not isinstance(pad, str)
+            and pad[0] == pad[1])
+
+
+def to_batch_last(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] (any memory format) or [N, F] -> contiguous [C, H, W, N] ([F, 1, 1, N]); spike maps
+    as uint8 (0/1 exactly: the kernels then read 1 byte per input and backward keeps 1 byte)."""
+    dtype = torch.uint8 if is_spikes(x) else torch.float32
+    if x.dim() == 2:
+        return torch.empty(x.shape[1], 1, 1, x.shape[0], dtype=dtype).copy_(x.t()[:, None, None, :])
+    return torch.empty(x.shape[1], x.shape[2], x.shape[3], x.shape[0], dtype=dtype).copy_(x.permute(1, 2, 3, 0))
+
+
+def from_batch_last(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of `to_batch_last` for a result, in the memory format of `like` (the layer's input)."""
+    if like.dim() == 2:
+        return y.view(y.shape[0], y.shape[3]).t().contiguous()
+    fmt = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return y.permute(3, 0, 1, 2).contiguous(memory_format=fmt)
+
+
+class _SparseLayerFunction(torch.autograd.Function):
+    """Forward at the active weights, input gradient through the transposed sparse weight, weight
+    gradient at the mask's positions (dense, by torch, when `layer.dense_weight_grad`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                layer: SparseLayer) -> torch.Tensor:
+        layout = layer.layout
+        x_bl = to_batch_last(x)                                   # (Ci, H, W, N)
+        h_out = (x_bl.shape[1] + 2 * layer.pad - layout.shape[2]) // layer.stride + 1
+        w_out = (x_bl.shape[2] + 2 * layer.pad - layout.shape[3]) // layer.stride + 1
+        out = torch.empty(layout.shape[0], h_out, w_out, x_bl.shape[3])  # (Co, Ho, Wo, N)
+        values = layout.values(weight)
+        bias_values = bias.detach().float().contiguous() if bias is not None else torch.zeros(layout.shape[0])
+        layer.kernel.forward(x_bl, values, bias_values, layout, layer.stride, layer.pad, out)
+        ctx.save_for_backward(x_bl, values)
+        ctx.layer, ctx.x_meta = layer, (x.dim(), x.is_contiguous(memory_format=torch.channels_last))
+        ctx.weight_meta, ctx.has_bias = weight, bias is not None
+        return from_batch_last(out, x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        x_bl, values = ctx.saved_tensors
+        layer, layout = ctx.layer, ctx.layer.layout
+        gy = to_batch_last(grad_output.float())                    # (Co, Ho, Wo, N)
+        grad_x = grad_w = grad_b = None
+        like = _like(ctx.x_meta)
+        if ctx.needs_input_grad[0]:
+            grad_bl = torch.empty(x_bl.shape, dtype=torch.float32)
+            layer.kernel.input_grad(gy, values, layout, layer.stride, layer.pad, grad_bl)
+            grad_x = from_batch_last(grad_bl, like)
+        if ctx.needs_input_grad[1]:
+            weight = ctx.weight_meta
+            if layer.dense_weight_grad:
+                grad_w = _dense_weight_grad(layer, grad_output, x_bl, weight)
+            else:
+                grad_w = torch.zeros_like(weight)
+                grad_w[layout.index] = layer.kernel.weight_grad(gy, x_bl, layout, layer.stride, layer.pad).to(
+                    weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = gy.sum((1, 2, 3))
+        return grad_x, grad_w, grad_b, None
+
+
+def _like(meta: tuple[int, bool]) -> torch.Tensor:
+    """A 1-element stand-in with the input's rank and memory format (for `from_batch_last`)."""
+    dim, channels_last = meta
+    if dim == 2:
+        return torch.empty(1, 1)
+    return torch.empty(1, 1, 1, 1).contiguous(memory_format=torch.channels_last if channels_last
+                                               else torch.contiguous_format)
+
+
+def _dense_weight_grad(layer: SparseLayer, grad_output: torch.Tensor, x_bl: torch.Tensor,
+                       weight: torch.Tensor) -> torch.Tensor:
+    """The full weight gradient (every position: growth ranks the inactive ones), by torch's dense kernels."""
+    x = x_bl.float().permute(3, 0, 1, 2)                          # (N, Ci, H, W), a view
+    if isinstance(layer.module, nn.Linear):
+        return (grad_output.float().t() @ x.reshape(x.shape[0], -1)).to(weight.dtype)
+    grad = torch.nn.grad.conv2d_weight(x.contiguous(memory_format=torch.channels_last), weight.shape,
+                                       grad_output.float(), stride=layer.stride, padding=layer.pad)
+    return grad.to(weight.dtype).contiguous(memory_format=torch.channels_last if weight.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format)
+
+
+def sparse_forward(layer: SparseLayer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's forward: its sparse kernel when one is planned and the call fits it (fp32 CPU input,
+    no autocast), else the module's own dense forward."""
+    module = layer.module
+    if (not layer.active or x.device.type != "cpu" or x.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu") or module.weight.dtype != torch.float32):
+        return type(module).forward(module, x)
+    layer.calls += 1
+    if x.dim() > 2 and isinstance(module, nn.Linear):  # [..., F]: the kernel takes [N, F]
+        return sparse_forward(layer, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+    return _SparseLayerFunction.apply(x, module.weight, module.bias, layer)
+
+
+class SparseExecution:
+    """The sparse-kernel plan of one model: which layers run which kernel, rebuilt at mask updates."""
+
+    def __init__(self, model: nn.Module, masks: Any, mode: str, device_type: str, amp: bool) -> None:
+        self.masks, self.mode, self.device_type, self.amp = masks, mode, device_type, amp
+        self.available = available_kernels()
+        self.rebuild_s = 0.0
+        self.rebuilds = 0
+        self.layers: dict[str, SparseLayer] = {}
+        self._kernels: dict[str, Any] = {}
+        params = masks.params if masks is not None else {}
+        for name in params:
+            module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            if name.endswith("weight") and supported(module):
+                layer = SparseLayer(name, module)
+                if isinstance(module, nn.Conv2d):
+                    layer.stride, layer.pad = module.stride[0], int(module.padding[0])
+                self.layers[name] = layer
+                module.forward = lambda x, layer=layer: sparse_forward(layer, x)
+
+    def rebuild(self) -> dict[str, str]:
+        """Choose each layer's kernel at its current density and build the layouts; {param: kernel}."""
+        started = time.perf_counter()
+        for name, layer in self.layers.items():
+            mask = self.masks.masks[name]
+            density = float(mask.sum()) / mask.numel()
+            layer.kernel_name = choose(self.mode, density, self.device_type, self.amp, self.available)
+            if layer.kernel_name == DENSE:
+                layer.kernel, layer.layout = None, None
+                continue
+            if layer.kernel_name not in self._kernels:
+                self._kernels[layer.kernel_name] = create_kernel(layer.kernel_name)
+            layer.kernel, layer.layout = self._kernels[layer.kernel_name], build_layout(mask)
+        self.rebuild_s += time.perf_counter() - started
+        self.rebuilds += 1
+        return self.assignment()
+
+    def assignment(self) -> dict[str, str]:
+        return {name: layer.kernel_name for name, layer in self.layers.items()}
+
+    def set_dense_weight_grad(self, dense: bool) -> None:
+        for layer in self.layers.values():
+            layer.dense_weight_grad = dense
+
+    def remove(self) -> None:
+        """Give every layer its own forward back."""
+        for layer in self.layers.values():
+            layer.module.__dict__.pop("forward", None)
+        self.layers = {}
+
+    def summary(self) -> dict[str, Any]:
+        kernels = self.assignment()
+        return {"mode": self.mode, "available": list(self.available), "layers": kernels,
+                "sparse_layers": sum(k != DENSE for k in kernels.values()), "rebuilds": self.rebuilds,
+                "rebuild_s": self.rebuild_s}

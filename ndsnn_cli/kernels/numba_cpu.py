@@ -1,0 +1,120 @@
+"""Direct sparse convolution kernels for the CPU, JIT-compiled by numba (the optional `kernels` extra).
+
+Feature maps are batch-innermost, `[C, H, W, N]` (DESIGN §4: the batch as the contiguous axis made the
+direct kernel 6-11x faster than oneDNN at 99% sparsity, against 1.3-3.3x with the batch outer). Each
+active weight ("tap": output channel o, input channel i, kernel offset kh, kw) adds its shifted input
+plane, scaled by its value, into its output plane; nothing is unfolded (no im2col). A linear layer is
+the same kernel on `[in, 1, 1, N]` maps. Inputs may be uint8 (spike maps, 0/1): numba compiles a
+specialisation that reads 1 byte per input instead of 4.
+
+Parallel over output channels (forward, weight gradient) or input channels (input gradient), so no two
+threads write the same plane. The weight-gradient dot products may be reassociated (vectorised sums).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+
+@njit(inline="always")
+def _valid_range(size_out: int, size_in: int, offset: int, stride: int, pad: int) -> tuple[int, int]:
+    """Output positions p with 0 <= p * stride + offset - pad < size_in."""
+    lo = max(0, -((offset - pad) // stride))  # ceil((pad - offset) / stride)
+    hi = min(size_out, (size_in - 1 + pad - offset) // stride + 1)
+    return lo, max(lo, hi)
+
+
+@njit(parallel=True, cache=True)
+def conv_forward(x, out, bias, rowptr, tap_in, tap_kh, tap_kw, values, stride, pad):  # pragma: no cover (JIT)
+    """out[o] = bias[o] + sum over taps of o of value * shifted x[i]; x [Ci, H, W, N], out [Co, Ho, Wo, N]."""
+    c_out, h_out, w_out, batch = out.shape
+    h_in, w_in = x.shape[1], x.shape[2]
+    for o in prange(c_out):
+        plane = out[o]
+        b = bias[o]
+        for ho in range(h_out):
+            for wo in range(w_out):
+                for n in range(batch):
+                    plane[ho, wo, n] = b
+        for k in range(rowptr[o], rowptr[o + 1]):
+            src = x[tap_in[k]]
+            kh, kw, w = tap_kh[k], tap_kw[k], values[k]
+            h_lo, h_hi = _valid_range(h_out, h_in, kh, stride, pad)
+            w_lo, w_hi = _valid_range(w_out, w_in, kw, stride, pad)
+            for ho in range(h_lo, h_hi):
+                hi = ho * stride + kh - pad
+                for wo in range(w_lo, w_hi):
+                    wi = wo * stride + kw - pad
+                    for n in range(batch):
+                        plane[ho, wo, n] += w * src[hi, wi, n]
+
+
+@njit(parallel=True, cache=True)
+def conv_input_grad(grad_out, grad_in, colptr, tap_out, tap_kh, tap_kw, values, stride, pad):  # pragma: no cover
+    """grad_in[i] = sum over taps of i of value * grad_out[o] shifted back (the transposed sparse weight)."""
+    c_in, h_in, w_in, batch = grad_in.shape
+    h_out, w_out = grad_out.shape[1], grad_out.shape[2]
+    for i in prange(c_in):
+        plane = grad_in[i]
+        plane[:] = 0.0
+        for k in range(colptr[i], colptr[i + 1]):
+            src = grad_out[tap_out[k]]
+            kh, kw, w = tap_kh[k], tap_kw[k], values[k]
+            h_lo, h_hi = _valid_range(h_out, h_in, kh, stride, pad)
+            w_lo, w_hi = _valid_range(w_out, w_in, kw, stride, pad)
+            for ho in range(h_lo, h_hi):
+                hi = ho * stride + kh - pad
+                for wo in range(w_lo, w_hi):
+                    wi = wo * stride + kw - pad
+                    for n in range(batch):
+                        plane[hi, wi, n] += w * src[ho, wo, n]
+
+
+@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+def conv_weight_grad(grad_out, x, grad_values, rowptr, tap_in, tap_kh, tap_kw, stride, pad):  # pragma: no cover
+    """grad_values[k] = <grad_out[o], shifted x[i]> for every tap k only (sampled: the mask's positions)."""
+    c_out, h_out, w_out, batch = grad_out.shape
+    h_in, w_in = x.shape[1], x.shape[2]
+    for o in prange(c_out):
+        gy = grad_out[o]
+        for k in range(rowptr[o], rowptr[o + 1]):
+            src = x[tap_in[k]]
+            kh, kw = tap_kh[k], tap_kw[k]
+            h_lo, h_hi = _valid_range(h_out, h_in, kh, stride, pad)
+            w_lo, w_hi = _valid_range(w_out, w_in, kw, stride, pad)
+            acc = np.float32(0.0)
+            for ho in range(h_lo, h_hi):
+                hi = ho * stride + kh - pad
+                for wo in range(w_lo, w_hi):
+                    wi = wo * stride + kw - pad
+                    for n in range(batch):
+                        acc += gy[ho, wo, n] * src[hi, wi, n]
+            grad_values[k] = acc
+
+
+def set_threads(count: int) -> None:
+    """Use as many numba threads as torch does (never more than numba started with)."""
+    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+
+
+class NumbaKernel:
+    """The registry's "numba" kernel: torch tensors in `[C, H, W, N]` in, numba kernels on their memory."""
+
+    def forward(self, x, values, bias, layout, stride: int, pad: int, out) -> None:  # noqa: ANN001
+        conv_forward(x.numpy(), out.numpy(), bias.numpy(), layout.rowptr, layout.tap_in, layout.tap_kh,
+                     layout.tap_kw, values.numpy(), stride, pad)
+
+    def input_grad(self, grad_out, values, layout, stride: int, pad: int, grad_in) -> None:  # noqa: ANN001
+        col_values = values[layout.by_input].contiguous()
+        conv_input_grad(grad_out.numpy(), grad_in.numpy(), layout.colptr, layout.col_out, layout.col_kh,
+                        layout.col_kw, col_values.numpy(), stride, pad)
+
+    def weight_grad(self, grad_out, x, layout, stride: int, pad: int):  # noqa: ANN001, ANN201
+        import torch
+
+        grad_values = torch.empty(layout.nnz, dtype=torch.float32)
+        conv_weight_grad(grad_out.numpy(), x.numpy(), grad_values.numpy(), layout.rowptr, layout.tap_in,
+                         layout.tap_kh, layout.tap_kw, stride, pad)
+        return grad_values
