@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.kernels import SPARSE_KERNEL_MODES
 from ndsnn_cli.loggers import LOGGER_NAMES
 from ndsnn_cli.snn import LIF_BACKENDS, SURROGATE_NAMES
 from ndsnn_cli.sparse.schedules import METHOD_SCHEDULES, sparse_epochs
@@ -91,6 +92,9 @@ class TrainConfig:
     threads: int = _f(0, lo=0, doc="torch CPU threads (0 = torch's default)")
     loggers: list[str] = _f(["jsonl"], choices=LOGGER_NAMES,
                             doc='metrics.jsonl (always) plus e.g. "tensorboard" (<run_dir>/tb/; the tensorboard extra)')
+    sparse_kernels: str = _f("auto", choices=SPARSE_KERNEL_MODES,
+                             doc="sparse conv/linear kernels: auto = compiled kernel on CPU below the measured "
+                                 "crossover density; on = every sparse layer; off = masked dense")
 
 
 @dataclass(frozen=True)

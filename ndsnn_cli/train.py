@@ -35,6 +35,7 @@ from ndsnn_cli.checkpoint import (
 from ndsnn_cli.data import batches_per_epoch, dataset_info
 from ndsnn_cli.data.loading import build_datasets, make_loader
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.kernels.execution import SparseExecution
 from ndsnn_cli.loggers import METRICS, Loggers, check_available
 from ndsnn_cli.recipe import Recipe, parse_recipe
 from ndsnn_cli.snn.models import NeuronConfig, SpikingNet, create_model
@@ -55,6 +56,7 @@ class TrainCallbacks:
     def on_mask_update(self, update: MaskUpdate) -> None: ...
     def on_round_start(self, index: int, rounds: int, sparsity: float) -> None: ...
     def on_warning(self, message: str) -> None: ...
+    def on_kernels(self, step: int, layers: dict[str, str]) -> None: ...
 
 
 class TrainingDiverged(UserError):
@@ -238,6 +240,7 @@ class Run:
     drop_last: bool
     started: float
     loggers: Loggers = field(default_factory=Loggers)  # rank 0's metrics.jsonl (+ tensorboard); none elsewhere
+    kernels: SparseExecution | None = None   # sparse-kernel dispatch of the sparse layers (None: no masks)
 
     @property
     def main(self) -> bool:
@@ -321,6 +324,15 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallback
     return run
 
 
+def _setup_kernels(run: Run) -> None:
+    """Per-layer kernel dispatch (`[train] sparse_kernels`), decided on the masks the run starts from."""
+    if run.method.masks is None:
+        return
+    t = run.recipe.train
+    run.kernels = SparseExecution(run.model, run.method.masks, t.sparse_kernels, run.device.type, t.amp)
+    run.callbacks.on_kernels(run.state.step, run.kernels.rebuild())
+
+
 def _resume_or_start(run: Run, resume: bool) -> None:
     """Restore the checkpoint (and cut metrics.jsonl back to it), or start a fresh metrics log."""
     if resume and run.checkpoint_path.exists():
@@ -329,6 +341,7 @@ def _resume_or_start(run: Run, resume: bool) -> None:
             _truncate_metrics(run.metrics_path, run.state.step, run.state.epoch)
     elif run.main and run.metrics_path.exists():
         run.metrics_path.unlink()
+    _setup_kernels(run)
     if distributed.sum_values(run.state.step)[0] != run.state.step * distributed.world_size():
         raise UserError(f"{run.checkpoint_path}: ranks resumed from different steps; "
                         "multi-node runs need the run directory on a shared file system")
@@ -342,7 +355,8 @@ def _open_loggers(run: Run) -> None:
     if run.state.step == 0:
         run.loggers.log_text("recipe", run.recipe.to_toml(), 0)
         if run.method.masks is not None:  # the realised start, for `cost RUN`
-            run.loggers.log_record({"kind": "mask_init", "step": 0, "layers": run.method.masks.nnz()})
+            run.loggers.log_record({"kind": "mask_init", "step": 0, "layers": run.method.masks.nnz(),
+                                    "kernels": run.kernels.assignment()})
 
 
 def _train_epoch(run: Run, epoch: int) -> None:
@@ -374,6 +388,8 @@ def _train_step(run: Run, epoch: int, images: torch.Tensor, labels: torch.Tensor
     lr = learning_rate(run.recipe, state.step, run.total_steps, run.steps_per_epoch)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    if run.kernels is not None:  # a gradient-growth update follows this step: it ranks every weight's gradient
+        run.kernels.set_dense_weight_grad(run.method.needs_dense_gradient(state.step + 1))
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=t.amp):
         logits = run.train_model(images)
     loss = spiking_loss(logits, labels, t.label_smoothing)
@@ -398,11 +414,17 @@ def _train_step(run: Run, epoch: int, images: torch.Tensor, labels: torch.Tensor
 
 
 def _after_mask_update(run: Run, update: MaskUpdate) -> None:
-    """Masks changed: keep ranks identical, log the update. (Per-layer kernel dispatch hooks in here.)"""
+    """Masks changed: keep ranks identical, log the update, rebuild the sparse layouts (and re-decide
+    each layer's kernel at its new density: logged in the update's record when a choice changed)."""
     # identical on every rank already (all-reduced gradients, same seeded generator); cheap insurance
     distributed.broadcast_tensors(run.method.masks.masks.values())
     run.method.masks.apply(run.optimizer)
-    run.loggers.log_record(update.to_record())
+    record = update.to_record()
+    before = run.kernels.assignment()
+    if run.kernels.rebuild() != before:  # logged only when a layer's kernel changed
+        record["kernels"] = run.kernels.assignment()
+        run.callbacks.on_kernels(update.step, record["kernels"])
+    run.loggers.log_record(record)
     run.callbacks.on_mask_update(update)
 
 
@@ -440,6 +462,10 @@ def _finish(run: Run, last_record: dict[str, Any]) -> dict[str, Any]:
         last_record = [r for r in read_metrics(run.run_dir) if r["kind"] == "epoch"][-1]
     summary = _summary(run.recipe, run.model, run.method, run.test_set, run.device, last_record, run.state,
                        run.epochs, time.perf_counter() - run.started)
+    summary["sparse_kernels"] = (run.kernels.summary() if run.kernels is not None
+                                 else {"mode": run.recipe.train.sparse_kernels, "layers": {}})
+    if run.kernels is not None:
+        run.kernels.remove()
     if distributed.active():
         distributed.broadcast_tensors(run.model.buffers())
         tensors = [*run.model.state_dict().values(), *(run.method.masks.masks.values() if run.method.masks else [])]

@@ -25,6 +25,13 @@ def test_method_names_come_from_the_schedule_registry() -> None:
     assert sorted(METHOD_ORDER) == sorted(METHODS) and len(METHOD_ORDER) == len(set(METHOD_ORDER))
 
 
+def test_sparse_kernel_modes_come_from_the_kernel_registry() -> None:
+    from ndsnn_cli.kernels import SPARSE_KERNEL_MODES
+    from ndsnn_cli.recipe import TrainConfig
+
+    assert choices(TrainConfig, "sparse_kernels") == SPARSE_KERNEL_MODES
+
+
 def test_surrogate_and_backend_names_match_the_neuron_implementations() -> None:
     assert tuple(SURROGATES) == SURROGATE_NAMES == choices(ModelConfig, "surrogate")
     assert LIF_BACKENDS == choices(ModelConfig, "lif_backend")

@@ -127,6 +127,13 @@ class RichTrainProgress:
     def on_mask_update(self, update: MaskUpdate) -> None:
         pass
 
+    def on_kernels(self, step: int, layers: dict[str, str]) -> None:
+        if self.enabled:
+            sparse = {name: kernel for name, kernel in layers.items() if kernel != "dense"}
+            names = ", ".join(f"{name} ({kernel})" for name, kernel in sparse.items()) or "none"
+            self.progress.console.print(f"step {step}: sparse kernels on {len(sparse)}/{len(layers)} layers: {names}",
+                                        highlight=False, markup=False)
+
     def on_warning(self, message: str) -> None:
         from rich.markup import escape
 

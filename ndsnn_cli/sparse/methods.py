@@ -133,6 +133,14 @@ class SparseMethod:
         self.masks.apply(optimizer)
         return update
 
+    def needs_dense_gradient(self, step: int) -> bool:
+        """Whether the backward pass of optimizer step `step` must give every weight its gradient:
+        a gradient-growth update runs after it (or a postponed one is pending). Other steps need the
+        gradient at the mask's positions only (the optimizer zeroes the rest)."""
+        if self.masks is None or self.schedule.grow != "gradient":
+            return False
+        return self.schedule.is_update_step(step) or self.pending_update
+
     def _behind_schedule(self, step: int) -> bool:
         """A layer still holds more weights than the ramp allows at `step` (a postponed ramp update)."""
         current = self.masks.nnz()
