@@ -64,21 +64,32 @@ def supported(module: nn.Module) -> bool:
             and pad[0] == pad[1])
 
 
-def to_batch_last(x: torch.Tensor) -> torch.Tensor:
+def _as_cpn(t: torch.Tensor) -> torch.Tensor:
+    """A [C, P, N] view (P = H*W, or 1 for [N, F]) of an [N, C, H, W] (any memory format) or [N, F] tensor."""
+    if t.dim() == 2:
+        return t.t().unsqueeze(1)
+    return t.permute(1, 2, 3, 0).reshape(t.shape[1], t.shape[2] * t.shape[3], t.shape[0])  # a view here
+
+
+def to_batch_last(x: torch.Tensor, kernel: Any) -> torch.Tensor:
     """[N, C, H, W] (any memory format) or [N, F] -> contiguous [C, H, W, N] ([F, 1, 1, N]); spike maps
     as uint8 (0/1 exactly: the kernels then read 1 byte per input and backward keeps 1 byte)."""
     dtype = torch.uint8 if is_spikes(x) else torch.float32
-    if x.dim() == 2:
-        return torch.empty(x.shape[1], 1, 1, x.shape[0], dtype=dtype).copy_(x.t()[:, None, None, :])
-    return torch.empty(x.shape[1], x.shape[2], x.shape[3], x.shape[0], dtype=dtype).copy_(x.permute(1, 2, 3, 0))
+    shape = (x.shape[1], 1, 1, x.shape[0]) if x.dim() == 2 else (x.shape[1], x.shape[2], x.shape[3], x.shape[0])
+    y = torch.empty(shape, dtype=dtype)
+    kernel.copy(_as_cpn(x), y.view(shape[0], shape[1] * shape[2], shape[3]))
+    return y
 
 
-def from_batch_last(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def from_batch_last(y: torch.Tensor, like: torch.Tensor, kernel: Any) -> torch.Tensor:
     """Inverse of `to_batch_last` for a result, in the memory format of `like` (the layer's input)."""
     if like.dim() == 2:
-        return y.view(y.shape[0], y.shape[3]).t().contiguous()
-    fmt = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    return y.permute(3, 0, 1, 2).contiguous(memory_format=fmt)
+        out = torch.empty(y.shape[3], y.shape[0])
+    else:
+        fmt = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        out = torch.empty(y.shape[3], y.shape[0], y.shape[1], y.shape[2]).contiguous(memory_format=fmt)
+    kernel.copy(y.view(y.shape[0], y.shape[1] * y.shape[2], y.shape[3]), _as_cpn(out))
+    return out
 
 
 class _SparseLayerFunction(torch.autograd.Function):
@@ -89,7 +100,7 @@ class _SparseLayerFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
                 layer: SparseLayer) -> torch.Tensor:
         layout = layer.layout
-        x_bl = to_batch_last(x)                                   # (Ci, H, W, N)
+        x_bl = to_batch_last(x, layer.kernel)                                   # (Ci, H, W, N)
         h_out = (x_bl.shape[1] + 2 * layer.pad - layout.shape[2]) // layer.stride + 1
         w_out = (x_bl.shape[2] + 2 * layer.pad - layout.shape[3]) // layer.stride + 1
         out = torch.empty(layout.shape[0], h_out, w_out, x_bl.shape[3])  # (Co, Ho, Wo, N)
@@ -99,19 +110,19 @@ class _SparseLayerFunction(torch.autograd.Function):
         ctx.save_for_backward(x_bl, values)
         ctx.layer, ctx.x_meta = layer, (x.dim(), x.is_contiguous(memory_format=torch.channels_last))
         ctx.weight_meta, ctx.has_bias = weight, bias is not None
-        return from_batch_last(out, x)
+        return from_batch_last(out, x, layer.kernel)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         x_bl, values = ctx.saved_tensors
         layer, layout = ctx.layer, ctx.layer.layout
-        gy = to_batch_last(grad_output.float())                    # (Co, Ho, Wo, N)
+        gy = to_batch_last(grad_output.float(), layer.kernel)                    # (Co, Ho, Wo, N)
         grad_x = grad_w = grad_b = None
         like = _like(ctx.x_meta)
         if ctx.needs_input_grad[0]:
             grad_bl = torch.empty(x_bl.shape, dtype=torch.float32)
             layer.kernel.input_grad(gy, values, layout, layer.stride, layer.pad, grad_bl)
-            grad_x = from_batch_last(grad_bl, like)
+            grad_x = from_batch_last(grad_bl, like, layer.kernel)
         if ctx.needs_input_grad[1]:
             weight = ctx.weight_meta
             if layer.dense_weight_grad:

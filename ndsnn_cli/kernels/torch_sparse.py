@@ -37,6 +37,9 @@ def _window(padded: torch.Tensor, a: int, b: int, stride: int, h_out: int, w_out
 
 
 class TorchSparseKernel:
+    def copy(self, src, dst) -> None:  # noqa: ANN001
+        dst.copy_(src)
+
     def forward(self, x, values, bias, layout, stride: int, pad: int, out) -> None:  # noqa: ANN001
         c_out, h_out, w_out, _ = out.shape
         padded = F.pad(x.float(), (0, 0, pad, pad, pad, pad))  # [Ci, H + 2p, W + 2p, N]
