@@ -26,50 +26,42 @@ def _valid_range(size_out: int, size_in: int, offset: int, stride: int, pad: int
     return lo, max(lo, hi)
 
 
+@njit(inline="always")
+def _add_tap(out_plane, in_plane, w, kh, kw, stride, pad, to_output):  # pragma: no cover (JIT)
+    """One tap's shifted product: to_output, out_plane [Ho, Wo, N] += w * in_plane [H, W, N] at the tap's
+    offset (forward); else in_plane += w * out_plane shifted back (input gradient)."""
+    h_out, w_out, batch = out_plane.shape
+    h_in, w_in = in_plane.shape[0], in_plane.shape[1]
+    h_lo, h_hi = _valid_range(h_out, h_in, kh, stride, pad)
+    w_lo, w_hi = _valid_range(w_out, w_in, kw, stride, pad)
+    for ho in range(h_lo, h_hi):
+        hi = ho * stride + kh - pad
+        for wo in range(w_lo, w_hi):
+            wi = wo * stride + kw - pad
+            if to_output:
+                for n in range(batch):
+                    out_plane[ho, wo, n] += w * in_plane[hi, wi, n]
+            else:
+                for n in range(batch):
+                    in_plane[hi, wi, n] += w * out_plane[ho, wo, n]
+
+
 @njit(parallel=True, cache=True)
 def conv_forward(x, out, bias, rowptr, tap_in, tap_kh, tap_kw, values, stride, pad):  # pragma: no cover (JIT)
     """out[o] = bias[o] + sum over taps of o of value * shifted x[i]; x [Ci, H, W, N], out [Co, Ho, Wo, N]."""
-    c_out, h_out, w_out, batch = out.shape
-    h_in, w_in = x.shape[1], x.shape[2]
-    for o in prange(c_out):
-        plane = out[o]
-        b = bias[o]
-        for ho in range(h_out):
-            for wo in range(w_out):
-                for n in range(batch):
-                    plane[ho, wo, n] = b
+    for o in prange(out.shape[0]):
+        out[o] = bias[o]
         for k in range(rowptr[o], rowptr[o + 1]):
-            src = x[tap_in[k]]
-            kh, kw, w = tap_kh[k], tap_kw[k], values[k]
-            h_lo, h_hi = _valid_range(h_out, h_in, kh, stride, pad)
-            w_lo, w_hi = _valid_range(w_out, w_in, kw, stride, pad)
-            for ho in range(h_lo, h_hi):
-                hi = ho * stride + kh - pad
-                for wo in range(w_lo, w_hi):
-                    wi = wo * stride + kw - pad
-                    for n in range(batch):
-                        plane[ho, wo, n] += w * src[hi, wi, n]
+            _add_tap(out[o], x[tap_in[k]], values[k], tap_kh[k], tap_kw[k], stride, pad, True)
 
 
 @njit(parallel=True, cache=True)
 def conv_input_grad(grad_out, grad_in, colptr, tap_out, tap_kh, tap_kw, values, stride, pad):  # pragma: no cover
     """grad_in[i] = sum over taps of i of value * grad_out[o] shifted back (the transposed sparse weight)."""
-    c_in, h_in, w_in, batch = grad_in.shape
-    h_out, w_out = grad_out.shape[1], grad_out.shape[2]
-    for i in prange(c_in):
-        plane = grad_in[i]
-        plane[:] = 0.0
+    for i in prange(grad_in.shape[0]):
+        grad_in[i] = 0.0
         for k in range(colptr[i], colptr[i + 1]):
-            src = grad_out[tap_out[k]]
-            kh, kw, w = tap_kh[k], tap_kw[k], values[k]
-            h_lo, h_hi = _valid_range(h_out, h_in, kh, stride, pad)
-            w_lo, w_hi = _valid_range(w_out, w_in, kw, stride, pad)
-            for ho in range(h_lo, h_hi):
-                hi = ho * stride + kh - pad
-                for wo in range(w_lo, w_hi):
-                    wi = wo * stride + kw - pad
-                    for n in range(batch):
-                        plane[hi, wi, n] += w * src[ho, wo, n]
+            _add_tap(grad_out[tap_out[k]], grad_in[i], values[k], tap_kh[k], tap_kw[k], stride, pad, False)
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
