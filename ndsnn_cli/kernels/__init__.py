@@ -29,9 +29,10 @@ class KernelInfo:
 
 
 # Crossovers measured on the 2-core development machine (benchmarks/sparse_step.py, fwd + both grads,
-# VGG-16 shapes, batch 160): the numba kernel wins at density 0.05 and below on every shape and loses
-# at 0.10 on the small-map layers. The pure-torch kernel (torch.sparse per kernel offset) is the
-# always-available fallback for "on"; it was slower than dense in every measurement, so auto skips it.
+# VGG-16 shapes, batch 160, under contention): the numba kernel won at density 0.05 and below on every
+# shape measured and lost at 0.10 on 64->64 at 32x32 (1.2x); 0.07 until a quiet re-measurement.
+# The pure-torch kernel (torch.sparse per kernel offset) is the always-available fallback for "on";
+# plain torch.sparse ops measured 0.7-5.4x *slower* than dense at 99% (issue 14), so auto skips it.
 KERNELS: dict[str, KernelInfo] = {
     "numba": KernelInfo("numba", ("cpu",), "numba", 0.07, True),
     "torch-sparse": KernelInfo("torch-sparse", ("cpu",), None, 0.0, False),
