@@ -22,8 +22,8 @@ def test_unknown_format_is_a_user_error_listing_the_registry() -> None:
 
     from ndsnn_cli.errors import UserError
 
-    with pytest.raises(UserError, match="--format c: unknown \\(known: csr, onnx, nir\\)"):
-        export("c", "run", None, ExportOptions())
+    with pytest.raises(UserError, match="--format tflite: unknown \\(known: csr, onnx, nir, c\\)"):
+        export("tflite", "run", None, ExportOptions())
 
 
 def test_result_json_is_path_format_then_the_details_in_order(tmp_path) -> None:

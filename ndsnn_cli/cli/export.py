@@ -15,10 +15,12 @@ from ndsnn_cli.errors import UserError
 @app.command()
 def export(
     source: Annotated[Path, typer.Argument(metavar="RUN_OR_CKPT", help="Run directory or checkpoint .safetensors.")],
-    format: Annotated[str, typer.Option("--format", "-f", help="csr (sparse safetensors), onnx or nir.")] = "csr",
+    format: Annotated[str, typer.Option("--format", "-f",
+                                        help="csr (sparse safetensors), onnx, nir or c (C99 directory).")] = "csr",
     out: Annotated[Path | None, typer.Option("--out", "-o",
                                              help="Output file (default: <run>/export/last.<ext>).")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="CSR value dtype: fp32, fp16 or bf16.")] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype",
+                                       help="Value dtype: fp32, fp16 or bf16 (csr); fp32 or int8 (c).")] = "fp32",
     fold_bn: Annotated[bool, typer.Option("--fold-bn",
                                           help="CSR: fold BatchNorm into the preceding conv/linear.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify",
@@ -34,6 +36,7 @@ def export(
       ndsnn export runs/quick --format csr --fold-bn -o quick.safetensors
       ndsnn export runs/quick --format onnx -o quick.onnx
       ndsnn export runs/quick --format nir -o quick.nir   (BN folded; no max-pooling models)
+      ndsnn export runs/quick --format c --dtype int8 -o quick_c/   (make -C quick_c && quick_c/demo X.f32)
     """
     from ndsnn_cli.export.exporters import ExportOptions, ExportVerificationError, export
 

@@ -65,6 +65,7 @@ EXPORTERS: dict[str, Exporter] = {e.format: e for e in (
     Exporter("csr", "ndsnn_cli.export.csr", "CSR-packed safetensors artefact (the reference runtime's input)"),
     Exporter("onnx", "ndsnn_cli.export.onnx", "ONNX, T unrolled, BN folded, verified with onnxruntime"),
     Exporter("nir", "ndsnn_cli.export.nir", "NIR graph (HDF5) for neuromorphic toolchains"),
+    Exporter("c", "ndsnn_cli.export.c", "portable C99 sparse spiking runtime (directory; fp32 or --dtype int8)"),
 )}
 
 

@@ -1,0 +1,331 @@
+/* ndsnn sparse spiking kernels (see ndsnn_kernels.h). Portable C99: <stdint.h>, <stddef.h>, <string.h>. */
+#include "ndsnn_kernels.h"
+
+#include <string.h>
+
+static int32_t column_at(const ndsnn_csr *w, int32_t k)
+{
+    return w->col16 != NULL ? (int32_t)w->col16[k] : w->col32[k];
+}
+
+static float bias_at(const ndsnn_csr *w, int32_t row)
+{
+    return w->bias != NULL ? w->bias[row] : 0.0f;
+}
+
+/* Output rows [*lo, *hi) whose input row (o * stride - pad + offset) lies inside [0, size). */
+static void valid_range(int32_t size, int32_t out_size, int32_t stride, int32_t pad, int32_t offset,
+                        int32_t *lo, int32_t *hi)
+{
+    int32_t first = pad - offset; /* o * stride >= first */
+    int32_t last = size - 1 + pad - offset; /* o * stride <= last */
+    *lo = first > 0 ? (first + stride - 1) / stride : 0;
+    *hi = last < 0 ? 0 : last / stride + 1;
+    if (*hi > out_size) {
+        *hi = out_size;
+    }
+    if (*lo > *hi) {
+        *lo = *hi;
+    }
+}
+
+/* Where weight k of a conv row reads: its input channel and kernel offsets (dilated). */
+static void conv_tap(const ndsnn_csr *w, const ndsnn_conv_geometry *g, int32_t k, int32_t *channel,
+                     int32_t *dy, int32_t *dx)
+{
+    int32_t col = column_at(w, k);
+    int32_t taps = g->kernel_h * g->kernel_w;
+    int32_t within = col % taps;
+    *channel = col / taps;
+    *dy = (within / g->kernel_w) * g->dilation_h;
+    *dx = (within % g->kernel_w) * g->dilation_w;
+}
+
+void ndsnn_normalize(const float *image, const float *mean, const float *std, int32_t channels,
+                     int32_t plane, float *out)
+{
+    int32_t c, i;
+    for (c = 0; c < channels; ++c) {
+        for (i = 0; i < plane; ++i) {
+            out[c * plane + i] = (image[c * plane + i] - mean[c]) / std[c];
+        }
+    }
+}
+
+void ndsnn_normalize_u8(const uint8_t *image, const float *mean, const float *std, int32_t channels,
+                        int32_t plane, float *out)
+{
+    int32_t c, i;
+    for (c = 0; c < channels; ++c) {
+        for (i = 0; i < plane; ++i) {
+            out[c * plane + i] = ((float)image[c * plane + i] / 255.0f - mean[c]) / std[c];
+        }
+    }
+}
+
+void ndsnn_conv_analog(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const float *in, float *out)
+{
+    int32_t plane = g->out_h * g->out_w;
+    int32_t o, k, i, oy, ox;
+    for (o = 0; o < g->out_c; ++o) {
+        float *dst = out + o * plane;
+        for (i = 0; i < plane; ++i) {
+            dst[i] = 0.0f;
+        }
+        for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
+            int32_t channel, dy, dx, y0, y1, x0, x1;
+            float weight = w->qvalues != NULL ? (float)w->qvalues[k] : w->values[k];
+            const float *src;
+            conv_tap(w, g, k, &channel, &dy, &dx);
+            valid_range(g->in_h, g->out_h, g->stride_h, g->pad_h, dy, &y0, &y1);
+            valid_range(g->in_w, g->out_w, g->stride_w, g->pad_w, dx, &x0, &x1);
+            src = in + channel * g->in_h * g->in_w;
+            for (oy = y0; oy < y1; ++oy) {
+                const float *row = src + (oy * g->stride_h - g->pad_h + dy) * g->in_w - g->pad_w + dx;
+                for (ox = x0; ox < x1; ++ox) {
+                    dst[oy * g->out_w + ox] += weight * row[ox * g->stride_w];
+                }
+            }
+        }
+        for (i = 0; i < plane; ++i) {
+            dst[i] = (w->scales != NULL ? dst[i] * w->scales[o] : dst[i]) + bias_at(w, o);
+        }
+    }
+}
+
+void ndsnn_linear_analog(const ndsnn_csr *w, const float *in, float *out)
+{
+    int32_t o, k;
+    for (o = 0; o < w->rows; ++o) {
+        float sum = 0.0f;
+        for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
+            float weight = w->qvalues != NULL ? (float)w->qvalues[k] : w->values[k];
+            sum += weight * in[column_at(w, k)];
+        }
+        out[o] = (w->scales != NULL ? sum * w->scales[o] : sum) + bias_at(w, o);
+    }
+}
+
+/* fp32 weights: the output plane is the accumulator. */
+static void conv_spikes_fp32(const ndsnn_csr *w, const ndsnn_conv_geometry *g, int32_t o, const uint8_t *in,
+                             float *dst)
+{
+    int32_t k, oy, ox;
+    for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
+        int32_t channel, dy, dx, y0, y1, x0, x1;
+        const float weight = w->values[k];
+        const uint8_t *src;
+        conv_tap(w, g, k, &channel, &dy, &dx);
+        valid_range(g->in_h, g->out_h, g->stride_h, g->pad_h, dy, &y0, &y1);
+        valid_range(g->in_w, g->out_w, g->stride_w, g->pad_w, dx, &x0, &x1);
+        src = in + channel * g->in_h * g->in_w;
+        for (oy = y0; oy < y1; ++oy) {
+            const uint8_t *row = src + (oy * g->stride_h - g->pad_h + dy) * g->in_w - g->pad_w + dx;
+            float *out_row = dst + oy * g->out_w;
+            for (ox = x0; ox < x1; ++ox) {
+                if (row[ox * g->stride_w]) {
+                    out_row[ox] += weight;
+                }
+            }
+        }
+    }
+}
+
+/* int8 weights: an int32 accumulator per output position, scaled once per position. */
+static void conv_spikes_int8(const ndsnn_csr *w, const ndsnn_conv_geometry *g, int32_t o, const uint8_t *in,
+                             int32_t *acc)
+{
+    int32_t k, oy, ox;
+    for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
+        int32_t channel, dy, dx, y0, y1, x0, x1;
+        const int32_t weight = w->qvalues[k];
+        const uint8_t *src;
+        conv_tap(w, g, k, &channel, &dy, &dx);
+        valid_range(g->in_h, g->out_h, g->stride_h, g->pad_h, dy, &y0, &y1);
+        valid_range(g->in_w, g->out_w, g->stride_w, g->pad_w, dx, &x0, &x1);
+        src = in + channel * g->in_h * g->in_w;
+        for (oy = y0; oy < y1; ++oy) {
+            const uint8_t *row = src + (oy * g->stride_h - g->pad_h + dy) * g->in_w - g->pad_w + dx;
+            int32_t *acc_row = acc + oy * g->out_w;
+            for (ox = x0; ox < x1; ++ox) {
+                if (row[ox * g->stride_w]) {
+                    acc_row[ox] += weight;
+                }
+            }
+        }
+    }
+}
+
+void ndsnn_conv_spikes(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const uint8_t *in, float *out,
+                       int32_t *acc)
+{
+    int32_t plane = g->out_h * g->out_w;
+    int32_t o, i;
+    for (o = 0; o < g->out_c; ++o) {
+        float *dst = out + o * plane;
+        float bias = bias_at(w, o);
+        if (w->qvalues != NULL) {
+            memset(acc, 0, (size_t)plane * sizeof *acc);
+            conv_spikes_int8(w, g, o, in, acc);
+            for (i = 0; i < plane; ++i) {
+                dst[i] = (float)acc[i] * w->scales[o] + bias;
+            }
+        } else {
+            memset(dst, 0, (size_t)plane * sizeof *dst);
+            conv_spikes_fp32(w, g, o, in, dst);
+            for (i = 0; i < plane; ++i) {
+                dst[i] += bias;
+            }
+        }
+    }
+}
+
+void ndsnn_linear_spikes(const ndsnn_csr *w, const uint8_t *in, float *out)
+{
+    int32_t o, k;
+    for (o = 0; o < w->rows; ++o) {
+        if (w->qvalues != NULL) {
+            int32_t sum = 0;
+            for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
+                if (in[column_at(w, k)]) {
+                    sum += w->qvalues[k];
+                }
+            }
+            out[o] = (float)sum * w->scales[o] + bias_at(w, o);
+        } else {
+            float sum = 0.0f;
+            for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
+                if (in[column_at(w, k)]) {
+                    sum += w->values[k];
+                }
+            }
+            out[o] = sum + bias_at(w, o);
+        }
+    }
+}
+
+void ndsnn_lif(const float *x, float *v, uint8_t *spikes, int32_t count, float tau, float v_threshold)
+{
+    int32_t i;
+    for (i = 0; i < count; ++i) {
+        float h = v[i] + (x[i] - v[i]) / tau; /* a division, as the reference: same rounding */
+        uint8_t fired = (uint8_t)(h >= v_threshold);
+        spikes[i] = fired;
+        v[i] = fired ? 0.0f : h;
+    }
+}
+
+/* Input rows [*lo, *hi) of output row o's window, clipped to the map (padding never wins a max). */
+static void window(int32_t o, int32_t size, int32_t kernel, int32_t stride, int32_t pad, int32_t *lo, int32_t *hi)
+{
+    *lo = o * stride - pad;
+    *hi = *lo + kernel;
+    if (*lo < 0) {
+        *lo = 0;
+    }
+    if (*hi > size) {
+        *hi = size;
+    }
+}
+
+void ndsnn_maxpool_analog(const ndsnn_pool_geometry *g, const float *in, float *out)
+{
+    int32_t c, oy, ox, iy, ix, y0, y1, x0, x1;
+    for (c = 0; c < g->channels; ++c) {
+        const float *src = in + c * g->in_h * g->in_w;
+        for (oy = 0; oy < g->out_h; ++oy) {
+            window(oy, g->in_h, g->kernel_h, g->stride_h, g->pad_h, &y0, &y1);
+            for (ox = 0; ox < g->out_w; ++ox) {
+                float best;
+                window(ox, g->in_w, g->kernel_w, g->stride_w, g->pad_w, &x0, &x1);
+                best = src[y0 * g->in_w + x0];
+                for (iy = y0; iy < y1; ++iy) {
+                    for (ix = x0; ix < x1; ++ix) {
+                        best = src[iy * g->in_w + ix] > best ? src[iy * g->in_w + ix] : best;
+                    }
+                }
+                out[(c * g->out_h + oy) * g->out_w + ox] = best;
+            }
+        }
+    }
+}
+
+void ndsnn_maxpool_spikes(const ndsnn_pool_geometry *g, const uint8_t *in, uint8_t *out)
+{
+    int32_t c, oy, ox, iy, ix, y0, y1, x0, x1;
+    for (c = 0; c < g->channels; ++c) {
+        const uint8_t *src = in + c * g->in_h * g->in_w;
+        for (oy = 0; oy < g->out_h; ++oy) {
+            window(oy, g->in_h, g->kernel_h, g->stride_h, g->pad_h, &y0, &y1);
+            for (ox = 0; ox < g->out_w; ++ox) {
+                uint8_t any = 0;
+                window(ox, g->in_w, g->kernel_w, g->stride_w, g->pad_w, &x0, &x1);
+                for (iy = y0; iy < y1; ++iy) {
+                    for (ix = x0; ix < x1; ++ix) {
+                        any |= src[iy * g->in_w + ix];
+                    }
+                }
+                out[(c * g->out_h + oy) * g->out_w + ox] = any;
+            }
+        }
+    }
+}
+
+void ndsnn_avgpool_analog(const float *in, int32_t channels, int32_t plane, float *out)
+{
+    int32_t c, i;
+    for (c = 0; c < channels; ++c) {
+        float sum = 0.0f;
+        for (i = 0; i < plane; ++i) {
+            sum += in[c * plane + i];
+        }
+        out[c] = sum / (float)plane;
+    }
+}
+
+void ndsnn_avgpool_spikes(const uint8_t *in, int32_t channels, int32_t plane, float *out)
+{
+    int32_t c, i;
+    for (c = 0; c < channels; ++c) {
+        int32_t fired = 0;
+        for (i = 0; i < plane; ++i) {
+            fired += in[c * plane + i];
+        }
+        out[c] = (float)fired / (float)plane;
+    }
+}
+
+void ndsnn_add_analog(const float *a, const float *b, float *out, int32_t count)
+{
+    int32_t i;
+    for (i = 0; i < count; ++i) {
+        out[i] = a[i] + b[i];
+    }
+}
+
+void ndsnn_add_spikes(const float *a, const uint8_t *b, float *out, int32_t count)
+{
+    int32_t i;
+    for (i = 0; i < count; ++i) {
+        out[i] = b[i] ? a[i] + 1.0f : a[i];
+    }
+}
+
+void ndsnn_accumulate(const float *x, float *sum, int32_t count)
+{
+    int32_t i;
+    for (i = 0; i < count; ++i) {
+        sum[i] += x[i];
+    }
+}
+
+int ndsnn_argmax(const float *x, int32_t count)
+{
+    int32_t i, best = 0;
+    for (i = 1; i < count; ++i) {
+        if (x[i] > x[best]) {
+            best = i;
+        }
+    }
+    return (int)best;
+}

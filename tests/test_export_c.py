@@ -1,0 +1,215 @@
+"""The C target: generated C99 compiled with the system compiler and run against the reference runtime.
+
+Compiling takes seconds per model on a loaded machine, so each compiled test checks several things
+of one build. Every compiled test is skipped (with the reason) where no C compiler exists.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ndsnn_cli.data import input_contract
+from ndsnn_cli.errors import UserError
+from ndsnn_cli.export import c
+from ndsnn_cli.export.fold import fold_batchnorm
+from ndsnn_cli.recipe import Recipe
+from ndsnn_cli.snn.models import BasicBlock, NeuronConfig, SpikingNet, SpikingSequential, create_model
+from ndsnn_cli.sparse.masks import scale_to_active_fan_in
+from ndsnn_cli.train import train
+
+COMPILER = c.find_compiler()
+needs_cc = pytest.mark.skipif(COMPILER is None, reason="no C compiler (cc, gcc or clang) on this machine")
+# Compiled tests take 20-60 s each on a shared 2-core machine (the scnn fixture trains a model): slow.
+ALLOWED_INCLUDES = {"stdint.h", "stddef.h", "string.h", "ndsnn_model.h", "ndsnn_kernels.h"}
+
+
+@pytest.fixture(scope="module")
+def scnn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny NDSNN-trained scnn (T=2, 90% sparse, synthetic data, 256 test images)."""
+    torch.set_num_threads(1)
+    recipe = Recipe().replace(
+        name="c-test", model={"arch": "scnn", "timesteps": 2},
+        data={"dataset": "synthetic", "train_limit": 512, "test_limit": 256, "batch_size": 32, "augment": False},
+        train={"epochs": 1, "device": "cpu", "optimizer": "adam", "lr": 0.02, "weight_decay": 0.0},
+        sparsity={"method": "ndsnn", "final": 0.9, "initial": 0.5, "update_every_steps": 4})
+    out = tmp_path_factory.mktemp("c") / "run"
+    train(recipe, out)
+    return out
+
+
+def _random_sparse(model: SpikingNet, density: float, seed: int = 0) -> tuple[SpikingNet, dict[str, torch.Tensor]]:
+    """Random masks at `density`, weights rescaled to their active fan-in (so LIF layers fire), random BN
+    statistics; returns the BN-folded model and its masks."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() > 1:
+                masks[name] = torch.rand(param.shape, generator=generator) < density
+                param.mul_(masks[name])
+                scale_to_active_fan_in(param, masks[name])
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.3, 0.3, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+                module.weight.uniform_(0.8, 2.0, generator=generator)
+                module.bias.uniform_(-0.2, 0.5, generator=generator)
+    return fold_batchnorm(model.eval()), masks
+
+
+def _small_resnet_vgg(neuron: NeuronConfig) -> SpikingNet:
+    """Every op of the VGG/ResNet layouts at toy size: stride 2, a 1x1-conv and an identity shortcut,
+    max-pooling of spikes, global average pooling, a spiking fc and a classifier."""
+    encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+    body = SpikingSequential(
+        neuron.make(), BasicBlock(8, 16, 2, neuron), BasicBlock(16, 16, 1, neuron), nn.MaxPool2d(2, 2, ceil_mode=True),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), neuron.make(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 24), neuron.make(), nn.Linear(24, 10))
+    return SpikingNet(encoder, body, neuron)
+
+
+def _check_portable(directory: Path | dict[str, str]) -> None:
+    texts = directory if isinstance(directory, dict) else {p.name: p.read_text() for p in directory.iterdir()}
+    for name in ("ndsnn_model.c", "ndsnn_model.h", "ndsnn_kernels.c", "ndsnn_kernels.h"):
+        includes = set(re.findall(r'#include [<"]([^>"]+)[>"]', texts[name]))
+        assert includes <= ALLOWED_INCLUDES, (name, includes - ALLOWED_INCLUDES)
+        assert not re.search(r"\b(malloc|calloc|realloc|free)\s*\(", texts[name])
+
+
+# -- without a compiler ---------------------------------------------------------------------------
+
+def test_int8_rows_are_symmetric_per_output_channel_and_round_to_nearest() -> None:
+    values = np.array([0.5, -1.27, 0.01, 0.0, 0.0, 2.0], dtype=np.float32)
+    scales, q = c.quantise_rows(values, np.array([0, 3, 5, 5, 6]))
+    assert scales.tolist() == pytest.approx([0.01, 1.0, 1.0, 2.0 / 127])  # all-zero and empty rows: scale 1
+    assert q.tolist() == [50, -127, 1, 0, 0, 127]
+
+
+def test_arena_reuses_a_freed_slot_and_grows_the_largest_free_one() -> None:
+    arena = c._Arena()
+    first, second = arena.take(100), arena.take(10)
+    arena.give_back(first)
+    assert arena.take(50) == first and arena.sizes == [100, 10]
+    arena.give_back(second)
+    assert arena.take(400) == second and arena.sizes == [100, 400]
+
+
+def test_generated_sources_state_ram_and_flash_use_only_portable_headers_and_no_heap() -> None:
+    torch.manual_seed(0)
+    model, masks = _random_sparse(create_model("mlp", num_classes=10, in_channels=1, image_size=28), 0.1)
+    sources = c.generate_sources(model, masks, contract=input_contract("mnist"), timesteps=5, num_classes=10)
+    header = sources.files["ndsnn_model.h"]
+    assert f"#define NDSNN_RAM_BYTES {sources.ram_bytes}" in header
+    assert f"#define NDSNN_FLASH_BYTES {sources.flash_bytes}" in header
+    nnz = sum(int(m.sum()) for m in masks.values())
+    # fp32 values + int16 columns + int32 row pointers + biases and the normalisation constants
+    rows = 128 + 10
+    assert sources.flash_bytes == nnz * 6 + (rows + 2) * 4 + rows * 4 + 2 * 4
+    assert sources.layers[0]["input"] == "analog" and sources.layers[1]["input"] == "spikes"
+    _check_portable(sources.files)
+    with pytest.raises(UserError, match="fp32 or int8"):
+        c.generate_sources(model, masks, contract=input_contract("mnist"), timesteps=5, num_classes=10, dtype="fp16")
+
+
+# -- compiled -------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@needs_cc
+def test_scnn_export_through_the_cli_matches_the_reference_on_256_test_images(
+        scnn_run: Path, tmp_path: Path, run_main) -> None:
+    out = tmp_path / "scnn_c"
+    code, stdout, stderr = run_main("export", str(scnn_run), "--format", "c", "-o", str(out), "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    test = report["verify"]["images"]["test"]
+    assert report["format"] == "c" and report["verify"]["passed"]
+    assert test["samples"] == 256 and test["same_predictions"] == 256 and test["max_abs_logit_diff"] < 1e-3
+    assert report["verify"]["images"]["random"]["same_predictions"] == 8
+    _check_portable(out)
+    # the issue's build line, then the float and the uint8 entries on the same pixels k / 255
+    demo = tmp_path / "demo"
+    sources = sorted(str(p) for p in out.glob("*.c"))
+    subprocess.run([COMPILER, "-std=c99", "-O2", "-o", str(demo), *sources, "-lm"], check=True)
+    pixels = torch.randint(0, 256, (20, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    (tmp_path / "x.u8").write_bytes(pixels.numpy().tobytes())
+    (tmp_path / "x.f32").write_bytes((pixels.float() / 255).numpy().astype("<f4").tobytes())
+    as_float = subprocess.run([str(demo), str(tmp_path / "x.f32")], capture_output=True, text=True, check=True)
+    as_u8 = subprocess.run([str(demo), "-u", str(tmp_path / "x.u8")], capture_output=True, text=True, check=True)
+    assert as_float.stdout == as_u8.stdout and len(as_float.stdout.split()) == 20
+    assert all(0 <= int(line) < 10 for line in as_float.stdout.splitlines())
+
+
+@pytest.mark.slow
+@needs_cc
+def test_scnn_int8_keeps_test_accuracy_within_half_a_point_of_fp32(scnn_run: Path, tmp_path: Path) -> None:
+    path, report = c.export_c(scnn_run, tmp_path / "int8", dtype="int8")
+    test = report["verify"]["images"]["test"]
+    assert report["verify"]["passed"]
+    assert test["accuracy_reference"] - test["accuracy_c"] <= 0.005 + 1 / 256
+    assert (path / "ndsnn_model.c").read_text().count("static const int8_t") == 4  # one per weighted layer
+    path32 = tmp_path / "fp32"
+    _, report32 = c.export_c(scnn_run, path32, run_verify=False)
+    assert report["flash_bytes"] < report32["flash_bytes"] and "verify" not in report32
+
+
+@pytest.mark.slow
+@needs_cc
+def test_mlp_export_matches_the_reference(tiny_recipe, tmp_path: Path) -> None:
+    run = tmp_path / "mlp"
+    train(tiny_recipe(sparsity={"method": "static", "final": 0.9}), run)
+    _, report = c.export_c(run, tmp_path / "mlp_c", verify_images=128)
+    test = report["verify"]["images"]["test"]
+    assert report["verify"]["passed"] and test["same_predictions"] == test["samples"] == 128
+
+
+@pytest.mark.slow
+@needs_cc
+def test_resnet_and_vgg_shaped_ops_match_the_reference_on_200_images_and_run_clean_under_sanitizers(
+        tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    neuron = NeuronConfig(timesteps=3)
+    model, masks = _random_sparse(_small_resnet_vgg(neuron), 0.3)
+    contract = input_contract("cifar10")
+    sources = c.generate_sources(model, masks, contract=contract, timesteps=3, num_classes=10)
+    pixels = torch.rand(200, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    report = c.verify_sources(sources, model, masks, 3, contract, {"random": (pixels, None)}, COMPILER)
+    entry = report["images"]["random"]
+    assert report["passed"] and entry["same_predictions"] == 200 and entry["max_abs_logit_diff"] < 1e-3
+    sanitized = c.compile_demo(sources, tmp_path / "asan", COMPILER,
+                               ("-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"))
+    predictions, logits = c.run_demo(sanitized, pixels[:16], env={"ASAN_OPTIONS": "detect_leaks=1"})
+    plain = c.compile_demo(sources, tmp_path / "plain", COMPILER)
+    expected_predictions, expected_logits = c.run_demo(plain, pixels[:16])
+    assert torch.equal(predictions, expected_predictions) and torch.equal(logits, expected_logits)
+    assert len(set(expected_predictions.tolist())) > 1  # the spiking layers are not silent
+
+
+@needs_cc
+@pytest.mark.slow
+def test_resnet19_at_99_percent_sparsity_matches_the_reference(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    neuron = NeuronConfig(timesteps=2)
+    model, masks = _random_sparse(create_model("resnet19", num_classes=10, in_channels=3, image_size=32,
+                                               neuron=neuron), 0.01)
+    contract = input_contract("cifar10")
+    sources = c.generate_sources(model, masks, contract=contract, timesteps=2, num_classes=10)
+    pixels = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    report = c.verify_sources(sources, model, masks, 2, contract, {"random": (pixels, None)}, COMPILER)
+    assert report["passed"] and report["images"]["random"]["same_predictions"] == 32
+
+
+@pytest.mark.slow
+def test_export_without_verification_writes_the_directory_and_says_so(scnn_run: Path, tmp_path: Path,
+                                                                       run_main) -> None:
+    code, _, stderr = run_main("export", str(scnn_run), "--format", "c", "-o", str(tmp_path / "d"), "--no-verify")
+    assert code == 0 and "verification skipped: --no-verify" in stderr
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == sorted(
+        ["Makefile", "main.c", "ndsnn_kernels.c", "ndsnn_kernels.h", "ndsnn_model.c", "ndsnn_model.h"])
