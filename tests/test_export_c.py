@@ -28,7 +28,6 @@ from ndsnn_cli.train import train
 
 COMPILER = c.find_compiler()
 needs_cc = pytest.mark.skipif(COMPILER is None, reason="no C compiler (cc, gcc or clang) on this machine")
-# Compiled tests take 20-60 s each on a shared 2-core machine (the scnn fixture trains a model): slow.
 ALLOWED_INCLUDES = {"stdint.h", "stddef.h", "string.h", "ndsnn_model.h", "ndsnn_kernels.h"}
 
 
@@ -127,7 +126,6 @@ def test_generated_sources_state_ram_and_flash_use_only_portable_headers_and_no_
 
 # -- compiled -------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 @needs_cc
 def test_scnn_export_through_the_cli_matches_the_reference_on_256_test_images(
         scnn_run: Path, tmp_path: Path, run_main) -> None:
@@ -153,7 +151,6 @@ def test_scnn_export_through_the_cli_matches_the_reference_on_256_test_images(
     assert all(0 <= int(line) < 10 for line in as_float.stdout.splitlines())
 
 
-@pytest.mark.slow
 @needs_cc
 def test_scnn_int8_keeps_test_accuracy_within_half_a_point_of_fp32(scnn_run: Path, tmp_path: Path) -> None:
     path, report = c.export_c(scnn_run, tmp_path / "int8", dtype="int8")
@@ -166,7 +163,6 @@ def test_scnn_int8_keeps_test_accuracy_within_half_a_point_of_fp32(scnn_run: Pat
     assert report["flash_bytes"] < report32["flash_bytes"] and "verify" not in report32
 
 
-@pytest.mark.slow
 @needs_cc
 def test_mlp_export_matches_the_reference(tiny_recipe, tmp_path: Path) -> None:
     run = tmp_path / "mlp"
@@ -176,7 +172,6 @@ def test_mlp_export_matches_the_reference(tiny_recipe, tmp_path: Path) -> None:
     assert report["verify"]["passed"] and test["same_predictions"] == test["samples"] == 128
 
 
-@pytest.mark.slow
 @needs_cc
 def test_resnet_and_vgg_shaped_ops_match_the_reference_on_200_images_and_run_clean_under_sanitizers(
         tmp_path: Path) -> None:
@@ -226,7 +221,6 @@ def test_resnet19_at_99_percent_sparsity_matches_the_reference(tmp_path: Path) -
     assert report["passed"] and report["images"]["random"]["same_predictions"] == 32
 
 
-@pytest.mark.slow
 def test_export_without_verification_writes_the_directory_and_says_so(scnn_run: Path, tmp_path: Path,
                                                                        run_main) -> None:
     code, _, stderr = run_main("export", str(scnn_run), "--format", "c", "-o", str(tmp_path / "d"), "--no-verify")
