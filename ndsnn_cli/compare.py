@@ -255,6 +255,8 @@ class _EventCallbacks:
 
     def on_mask_update(self, update: Any) -> None: ...
 
+    def on_kernels(self, step: int, layers: dict[str, str]) -> None: ...
+
     def on_warning(self, message: str) -> None:
         self.emit(self.key, "warning", {"message": message})
 

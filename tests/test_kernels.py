@@ -83,7 +83,9 @@ CONVS = {  # (c_in, c_out, kernel, stride, padding, size)
     "3x3 s1 p1": (6, 8, 3, 1, 1, 9),
     "3x3 s2 p1": (6, 8, 3, 2, 1, 9),
     "3x3 s1 p0": (5, 4, 3, 1, 0, 7),
-    "1x1 s2 p0": (6, 8, 1, 2, 0, 8),
+    # 16 channels, not fewer: torch 2.14's own channels-last CPU backward of a 1x1 stride-2 conv with
+    # 6 -> 8 channels (the masked-dense reference here) gives wrong weight gradients and corrupts the heap.
+    "1x1 s2 p0": (16, 16, 1, 2, 0, 8),
 }
 
 

@@ -151,8 +151,11 @@ def _dense_weight_grad(layer: SparseLayer, grad_output: torch.Tensor, x_bl: torc
     x = x_bl.float().permute(3, 0, 1, 2)                          # (N, Ci, H, W), a view
     if isinstance(layer.module, nn.Linear):
         return (grad_output.float().t() @ x.reshape(x.shape[0], -1)).to(weight.dtype)
-    grad = torch.nn.grad.conv2d_weight(x.contiguous(memory_format=torch.channels_last), weight.shape,
-                                       grad_output.float(), stride=layer.stride, padding=layer.pad)
+    # Both operands NCHW: torch 2.14's CPU (oneDNN) backward of a channels-last 1x1 stride-2 conv with few
+    # channels (6 -> 8) returns wrong weight gradients and corrupts the heap (seen in 15 of 20 trials;
+    # never at 16 channels or more, nor with NCHW operands). NCHW costs a copy here, at update steps only.
+    grad = torch.nn.grad.conv2d_weight(x.contiguous(), weight.shape, grad_output.float().contiguous(),
+                                       stride=layer.stride, padding=layer.pad)
     return grad.to(weight.dtype).contiguous(memory_format=torch.channels_last if weight.is_contiguous(
         memory_format=torch.channels_last) else torch.contiguous_format)
 
