@@ -1,4 +1,5 @@
-"""NIR export: node types and shapes, folded weights bit for bit, NIR LIF semantics, refusal of max-pooling."""
+"""NIR export: node types and shapes, folded weights bit for bit, NIR LIF semantics in seconds, max-pooling of
+spikes as sum-pool + gate, refusals, compression, `--dt` and `ndsnn inspect`. The readers: test_nir_readers.py."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _simulate(graph, images: np.ndarray, timesteps: int) -> np.ndarray:
-    """The NIR graph of a feed-forward MLP run by NIR's own semantics: LIF forward Euler with dt=1."""
+    """The NIR graph of a feed-forward MLP run by NIR's own semantics: LIF forward Euler with the graph's dt."""
     dt = float(graph.metadata["dt"])
     order = ["input"]
     while order[-1] != "output":
@@ -93,20 +94,22 @@ def test_mlp_exports_to_nir_with_folded_weights_full_shape_lif_and_sparsity(run_
         assert float(node.metadata["sparsity"]) == pytest.approx(1 - int(mask.sum()) / mask.numel())
         assert not node.weight[~mask.numpy()].any()  # zero outside the mask
     lif = graph.nodes["body.0"]
-    for field, value in (("tau", 4 / 3), ("r", 1.0), ("v_leak", 0.0), ("v_threshold", 1.0), ("v_reset", 0.0)):
+    for field, value in (("tau", 4 / 3 * 1e-4), ("r", 1.0), ("v_leak", 0.0), ("v_threshold", 1.0), ("v_reset", 0.0)):
         array = getattr(lif, field)
         assert array.shape == (128,) and np.all(array == np.float32(value)), field
     numel = sum(m.numel() for m in trained.masks.values())
     nnz = sum(int(m.sum()) for m in trained.masks.values())
-    assert int(graph.metadata["timesteps"]) == 2 and float(graph.metadata["dt"]) == 1.0
+    assert int(graph.metadata["timesteps"]) == 2 and float(graph.metadata["dt"]) == 1e-4 == report["dt"]
     assert float(graph.metadata["sparsity"]) == pytest.approx(1 - nnz / numel) == pytest.approx(report["sparsity"])
     assert graph.metadata["recipe_sha256"] == report["recipe_sha256"] and report["nodes"] == 6
 
 
-def test_nir_lif_semantics_with_dt_1_reproduce_the_pytorch_logits(run_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dt", [1e-4, 1.0, 1e-3])
+def test_nir_lif_semantics_at_the_graphs_dt_reproduce_the_pytorch_logits(run_dir: Path, tmp_path: Path,
+                                                                         dt: float) -> None:
     from ndsnn_cli.export.nir import export_nir
 
-    path, _ = export_nir(run_dir, tmp_path / "mlp.nir")
+    path, _ = export_nir(run_dir, tmp_path / "mlp.nir", dt=dt)
     trained = load_trained(run_dir)
     _, test = build_datasets(trained.recipe.data)
     images = torch.stack([test[i][0] for i in range(len(test))])
@@ -119,9 +122,10 @@ def test_nir_lif_semantics_with_dt_1_reproduce_the_pytorch_logits(run_dir: Path,
     assert len(set(got.sum(0).argmax(-1).tolist())) > 1  # spikes reach the readout: not just the bias
 
 
-def _fresh_checkpoint(arch: str, path: Path) -> Path:
-    """An untrained 90%-sparse checkpoint of `arch` on synthetic data (no training needed to test the graph)."""
-    recipe = Recipe().replace(model={"arch": arch, "timesteps": 2}, data={"dataset": "synthetic"},
+def _fresh_checkpoint(arch: str, path: Path, dataset: str = "synthetic") -> Path:
+    """An untrained 90%-sparse checkpoint of `arch` for `dataset`'s image shape (no training needed to test
+    the graph; synthetic is 1x28x28, cifar10 3x32x32)."""
+    recipe = Recipe().replace(model={"arch": arch, "timesteps": 2}, data={"dataset": dataset},
                               sparsity={"method": "static", "final": 0.9})
     torch.manual_seed(0)
     model = build_model(recipe).eval()
@@ -154,12 +158,93 @@ def test_resnet19_maps_residual_sums_to_two_edges_and_global_pool_to_avgpool(tmp
     assert meta["nodes"] == len(graph.nodes)
 
 
-@pytest.mark.parametrize("arch", ["scnn", "vgg16"])
-def test_max_pooling_models_are_refused_with_one_line_and_exit_2(arch: str, tmp_path: Path, run_main) -> None:
-    ckpt = _fresh_checkpoint(arch, tmp_path / "c.safetensors")
+def test_vgg16_max_pools_become_sum_pool_then_a_memoryless_gate_lif(tmp_path: Path) -> None:
+    from ndsnn_cli.export.nir import GATE_TAU_STEPS, GATE_THRESHOLD, export_nir
+
+    path, _ = export_nir(_fresh_checkpoint("vgg16", tmp_path / "v.safetensors", "cifar10"), tmp_path / "v.nir")
+    graph = nir.read(path)
+    pools = [name for name, node in graph.nodes.items() if isinstance(node, nir.SumPool2d)]
+    assert len(pools) == 5 and not any(isinstance(n, nir.AvgPool2d | nir.Threshold) for n in graph.nodes.values())
+    for name in pools:
+        assert graph.nodes[name].kernel_size.tolist() == [2, 2] == graph.nodes[name].stride.tolist()
+        gate = graph.nodes[f"{name}.gate"]
+        assert [dst for src, dst in graph.edges if src == name] == [f"{name}.gate"]
+        assert np.all(gate.tau == np.float32(GATE_TAU_STEPS * 1e-4)) and np.all(gate.v_threshold == GATE_THRESHOLD)
+        assert np.all(gate.r == 1) and not gate.v_leak.any() and not gate.v_reset.any()
+    flatten = graph.nodes["body.42"]
+    assert isinstance(flatten, nir.Flatten) and flatten.input_type["input"].tolist() == [512, 1, 1]  # 32 -> 1
+
+
+def test_sum_pool_then_gate_lif_is_max_pool_of_spikes_at_every_step() -> None:
+    """NIR's Euler LIF (any dt) after a 2x2 sum-pool of 0/1 spikes reproduces max-pooling step by step."""
+    from ndsnn_cli.export.nir import GATE_TAU_STEPS, GATE_THRESHOLD
+
+    spikes = (torch.rand(6, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) < 0.2).float()  # [T, B, C, H, W]
+    v = torch.zeros(4, 3, 4, 4)
+    for step in spikes:
+        summed = torch.nn.functional.avg_pool2d(step, 2) * 4
+        v = v + (summed - v) / GATE_TAU_STEPS  # dt / tau = 1 / GATE_TAU_STEPS
+        fired = (v >= GATE_THRESHOLD).float()
+        v = v * (1 - fired)
+        assert torch.equal(fired, torch.nn.functional.max_pool2d(step, 2)) and not v.any()
+
+
+@pytest.mark.parametrize(("arch", "dataset", "reason"), [("scnn", "synthetic", "pools analog values"),
+                                                         ("vgg16", "synthetic", "ceil_mode")])
+def test_unfaithful_max_pools_are_refused_with_one_line_and_exit_2(arch: str, dataset: str, reason: str,
+                                                                    tmp_path: Path, run_main) -> None:
+    """scnn's encoder pools the analog conv output; vgg16 at 28x28 pools a 7x7 map with ceil_mode."""
+    ckpt = _fresh_checkpoint(arch, tmp_path / "c.safetensors", dataset)
     target = tmp_path / "m.nir"
     code, _, err = run_main("export", str(ckpt), "--format", "nir", "-o", str(target))
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "MaxPool2d" in lines[0] and "NIR" in lines[0]
+    assert reason in lines[0]
     assert not target.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
+
+
+def test_nir_file_is_gzip_compressed_and_the_summary_gives_its_size_and_dt(run_dir: Path, tmp_path: Path,
+                                                                          run_main) -> None:
+    import h5py
+
+    target = tmp_path / "mlp.nir"
+    code, out, err = run_main("export", str(run_dir), "--format", "nir", "-o", str(target), "--dt", "0.001")
+    assert code == 0, err
+    size = target.stat().st_size
+    assert f"{size:,} bytes" in out and f"{size / 1e6:.2f} MB" in out and "dt = 0.001 s" in out
+    with h5py.File(target) as file:
+        weight = file["node/nodes/encoder.1/weight"]
+        assert weight.compression == "gzip" and weight.compression_opts == 4
+    graph = nir.read(target)
+    assert float(graph.metadata["dt"]) == 1e-3 and np.all(graph.nodes["body.0"].tau == np.float32(4 / 3 * 1e-3))
+
+
+@pytest.mark.parametrize("dt", ["0", "-1e-4", "nan", "inf"])
+def test_a_non_positive_or_non_finite_dt_is_refused_with_exit_2(dt: str, run_dir: Path, tmp_path: Path,
+                                                                run_main) -> None:
+    code, _, err = run_main("export", str(run_dir), "--format", "nir", "-o", str(tmp_path / "m.nir"), f"--dt={dt}")
+    assert code == 2 and err.strip().startswith("error: --dt") and not (tmp_path / "m.nir").exists()
+
+
+def test_inspect_shows_a_nir_files_dt_nodes_and_sparsity(run_dir: Path, tmp_path: Path, run_main) -> None:
+    target = tmp_path / "mlp.nir"
+    assert run_main("export", str(run_dir), "--format", "nir", "-o", str(target))[0] == 0
+    code, out, err = run_main("inspect", str(target), "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["kind"] == "nir" and info["format"] == "ndsnn-nir" and info["version"] == 2
+    assert info["dt"] == 1e-4 and info["timesteps"] == 2 and info["recipe"]["arch"] == "mlp"
+    rows = {row["name"]: row for row in info["layers"]}
+    assert rows["encoder.1"]["shape"] == [128, 784] and rows["encoder.1"]["density"] == pytest.approx(
+        1 - info["sparsity"], abs=0.05)
+    assert rows["body.0"]["storage"].startswith("LIF (tau 0.000133 s)")
+    code, out, _ = run_main("inspect", str(target))
+    assert code == 0 and "dt = 0.0001 s" in out
+
+
+def test_a_file_that_is_not_nir_is_refused_by_inspect(tmp_path: Path, run_main) -> None:
+    bogus = tmp_path / "x.nir"
+    bogus.write_bytes(b"not hdf5")
+    code, _, err = run_main("inspect", str(bogus))
+    assert code == 2 and "not a readable NIR file" in err

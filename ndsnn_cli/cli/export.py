@@ -27,20 +27,24 @@ def export(
                                          help="ONNX: check onnxruntime against PyTorch.")] = True,
     sparse_initializers: Annotated[bool, typer.Option(
         "--sparse-initializers", help="ONNX: store masked weights as sparse (COO) initializers.")] = False,
+    dt: Annotated[float | None, typer.Option(
+        "--dt", metavar="SECONDS", help="NIR: simulation step in seconds; time constants are written as "
+        "steps x dt (default 1e-4, the step snnTorch and SpikingJelly simulate).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Export a trained run as a CSR-packed safetensors artefact or a verified ONNX model.
+    """Export a trained run as a CSR-packed safetensors artefact, a verified ONNX model or a NIR graph.
 
     \b
     Examples:
       ndsnn export runs/quick --format csr --fold-bn -o quick.safetensors
       ndsnn export runs/quick --format onnx -o quick.onnx
-      ndsnn export runs/quick --format nir -o quick.nir   (BN folded; no max-pooling models)
+      ndsnn export runs/quick --format nir -o quick.nir   (BN folded; dt 1e-4 s; max-pooling of spikes only)
       ndsnn export runs/quick --format c --dtype int8 -o quick_c/   (make -C quick_c && quick_c/demo X.f32)
     """
     from ndsnn_cli.export.exporters import ExportOptions, ExportVerificationError, export
 
-    options = ExportOptions(dtype=dtype, fold_bn=fold_bn, verify=verify, sparse_initializers=sparse_initializers)
+    options = ExportOptions(dtype=dtype, fold_bn=fold_bn, verify=verify, sparse_initializers=sparse_initializers,
+                            dt=dt)
     try:
         result = export(format, source, out, options)
     except ExportVerificationError as exc:
@@ -63,7 +67,7 @@ def export(
 
 @app.command()
 def inspect(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="Checkpoint, CSR artefact or .onnx file.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Checkpoint, CSR artefact, .onnx or .nir file.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print as JSON instead of a table.")] = False,
 ) -> None:
     """Show what a checkpoint or artefact holds: format, recipe, per-layer shape, density, nnz and bytes.
@@ -97,6 +101,9 @@ def inspect(
                       f"(final sparsity {recipe.get('final_sparsity')}), {recipe.get('epochs')} epochs")
     if info.get("sparsity") is not None:
         console.print(f"overall sparsity of sparse layers: {float(info['sparsity']):.4f}")
+    if info.get("dt") is not None:
+        console.print(f"NIR time step dt = {info['dt']:g} s (tau = steps x dt; snnTorch and SpikingJelly "
+                      "simulate at 1e-4 s by default)")
 
 
 @app.command()

@@ -9,7 +9,7 @@ CSR_VERSION = 1
 
 
 def inspect_file(path: str) -> dict:
-    """What a checkpoint, CSR artefact or ONNX file holds: kind, format, per-layer shape/density/nnz/bytes."""
+    """What a checkpoint, CSR artefact, ONNX or NIR file holds: kind, format, per-layer shape/density/nnz/bytes."""
     from pathlib import Path
 
     from ndsnn_cli.errors import UserError
@@ -24,6 +24,10 @@ def inspect_file(path: str) -> dict:
         raise UserError(f"{file}: no such file")
     if file.suffix == ".onnx":
         return _inspect_onnx(file)
+    if file.suffix == ".nir":
+        from ndsnn_cli.export.nir import inspect_nir
+
+        return inspect_nir(file)
     from ndsnn_cli.checkpoint import load_checkpoint, read_metadata
     from ndsnn_cli.export.csr import load_raw, split_csr
 

@@ -23,6 +23,7 @@ class ExportOptions:
     fold_bn: bool = False  # csr: fold BatchNorm (onnx and nir always fold)
     verify: bool = True  # onnx: onnxruntime against PyTorch before writing
     sparse_initializers: bool = False  # onnx: masked weights as COO initializers
+    dt: float | None = None  # nir: simulation step in seconds (None: the exporter's default, 1e-4)
 
 
 @dataclass(frozen=True)

@@ -3,16 +3,19 @@
 Mapping (see docs/nir.md): Conv2d -> `nir.Conv2d`, Linear -> `nir.Affine` (BN folded first, so every
 weight is the folded PyTorch weight bit for bit), LIF -> `nir.LIF` with one value per neuron,
 Flatten -> `nir.Flatten`, global average pooling -> `nir.AvgPool2d` over the whole map, a residual
-sum -> two edges into the block's output LIF (NIR sums a node's inputs). Max-pooling has no NIR
-primitive and is refused.
+sum -> two edges into the block's output LIF (NIR sums a node's inputs), max-pooling of spikes ->
+`nir.SumPool2d` + a memoryless gate `nir.LIF` (NIR's `Threshold` is imported by neither snnTorch nor
+SpikingJelly). Max-pooling of analog values has no NIR equivalent and is refused.
 
 LIF: our discrete neuron is `H = V + (X - V) / tau_d`. NIR's is `tau dv/dt = (v_leak - v) + r I`;
-its forward-Euler step with step `dt` is `v + dt/tau (v_leak - v + r I)`, identical to ours with
-`dt = 1` (one simulation step), `tau = tau_d`, `r = 1`, `v_leak = 0`, `v_reset = 0` (hard reset).
+its forward-Euler step of length `dt` seconds is `v + dt/tau (v_leak - v + r I)`, identical to ours
+with `tau = tau_d * dt`, `r = 1`, `v_leak = 0`, `v_reset = 0` (hard reset). The readers simulate at
+`dt = 1e-4 s` (snnTorch hard-codes it, SpikingJelly defaults to it), hence DEFAULT_DT.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,13 @@ from ndsnn_cli.export.csr import default_output
 from ndsnn_cli.export.exporters import ExportOptions, ExportResult
 from ndsnn_cli.export.fold import fold_batchnorm, load_trained
 
-DT = 1.0  # NIR's time unit: one simulation step of the discrete neuron
+NIR_FORMAT_VERSION = 2  # graph metadata `version`; 1 (no `version` key): tau in steps, dt = 1
+GZIP_LEVEL = 4  # h5py's default level, stated: NIR datasets are written gzip-compressed
+DEFAULT_DT = 1e-4  # seconds per simulation step: snnTorch's fixed and SpikingJelly's default `dt`
+# The gate after a sum-pool of spikes: tau_d = 2 (SpikingJelly needs tau/dt > 1) and threshold 1/4, so
+# that with integer input k >= 0 the charge is k/2 from a membrane that is always 0: spike iff k >= 1.
+GATE_TAU_STEPS = 2.0
+GATE_THRESHOLD = 0.25
 
 
 def _import_nir() -> Any:
@@ -40,10 +49,11 @@ def _import_nir() -> Any:
 class _Builder:
     """Emits NIR nodes and edges for the graph's ops, in execution order."""
 
-    def __init__(self, nir: Any, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
-        self.nir, self.state, self.masks = nir, state, masks
+    def __init__(self, nir: Any, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], dt: float) -> None:
+        self.nir, self.state, self.masks, self.dt = nir, state, masks, dt
         self.nodes: dict[str, Any] = {}
         self.edges: list[tuple[str, str]] = []
+        self.spiking = False  # whether the values fed on are spikes (0/1): a max-pool needs them
 
     def add(self, name: str, node: Any, sources: list[str]) -> list[str]:
         self.nodes[name] = node
@@ -61,6 +71,8 @@ class _Builder:
         """The ops' nodes fed by `sources`; returns the names that feed whatever comes next."""
         for op in ops:
             sources = getattr(self, f"_{op.kind}")(op, sources)
+            if not isinstance(op, graph.Flatten | graph.RepeatTimesteps):  # those keep spikes spikes
+                self.spiking = isinstance(op, graph.LIF | graph.MaxPool2d)
         return sources
 
     def _weight_and_bias(self, op: graph.WeightedOp) -> tuple[np.ndarray, np.ndarray]:
@@ -78,12 +90,15 @@ class _Builder:
         weight, bias = self._weight_and_bias(op)
         return self.add(op.name, self.nir.Affine(weight=weight, bias=bias, metadata=self.sparsity(op.weight)), sources)
 
-    def _lif(self, op: graph.LIF, sources: list[str]) -> list[str]:
+    def _lif_node(self, shape: graph.Shape, tau_steps: float, v_threshold: float, metadata: dict[str, Any]) -> Any:
+        """NIR LIF whose forward-Euler step of `dt` seconds is our discrete neuron with `tau_steps`."""
         def full(value: float) -> np.ndarray:
-            return np.full(op.out_shape, value, dtype=np.float32)
-        node = self.nir.LIF(tau=full(op.tau * DT), r=full(1.0), v_leak=full(0.0), v_threshold=full(op.v_threshold),
-                            v_reset=full(0.0))
-        return self.add(op.name, node, sources)
+            return np.full(shape, value, dtype=np.float32)  # float32: snnTorch keeps the arrays' dtype
+        return self.nir.LIF(tau=full(tau_steps * self.dt), r=full(1.0), v_leak=full(0.0),
+                            v_threshold=full(v_threshold), v_reset=full(0.0), metadata=metadata)
+
+    def _lif(self, op: graph.LIF, sources: list[str]) -> list[str]:
+        return self.add(op.name, self._lif_node(op.out_shape, op.tau, op.v_threshold, {"tau_steps": op.tau}), sources)
 
     def _flatten(self, op: graph.Flatten, sources: list[str]) -> list[str]:
         return self.add(op.name, self.nir.Flatten(input_type={"input": np.array(op.in_shape)}, start_dim=0), sources)
@@ -102,37 +117,65 @@ class _Builder:
         return self.emit(op.main, sources) + self.emit(op.shortcut, sources)  # NIR sums a node's inputs
 
     def _maxpool2d(self, op: graph.MaxPool2d, sources: list[str]) -> list[str]:
-        raise UserError(f"layer {op.name} (MaxPool2d): NIR has no max-pooling primitive, so this model "
-                        "cannot be exported to NIR (mlp and resnet19 can; use --format onnx or csr)")
+        """Max-pool of spikes = spike iff the window's sum >= 1: `SumPool2d`, then a gate LIF that fires
+        at any input >= 1 and never keeps charge (module constants GATE_*)."""
+        if not self.spiking:
+            raise UserError(f"layer {op.name} (MaxPool2d) pools analog values: NIR has no max-pooling "
+                            "primitive, so this model cannot be exported to NIR (use --format onnx or csr)")
+        floor_shape = tuple((size + 2 * pad - kernel) // stride + 1
+                            for size, pad, kernel, stride in zip(op.in_shape[1:], op.padding, op.kernel, op.stride,
+                                                                 strict=True))
+        if any(op.padding) or floor_shape != op.out_shape[1:]:
+            raise UserError(f"layer {op.name} (MaxPool2d): padding or ceil_mode on a {op.in_shape[1]}x"
+                            f"{op.in_shape[2]} map has no NIR sum-pool equivalent (use --format onnx or csr)")
+        pool = self.nir.SumPool2d(kernel_size=np.array(op.kernel), stride=np.array(op.stride),
+                                  padding=np.array([0, 0]))
+        sources = self.add(op.name, pool, sources)
+        gate = self._lif_node(op.out_shape, GATE_TAU_STEPS, GATE_THRESHOLD,
+                              {"ndsnn_role": "max-pool gate: spike iff the pooled spike count >= 1"})
+        return self.add(f"{op.name}.gate", gate, sources)
 
     def _batchnorm(self, op: graph.BatchNorm, sources: list[str]) -> list[str]:
         module_type = "BatchNorm2d" if len(op.in_shape) == 3 else "BatchNorm1d"  # input [C, H, W] or [C(, L)]
         raise UserError(f"layer {op.name} ({module_type}) follows no conv/linear: cannot fold it for NIR")
 
 
-def build_graph(source: str | Path) -> tuple[Any, dict[str, Any]]:
-    """(nir.NIRGraph of the checkpoint's BN-folded model, graph metadata)."""
+def check_dt(dt: float) -> float:
+    """The simulation step in seconds: positive and finite, else a UserError (exit 2)."""
+    if not (isinstance(dt, int | float) and math.isfinite(dt) and dt > 0):
+        raise UserError(f"--dt {dt}: the simulation step must be a positive number of seconds (e.g. 1e-4)")
+    return float(dt)
+
+
+def build_graph(source: str | Path, dt: float = DEFAULT_DT) -> tuple[Any, dict[str, Any]]:
+    """(nir.NIRGraph of the checkpoint's BN-folded model with time constants in seconds for steps of
+    `dt` seconds, graph metadata)."""
+    dt = check_dt(dt)
     nir = _import_nir()
     trained = load_trained(source)
     folded = fold_batchnorm(trained.model)
-    from ndsnn_cli.data import dataset_info
+    from ndsnn_cli.data import dataset_info, input_contract
 
     recipe = trained.recipe
     info = dataset_info(recipe.data.dataset)
     in_shape = (info.in_channels, info.image_size, info.image_size)
     ops = graph.network_graph(folded, input_shape=in_shape)
-    builder = _Builder(nir, folded.state_dict(), trained.masks)
+    builder = _Builder(nir, folded.state_dict(), trained.masks, dt)
     builder.add("input", nir.Input(input_type={"input": np.array(in_shape)}), [])
     sources = builder.emit(ops, ["input"])
     builder.add("output", nir.Output(output_type={"output": np.array([info.num_classes])}), sources)
     numel = sum(m.numel() for m in trained.masks.values())
     nnz = sum(int(m.sum()) for m in trained.masks.values())
+    contract = input_contract(recipe.data.dataset)
     metadata = {
-        "format": "ndsnn-nir", "arch": recipe.model.arch, "timesteps": recipe.model.timesteps, "dt": DT,
-        "input": "the same analog image at every one of the T steps (direct encoding)",
+        "format": "ndsnn-nir", "version": NIR_FORMAT_VERSION, "arch": recipe.model.arch,
+        "timesteps": recipe.model.timesteps, "dt": dt,
+        "input": "the same analog image at every one of the T steps (direct encoding), pixels in [0, 1] "
+                 "normalised per channel as (x - input_mean) / input_std",
+        "input_mean": list(contract["mean"]), "input_std": list(contract["std"]),
         "readout": "sum of the output over the T steps; prediction = argmax",
-        "neuron": "discrete LIF h = v + (x - v)/tau (forward Euler of NIR LIF, dt=1), spike h >= v_threshold, "
-                  "hard reset to v_reset",
+        "neuron": "discrete LIF h = v + (x - v)/tau_steps with tau_steps = tau/dt (forward Euler of NIR LIF "
+                  "with steps of dt seconds), spike h >= v_threshold, hard reset to v_reset",
         "bn_folded": 1, "sparsity": 1 - nnz / numel if numel else 0.0, "nnz": nnz, "numel": numel,
         "recipe": recipe.to_toml(), "recipe_sha256": recipe.sha256(),
     }
@@ -143,25 +186,72 @@ def build_graph(source: str | Path) -> tuple[Any, dict[str, Any]]:
     return nir_graph, metadata
 
 
-def export_nir(source: str | Path, out: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """Checkpoint (or run dir) -> .nir file (HDF5), written atomically; returns (path, graph metadata)."""
+def export_nir(source: str | Path, out: str | Path | None = None,
+               dt: float = DEFAULT_DT) -> tuple[Path, dict[str, Any]]:
+    """Checkpoint (or run dir) -> .nir file (gzip-compressed HDF5), written atomically; returns (path,
+    graph metadata)."""
     import io
 
     from ndsnn_cli.export.csr import write_checked
     from ndsnn_cli.export.fold import resolve_checkpoint
 
     nir = _import_nir()
-    nir_graph, metadata = build_graph(source)
+    nir_graph, metadata = build_graph(source, dt)
     buffer = io.BytesIO()
-    nir.write(buffer, nir_graph)
+    nir.write(buffer, nir_graph, compression="gzip", compression_opts=GZIP_LEVEL)
     target = Path(out) if out is not None else default_output(resolve_checkpoint(source), "nir")
     return write_checked(target, buffer.getvalue()), {**metadata, "nodes": len(nir_graph.nodes)}
 
 
 def export_result(source: str | Path, out: str | Path | None, options: ExportOptions) -> ExportResult:
-    """`export_nir` as the exporter registry's common result (NIR takes no options)."""
-    path, meta = export_nir(source, out)
-    details = {"bytes": path.stat().st_size, "nodes": meta["nodes"], "sparsity": meta["sparsity"],
+    """`export_nir` as the exporter registry's common result (reads `options.dt`)."""
+    path, meta = export_nir(source, out, DEFAULT_DT if options.dt is None else options.dt)
+    size_bytes = path.stat().st_size
+    details = {"bytes": size_bytes, "nodes": meta["nodes"], "dt": meta["dt"], "sparsity": meta["sparsity"],
                "nnz": meta["nnz"], "recipe_sha256": meta["recipe_sha256"]}
-    summary = f"{meta['nodes']} NIR nodes, sparsity {meta['sparsity']:.4f} (weights stored dense)"
-    return ExportResult(path, "nir", details, summary=[summary])
+    summary = [f"{meta['nodes']} NIR nodes, sparsity {meta['sparsity']:.4f} (weights stored dense, gzip level "
+               f"{GZIP_LEVEL}: {size_bytes / 1e6:.2f} MB)",
+               f"time constants in seconds for dt = {meta['dt']:g} s (snnTorch's fixed and SpikingJelly's "
+               "default step)"]
+    return ExportResult(path, "nir", details, summary=summary)
+
+
+def inspect_nir(file: Path) -> dict[str, Any]:
+    """`ndsnn inspect` of a .nir file: graph metadata (dt, T, sparsity, recipe) and one row per node."""
+    from ndsnn_cli.export import _recipe_summary
+
+    nir = _import_nir()
+    try:
+        nir_graph = nir.read(file)
+    except Exception as exc:  # h5py and NIR raise many types for a file that is not a NIR graph
+        raise UserError(f"{file}: not a readable NIR file ({type(exc).__name__})") from None
+    meta = dict(nir_graph.metadata or {})
+    layers = [_node_row(name, node) for name, node in nir_graph.nodes.items()
+              if not isinstance(node, nir.Input | nir.Output)]
+
+    def number(key: str) -> float | None:
+        return float(meta[key]) if key in meta else None
+
+    recipe = meta.get("recipe", "")
+    return {"file": str(file), "kind": "nir", "format": str(meta.get("format", "nir")),
+            "version": int(meta.get("version", 1)), "bytes": file.stat().st_size,
+            "recipe": _recipe_summary(recipe) if isinstance(recipe, str) else {},
+            "recipe_sha256": str(meta["recipe_sha256"]) if "recipe_sha256" in meta else None,
+            "timesteps": int(meta["timesteps"]) if "timesteps" in meta else None, "dt": number("dt"),
+            "sparsity": number("sparsity"), "layers": layers}
+
+
+def _node_row(name: str, node: Any) -> dict[str, Any]:
+    """A node as an inspect row: its main array's shape (weight, else tau, else the output shape)."""
+    arrays = {key: value for key, value in vars(node).items() if isinstance(value, np.ndarray)}
+    main = arrays.get("weight", arrays.get("tau"))
+    if main is None:
+        shape = [int(s) for s in next(iter(node.output_type.values()), [])]
+        return {"name": name, "shape": shape, "storage": type(node).__name__, "dtype": "-", "nnz": 0,
+                "density": 1.0, "bytes": sum(a.nbytes for a in arrays.values())}
+    storage = type(node).__name__
+    if "tau" in arrays and "weight" not in arrays:
+        storage += f" (tau {float(main.flat[0]):.3g} s)"
+    nnz = int(np.count_nonzero(main)) if "weight" in arrays else main.size
+    return {"name": name, "shape": list(main.shape), "storage": storage, "dtype": str(main.dtype), "nnz": nnz,
+            "density": nnz / max(1, main.size), "bytes": sum(a.nbytes for a in arrays.values())}
