@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   -> venv, package, offline Fashion-MNIST (Debian package), then train the quickstart recipe
-#   make test   -> venv, package + test extras, offline data, then the whole test suite
+#   make test   -> venv, package + test extras (+ SpikingJelly, --no-deps), offline data, then the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,6 +13,7 @@ $(BIN)/ndsnn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps spikingjelly==2.0.0  # NIR reader tests; its requirements pull a CUDA torch
 	@touch $@
 
 install: $(BIN)/ndsnn
