@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ndsnn_cli import limits as L
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.kernels import SPARSE_KERNEL_MODES
 from ndsnn_cli.loggers import LOGGER_NAMES
@@ -50,7 +51,7 @@ def _f(default: Any, **spec: Any) -> Any:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = _f("scnn", doc="model registry name (ndsnn_cli.snn.models)")
-    timesteps: int = _f(5, lo=1, doc="simulation time steps T (the paper's 5)")
+    timesteps: int = _f(5, lo=1, hi=L.MAX_TIMESTEPS, doc="simulation time steps T (the paper's 5)")
     tau: float = _f(4.0 / 3.0, lo=1.0, lo_open=True, doc="LIF membrane time constant")
     v_threshold: float = _f(1.0, lo=0.0, lo_open=True)
     surrogate: str = _f("atan", choices=SURROGATE_NAMES)
@@ -64,32 +65,32 @@ class DataConfig:
     dataset: str = _f("fashion-mnist")
     root: str = _f("", doc="data folder; empty = the data set's default location")
     download: bool = _f(False)
-    batch_size: int = _f(128, lo=1)
-    eval_batch_size: int = _f(512, lo=1)
-    num_workers: int = _f(0, lo=0)
+    batch_size: int = _f(128, lo=1, hi=L.MAX_BATCH_SIZE)
+    eval_batch_size: int = _f(512, lo=1, hi=L.MAX_BATCH_SIZE)
+    num_workers: int = _f(0, lo=0, hi=L.MAX_WORKERS)
     augment: bool = _f(True)
     cutout: bool = _f(False)
-    train_limit: int = _f(0, lo=0, doc="use only the first N training images (0 = all)")
-    test_limit: int = _f(0, lo=0)
+    train_limit: int = _f(0, lo=0, hi=L.MAX_SAMPLES, doc="use only the first N training images (0 = all)")
+    test_limit: int = _f(0, lo=0, hi=L.MAX_SAMPLES)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _f(3, lo=1)
+    epochs: int = _f(3, lo=1, hi=L.MAX_EPOCHS)
     optimizer: str = _f("sgd", choices=("sgd", "adam"))
     lr: float = _f(0.1, lo=0.0, lo_open=True)
     momentum: float = _f(0.9, lo=0.0, hi=1.0, hi_open=True)
     nesterov: bool = _f(False)
     weight_decay: float = _f(5e-4, lo=0.0)
     lr_schedule: str = _f("cosine", choices=("cosine", "constant"))
-    warmup_epochs: float = _f(0.0, lo=0.0)
+    warmup_epochs: float = _f(0.0, lo=0.0, hi=L.MAX_EPOCHS)
     label_smoothing: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)
     amp: bool = _f(False, doc="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
-    checkpoint_every_steps: int = _f(0, lo=0, doc="0 = checkpoint at each epoch end only")
-    log_every_steps: int = _f(50, lo=1)
+    checkpoint_every_steps: int = _f(0, lo=0, hi=L.MAX_STEPS, doc="0 = checkpoint at each epoch end only")
+    log_every_steps: int = _f(50, lo=1, hi=L.MAX_STEPS)
     max_grad_norm: float = _f(0.0, lo=0.0, doc="clip the global gradient norm (0 = off)")
-    threads: int = _f(0, lo=0, doc="torch CPU threads (0 = torch's default)")
+    threads: int = _f(0, lo=0, hi=L.MAX_THREADS, doc="torch CPU threads (0 = torch's default)")
     loggers: list[str] = _f(["jsonl"], choices=LOGGER_NAMES,
                             doc='metrics.jsonl (always) plus e.g. "tensorboard" (<run_dir>/tb/; the tensorboard extra)')
     sparse_kernels: str = _f("auto", choices=SPARSE_KERNEL_MODES,
@@ -104,18 +105,19 @@ class SparsityConfig:
     initial: float = _f(0.5, lo=0.0, hi=1.0, hi_open=True, doc="NDSNN initial sparsity s_i")
     distribution: str = _f("erk", choices=("erk", "uniform", "global"))
     dense: list[str] = _f([], doc="parameter names (or prefixes) kept dense")
-    update_every_steps: int = _f(100, lo=1, doc="dT: steps between mask updates")
-    ramp_start_epoch: float = _f(0.0, lo=0.0, doc="t0: the sparsity ramp starts")
-    ramp_end_epoch: float = _f(-1.0, doc="t1: the ramp reaches `final` (-1 = 75% of `update_end_epoch`)")
-    update_end_epoch: float = _f(-1.0, doc="t_end: masks freeze (-1 = 75% of training)")
+    update_every_steps: int = _f(100, lo=1, hi=L.MAX_STEPS, doc="dT: steps between mask updates")
+    ramp_start_epoch: float = _f(0.0, lo=0.0, hi=L.MAX_EPOCHS, doc="t0: the sparsity ramp starts")
+    ramp_end_epoch: float = _f(-1.0, hi=L.MAX_EPOCHS,
+                               doc="t1: the ramp reaches `final` (-1 = 75% of `update_end_epoch`)")
+    update_end_epoch: float = _f(-1.0, hi=L.MAX_EPOCHS, doc="t_end: masks freeze (-1 = 75% of training)")
     drop_fraction: float = _f(0.5, lo=0.0, hi=1.0, doc="d0: initial drop fraction")
     drop_fraction_min: float = _f(0.005, lo=0.0, hi=1.0, doc="d_min: final drop fraction")
     grow: str = _f("gradient", choices=("gradient", "random"))
     init: str = _f("scaled", choices=("scaled", "dense"),
                    doc="scaled: rescale a new sparse mask's weights to their active fan-in; dense: keep dense init")
     prune_rate: float = _f(-1.0, doc="LTH: fraction of remaining weights pruned per round")
-    rewind_epoch: int = _f(-1, doc="LTH: epoch whose weights each round rewinds to")
-    round_epochs: int = _f(0, lo=0, doc="LTH: epochs per round (0 = train.epochs)")
+    rewind_epoch: int = _f(-1, hi=L.MAX_EPOCHS, doc="LTH: epoch whose weights each round rewinds to")
+    round_epochs: int = _f(0, lo=0, hi=L.MAX_EPOCHS, doc="LTH: epochs per round (0 = train.epochs)")
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,8 @@ def from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
     for key, kind in TOP_KEYS.items():
         if key in raw:
             top[key] = _check_type(source, "", key, raw[key], kind)
+    if "seed" in top:
+        _check_range(source, "", "seed", top["seed"], _spec(lo=0, hi=L.MAX_SEED))
     sections = {}
     for table, cls in SECTIONS.items():
         values = raw.get(table, {})

@@ -61,10 +61,13 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
         try:
-            from click import ClickException
+            from click import BadParameter, ClickException
         except ModuleNotFoundError:  # typer >= 0.2x vendors click as typer._click
-            from typer._click.exceptions import ClickException
+            from typer._click.exceptions import BadParameter, ClickException
 
+        if isinstance(exc, BadParameter):  # an option out of its range: one line with the bound, like UserError
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(2)
         if isinstance(exc, ClickException):
             exc.show()
             sys.exit(exc.exit_code)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ndsnn_cli import limits as L
 from ndsnn_cli.cli import app
 
 if TYPE_CHECKING:
@@ -23,10 +24,12 @@ def prune_compare(
                        ] = "ndsnn,rigl,set,lth,dense",
     sparsities: Annotated[str, typer.Option("--sparsities", help="Comma-separated final sparsities in (0, 1).")
                           ] = "0.9,0.95,0.98,0.99",
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per cell: recipe seed, seed + 1, ...")] = 1,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, max=L.MAX_PROCESSES,
+                                       help="Seeds per cell: recipe seed, seed + 1, ...")] = 1,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: runs/compare-<name>).")
                    ] = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Runs in parallel processes (cores/N threads each).")
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=L.MAX_PROCESSES,
+                                      help="Runs in parallel processes (cores/N threads each).")
                     ] = 1,
     report_only: Annotated[bool, typer.Option("--report-only", help="Only render the table from existing runs.")
                            ] = False,

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ndsnn_cli import limits as L
 from ndsnn_cli.cli import app
 from ndsnn_cli.errors import UserError
 
@@ -23,19 +24,27 @@ def cost(
                                                    help="Final sparsity s_f (default 0.99).")] = None,
     dataset: Annotated[str | None, typer.Option(
         help="Data set: image size, classes, train size (default cifar10).")] = None,
-    train_size: Annotated[int | None, typer.Option(help="Training images per epoch (default: the data set's).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Training epochs (default 300).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size (default 128).")] = None,
-    timesteps: Annotated[int | None, typer.Option("--timesteps", "-T", help="Time steps T (default 5).")] = None,
+    train_size: Annotated[int | None, typer.Option(min=1, max=L.MAX_SAMPLES,
+                                                   help="Training images per epoch (default: the data set's).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, max=L.MAX_EPOCHS, help="Training epochs (default 300).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=L.MAX_BATCH_SIZE,
+                                                   help="Batch size (default 128).")] = None,
+    timesteps: Annotated[int | None, typer.Option("--timesteps", "-T", min=1, max=L.MAX_TIMESTEPS,
+                                                  help="Time steps T (default 5).")] = None,
     initial: Annotated[float | None, typer.Option(help="NDSNN initial sparsity s_i (default 0.5).")] = None,
-    update_every: Annotated[int | None, typer.Option(help="dT: steps between mask updates (default 100).")] = None,
-    ramp_start: Annotated[float | None, typer.Option(help="t0 in epochs (default 0).")] = None,
-    ramp_end: Annotated[float | None, typer.Option(help="t1 in epochs (default 75% of update end).")] = None,
-    update_end: Annotated[float | None, typer.Option(help="t_end in epochs (default 75% of training).")] = None,
+    update_every: Annotated[int | None, typer.Option(min=1, max=L.MAX_STEPS,
+                                                     help="dT: steps between mask updates (default 100).")] = None,
+    ramp_start: Annotated[float | None, typer.Option(min=0, max=L.MAX_EPOCHS, help="t0 in epochs (default 0).")] = None,
+    ramp_end: Annotated[float | None, typer.Option(min=0, max=L.MAX_EPOCHS,
+                                                   help="t1 in epochs (default 75% of update end).")] = None,
+    update_end: Annotated[float | None, typer.Option(min=0, max=L.MAX_EPOCHS,
+                                                     help="t_end in epochs (default 75% of training).")] = None,
     distribution: Annotated[str | None, typer.Option(help="Layer split: erk, uniform, global (default erk).")] = None,
     prune_rate: Annotated[float | None, typer.Option(help="LTH: fraction pruned per round (default 0.25).")] = None,
-    rewind_epoch: Annotated[int | None, typer.Option(help="LTH: rewind epoch (default 20).")] = None,
-    round_epochs: Annotated[int | None, typer.Option(help="LTH: epochs per round (default: --epochs).")] = None,
+    rewind_epoch: Annotated[int | None, typer.Option(min=0, max=L.MAX_EPOCHS,
+                                                     help="LTH: rewind epoch (default 20).")] = None,
+    round_epochs: Annotated[int | None, typer.Option(min=1, max=L.MAX_EPOCHS,
+                                                     help="LTH: epochs per round (default: --epochs).")] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Also print a table per layer.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON (stable keys) instead of tables.")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE.png",

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ndsnn_cli import limits as L
 from ndsnn_cli.cli import app
 
 if TYPE_CHECKING:
@@ -23,7 +24,8 @@ def train(
                                          help="Continue the run from its last checkpoint.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
-    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Train with N processes on this machine "
+    nproc: Annotated[int, typer.Option("--nproc", min=1, max=L.MAX_PROCESSES,
+                                       help="Train with N processes on this machine "
                                        "(DistributedDataParallel via torchrun; batch_size is per process).")] = 1,
 ) -> None:
     """Train one spiking network with the recipe's sparse method (ndsnn, rigl, set, lth, static, gmp, dense).
