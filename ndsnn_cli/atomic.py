@@ -1,4 +1,8 @@
-"""The single writer for files the project produces: temp file + fsync + rename, never half-written."""
+"""The single writer for files the project produces: temp file + fsync + rename, never half-written.
+
+Files get the mode a plain `open()` would give them (0o666 minus the user's umask: 0644 under umask 022),
+not mkstemp's private 0600, so an exported model is readable by whoever the umask says may read it.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # before any byte is written: never a moment of a wrong mode
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -25,6 +30,20 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         raise
     _fsync_dir(target.parent)
     return target
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc), else by a set-and-restore."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # the only portable read; a thread creating a file in between would get 022
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
