@@ -20,6 +20,7 @@ from safetensors.torch import save as save_safetensors
 from ndsnn_cli import __version__
 from ndsnn_cli.atomic import write_bytes
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.validate import check_checkpoint
 
 FORMAT = "ndsnn-checkpoint"
 VERSION = 1
@@ -88,16 +89,22 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint; a missing, truncated or foreign file is a one-line UserError."""
+    """Read and validate a checkpoint (`ndsnn_cli.validate`); a missing, truncated, foreign or
+    inconsistent file is a one-line UserError."""
     tensors, strings = read_safetensors(path, "checkpoint")
     try:
         meta = json.loads(strings.get("ndsnn", "{}"))
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise UserError(f"{path}: corrupt checkpoint metadata") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path}: not an ndsnn checkpoint (format is {meta.get('format')!r}, expected {FORMAT!r})")
-    if meta.get("version", 0) > VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        shown = meta.get("format") if isinstance(meta, dict) else None
+        raise UserError(f"{path}: not an ndsnn checkpoint (format is {shown!r:.40}, expected {FORMAT!r})")
+    version = meta.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise UserError(f"{path}: version: must be an integer")
+    if version > VERSION:
         raise UserError(f"{path}: checkpoint version {meta['version']} is newer than this ndsnn ({VERSION})")
+    check_checkpoint(path, tensors, meta)
     return Checkpoint(tensors, meta)
 
 
@@ -108,7 +115,9 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tenso
         raise UserError(f"{path}: {what} not found")
     raw = path.read_bytes()
     try:
-        tensors = load_safetensors(raw)
+        # sorted: safetensors returns its own order, which differs between processes; everything
+        # derived from a file (masks, an export's metadata and bytes) must not
+        tensors = dict(sorted(load_safetensors(raw).items()))
         header_len = int.from_bytes(raw[:8], "little")
         strings = json.loads(raw[8:8 + header_len]).get("__metadata__") or {}
     except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError) as exc:

@@ -28,6 +28,8 @@ from ndsnn_cli import atomic
 from ndsnn_cli.data import DATASETS, batches_per_epoch, dataset_info
 from ndsnn_cli.data import train_size as recipe_train_size
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.limits import MAX_COST_STEPS
+from ndsnn_cli.validate import check_mask_records, check_summary
 from ndsnn_cli.recipe import METHODS, Recipe, parse_recipe, sparse_epochs, with_method
 from ndsnn_cli.sparse.budget import check_dense_entries, is_kept_dense, shape_counts, target_counts
 from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities, method_schedule
@@ -224,7 +226,12 @@ class MethodCost:
 
 
 def _samples_per_step(train_size: int, batch_size: int, epochs: int) -> np.ndarray:
+    """Images per optimizer step over the whole training (one float64 per step, hence the bound)."""
     steps_per_epoch, drop_last = batches_per_epoch(train_size, batch_size)
+    if steps_per_epoch * epochs > MAX_COST_STEPS:
+        raise UserError(f"{epochs:,} epochs x {steps_per_epoch:,} steps per epoch (train size {train_size:,}, "
+                        f"batch {batch_size:,}) = {steps_per_epoch * epochs:,} optimizer steps: must be "
+                        f"<= {MAX_COST_STEPS:,}")
     per_epoch = np.full(steps_per_epoch, batch_size, dtype=np.float64)
     if not drop_last:
         per_epoch[-1] = train_size - (steps_per_epoch - 1) * batch_size
@@ -520,14 +527,17 @@ def run_cost(run_dir: str | Path) -> RunCost:
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise UserError(f"{run_dir}: run has no summary.json yet (unfinished run)")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    try:
+        summary = check_summary(summary_path, json.loads(summary_path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise UserError(f"{summary_path}: not a readable JSON file") from None
     train_size = recipe_train_size(recipe.data)
     layers = model_layers(recipe)
     steps_per_epoch = batches_per_epoch(train_size, recipe.data.batch_size)[0]
     samples = _samples_per_step(train_size, recipe.data.batch_size, summary["epochs"])[: summary["steps"]]
     predicted, _, _ = schedule_segments(recipe, layers, steps_per_epoch, len(samples))
     schedule = method_schedule(recipe, steps_per_epoch)
-    metrics = read_metrics(run_dir)
+    metrics = check_mask_records(run_dir / "metrics.jsonl", read_metrics(run_dir), summary["steps"])
     records = [r for r in metrics if r.get("kind") == "mask_update"]
     # Initial masks as set up (the `mask_init` record; runs written before it existed: the schedule's
     # counts, which a `global` split only approximates), then each recorded update.

@@ -43,6 +43,7 @@ from ndsnn_cli.sparse.budget import active_count
 from ndsnn_cli.sparse.masks import Masks, global_magnitude_masks, sparse_parameter_names
 from ndsnn_cli.sparse.methods import MaskUpdate, SparseMethod, build_method
 from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities, static_schedule
+from ndsnn_cli.validate import check_checkpoint_fits
 
 CHECKPOINT = RUN_CHECKPOINT  # the one definition lives in checkpoint.py; kept importable from here
 
@@ -336,7 +337,9 @@ def _setup_kernels(run: Run) -> None:
 def _resume_or_start(run: Run, resume: bool) -> None:
     """Restore the checkpoint (and cut metrics.jsonl back to it), or start a fresh metrics log."""
     if resume and run.checkpoint_path.exists():
-        run.state = _restore(load_checkpoint(run.checkpoint_path), run.model, run.optimizer, run.method, run.scaler)
+        checkpoint = load_checkpoint(run.checkpoint_path)
+        check_checkpoint_fits(run.checkpoint_path, checkpoint.tensors, run.model, resume_meta=checkpoint.meta)
+        run.state = _restore(checkpoint, run.model, run.optimizer, run.method, run.scaler)
         if run.main:
             _truncate_metrics(run.metrics_path, run.state.step, run.state.epoch)
     elif run.main and run.metrics_path.exists():

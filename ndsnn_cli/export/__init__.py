@@ -5,7 +5,7 @@ package runs this file first.
 """
 
 CSR_FORMAT = "ndsnn-csr"
-CSR_VERSION = 1
+CSR_VERSION = 2  # 2: metadata `input` (the input contract) that every reader applies; 1 is still read
 
 
 def inspect_file(path: str) -> dict:
@@ -113,8 +113,10 @@ def _inspect_onnx(file) -> dict:
 
     try:
         proto = onnx.load(str(file))
-    except Exception as exc:  # protobuf raises its own DecodeError types
-        raise UserError(f"{file}: not a readable ONNX model ({type(exc).__name__})") from None
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # protobuf raises its own DecodeError types; the checker its ValidationError
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{file}: not a valid ONNX model ({reason})") from None
     props = {p.key: p.value for p in proto.metadata_props}
     layers = []
     for init in proto.graph.initializer:

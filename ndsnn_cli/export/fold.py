@@ -20,6 +20,7 @@ from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import graph
 from ndsnn_cli.recipe import Recipe, parse_recipe
 from ndsnn_cli.snn.models import BasicBlock, SpikingNet
+from ndsnn_cli.validate import check_checkpoint_fits
 
 
 @dataclass
@@ -55,15 +56,13 @@ def load_trained(path: str | Path) -> TrainedModel:
         raise UserError(f"{path}: checkpoint has no recipe (an LTH rewind file?); export a run's last.safetensors")
     recipe = parse_recipe(checkpoint.meta["recipe"], f"{path} (embedded recipe)")
     model = build_model(recipe)
-    try:
-        model.load_state_dict(checkpoint.model_state)
-    except RuntimeError as exc:
-        raise UserError(f"{path}: weights do not fit the recipe's model ({str(exc).splitlines()[0]})") from None
+    check_checkpoint_fits(path, checkpoint.tensors, model)
+    model.load_state_dict(checkpoint.model_state)
     masks = {name: mask.to(torch.bool) for name, mask in checkpoint.masks.items()}
     params = dict(model.named_parameters())
-    for name, mask in masks.items():
-        if name not in params or params[name].shape != mask.shape:
-            raise UserError(f"{path}: mask::{name} matches no parameter of the model's shape")
+    for name in masks:
+        if name not in params:
+            raise UserError(f"{path}: mask::{name}: masks a buffer, not a parameter of the model")
     model.eval()
     return TrainedModel(model, masks, recipe, path, checkpoint.meta)
 

@@ -1,0 +1,459 @@
+"""One validator for every file ndsnn reads: checkpoints, CSR artefacts and a run's summary.json.
+
+Files travel (networks, other people's hands, flaky storage), and torch's sparse kernels trust their
+indices: a non-monotone `crow_indices` segfaults, a column beyond the width reads out of bounds. So
+every reader (`csr.load_raw`, `checkpoint.load_checkpoint`, `cost.run_cost`) runs these checks on the
+decoded tensors before anything else touches them. A violation is a `UserError` naming the file, the
+tensor (or metadata key) and the rule: one line, exit 2.
+
+Rules are listed in docs/reliability.md with the tests that prove them (tests/test_validate.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from ndsnn_cli import limits as L
+from ndsnn_cli.errors import UserError
+from ndsnn_cli.export import CSR_FORMAT, CSR_VERSION, graph
+
+CSR_PARTS = ("crow_indices", "col_indices", "values", "shape")  # the format's parts of one sparse parameter
+VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CROW_DTYPES = (torch.int32, torch.int64)
+COL_INT16_BELOW = 32768  # col_indices are int16 when a matrix has fewer columns, else int32
+
+
+class InvalidFile(UserError):
+    """A file that breaks a rule of its format; the message is `<file>: <tensor or key>: <rule>`."""
+
+
+def _fail(path: str | Path, where: str, rule: str) -> NoReturn:
+    raise InvalidFile(f"{path}: {where}: {rule}")
+
+
+# ------------------------------------------------------------------------------------------ values
+
+
+def _int(path: str | Path, key: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(path, key, f"must be an integer (got {type(value).__name__})")
+    if not lo <= value <= hi:
+        _fail(path, key, f"= {value} must be in [{lo}, {hi}]")
+    return value
+
+
+def _number(path: str | Path, key: str, value: Any, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        _fail(path, key, f"must be a finite number (got {value!r:.40})")
+    if positive and value <= 0:
+        _fail(path, key, f"= {value} must be > 0")
+    return float(value)
+
+
+def _dict(path: str | Path, key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        _fail(path, key, f"must be a JSON object (got {type(value).__name__})")
+    return value
+
+
+def _pair(path: str | Path, key: str, value: Any, lo: int) -> tuple[int, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        _fail(path, key, "must be a list of two integers")
+    return _int(path, key, value[0], lo, L.MAX_KERNEL), _int(path, key, value[1], lo, L.MAX_KERNEL)
+
+
+def _finite(path: str | Path, name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        _fail(path, name, "holds NaN or inf")
+
+
+# -------------------------------------------------------------------------------------------- CSR
+
+
+def check_csr(path: str | Path, name: str, parts: Mapping[str, torch.Tensor], value_dtype: torch.dtype) -> list[int]:
+    """The CSR invariants of one parameter; returns its original shape. Checked in an order where each
+    rule only reads what the previous ones made safe (lengths before indexing, indices before use)."""
+    for part in CSR_PARTS:
+        if part not in parts:
+            _fail(path, f"{name}.{part}", "missing (a CSR parameter has crow_indices, col_indices, values, shape)")
+    shape_t, crow, col, values = parts["shape"], parts["crow_indices"], parts["col_indices"], parts["values"]
+    if shape_t.dtype != torch.int64 or shape_t.dim() != 1 or not 2 <= shape_t.numel() <= 5:
+        _fail(path, f"{name}.shape", f"must be int64 of length 2 to 5 (got {shape_t.dtype}, {list(shape_t.shape)})")
+    shape = [int(s) for s in shape_t]
+    if min(shape) < 1:
+        _fail(path, f"{name}.shape", f"= {shape}: every size must be positive")
+    rows, cols = shape[0], math.prod(shape[1:])
+    if rows * cols > L.MAX_TENSOR_NUMEL:
+        _fail(path, f"{name}.shape", f"= {shape}: {rows * cols:,} elements exceed {L.MAX_TENSOR_NUMEL:,}")
+    for part, tensor in (("crow_indices", crow), ("col_indices", col), ("values", values)):
+        if tensor.dim() != 1:
+            _fail(path, f"{name}.{part}", f"must be 1-D (got shape {list(tensor.shape)})")
+    if crow.dtype not in CROW_DTYPES:
+        _fail(path, f"{name}.crow_indices", f"dtype {crow.dtype} must be int32 or int64")
+    col_dtype = torch.int16 if cols < COL_INT16_BELOW else torch.int32
+    if col.dtype != col_dtype:
+        _fail(path, f"{name}.col_indices", f"dtype {col.dtype} must be {col_dtype} for {cols} columns")
+    if values.dtype != value_dtype:
+        _fail(path, f"{name}.values", f"dtype {values.dtype} must be the artefact's dtype {value_dtype}")
+    if crow.numel() != rows + 1:
+        _fail(path, f"{name}.crow_indices", f"length {crow.numel()} must be rows + 1 = {rows + 1} (shape {shape})")
+    crow64, col64 = crow.to(torch.int64), col.to(torch.int64)
+    if int(crow64[0]) != 0:
+        _fail(path, f"{name}.crow_indices", f"crow[0] = {int(crow64[0])} must be 0")
+    counts = crow64[1:] - crow64[:-1]
+    if bool((counts < 0).any()):
+        row = int((counts < 0).nonzero()[0])
+        _fail(path, f"{name}.crow_indices", f"must be non-decreasing (crow[{row + 1}] < crow[{row}])")
+    if not int(crow64[-1]) == col.numel() == values.numel():
+        _fail(path, f"{name}.crow_indices", f"crow[-1] = {int(crow64[-1])} must equal len(col_indices) = "
+                                            f"{col.numel()} and len(values) = {values.numel()}")
+    if col.numel() and (int(col64.min()) < 0 or int(col64.max()) >= cols):
+        _fail(path, f"{name}.col_indices", f"must be in [0, {cols}) (found {int(col64.min())}..{int(col64.max())})")
+    row_of = torch.repeat_interleave(torch.arange(rows), counts)
+    same_row = row_of[1:] == row_of[:-1]
+    if bool((same_row & (col64[1:] <= col64[:-1])).any()):
+        row = int(row_of[1:][same_row & (col64[1:] <= col64[:-1])][0])
+        _fail(path, f"{name}.col_indices", f"must be strictly increasing within each row (row {row})")
+    _finite(path, f"{name}.values", values)
+    return shape
+
+
+def split_parameters(
+        tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(sparse params: name -> CSR parts, plain tensors). A name with any CSR part is sparse, so a
+    parameter that lost one part is reported missing instead of passing as plain tensors."""
+    sparse: dict[str, dict[str, torch.Tensor]] = {}
+    plain: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name, _, part = key.rpartition(".")
+        if part in CSR_PARTS and name:
+            sparse.setdefault(name, {})[part] = tensor
+        else:
+            plain[key] = tensor
+    return sparse, plain
+
+
+# --------------------------------------------------------------------------------------- artefact
+
+
+def check_artefact(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Everything a reader of an `ndsnn-csr` artefact relies on: typed, bounded metadata, the CSR
+    invariants of every sparse parameter, finite dense tensors, and a graph whose ops fit the tensors."""
+    check_artefact_metadata(path, metadata)
+    value_dtype = VALUE_DTYPES[metadata["dtype"]]
+    sparse, plain = split_parameters(tensors)
+    shapes = {name: check_csr(path, name, parts, value_dtype) for name, parts in sparse.items()}
+    for name, tensor in plain.items():
+        _finite(path, name, tensor)
+        shapes[name] = list(tensor.shape)
+    if "graph" in metadata:
+        check_graph(path, metadata, shapes, dense=set(plain))
+
+
+def check_artefact_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
+    """Typed, bounded metadata: what sizes a reader allocates comes from here or from the tensors."""
+    if metadata.get("format") != CSR_FORMAT:
+        _fail(path, "format", f"is {metadata.get('format')!r}, not {CSR_FORMAT!r}")
+    version = _int(path, "version", metadata.get("version"), 1, 10**6)
+    if version > CSR_VERSION:
+        _fail(path, "version", f"{CSR_FORMAT} version {version} is newer than this ndsnn ({CSR_VERSION})")
+    if metadata.get("dtype") not in VALUE_DTYPES:
+        _fail(path, "dtype", f"= {metadata.get('dtype')!r:.40} must be one of {', '.join(VALUE_DTYPES)}")
+    _int(path, "timesteps", metadata.get("timesteps"), 1, L.MAX_TIMESTEPS)
+    dataset = _dict(path, "dataset", metadata.get("dataset"))
+    _int(path, "dataset.num_classes", dataset.get("num_classes"), 1, L.MAX_CLASSES)
+    channels = _int(path, "dataset.in_channels", dataset.get("in_channels"), 1, L.MAX_CHANNELS)
+    size = _int(path, "dataset.image_size", dataset.get("image_size"), 1, L.MAX_IMAGE_SIZE)
+    if "input" in metadata or version >= 2:
+        check_input_contract(path, metadata.get("input"), [channels, size, size])
+    for key, kind in (("recipe", str), ("recipe_sha256", str), ("bn_folded", bool)):
+        if key in metadata and not isinstance(metadata[key], kind):
+            _fail(path, key, f"must be a {kind.__name__}")
+    if "sparsity" in metadata:
+        overall = _dict(path, "sparsity", metadata["sparsity"]).get("sparsity", 0.0)
+        if not 0 <= _number(path, "sparsity.sparsity", overall) <= 1:
+            _fail(path, "sparsity.sparsity", f"= {overall} must be in [0, 1]")
+
+
+def check_input_contract(path: str | Path, contract: Any, shape: list[int]) -> None:
+    """`input = {layout: NCHW, range: [0, 1], shape: [C, H, W], mean: [C], std: [C] > 0}` (DESIGN §6)."""
+    contract = _dict(path, "input", contract)
+    if contract.get("layout") != "NCHW":
+        _fail(path, "input.layout", f"= {contract.get('layout')!r:.40} must be \"NCHW\"")
+    if contract.get("range") != [0.0, 1.0]:
+        _fail(path, "input.range", f"= {contract.get('range')!r:.40} must be [0, 1]")
+    if contract.get("shape") != shape:
+        _fail(path, "input.shape", f"= {contract.get('shape')!r:.60} must be [in_channels, image_size, image_size] "
+                                   f"= {shape}")
+    for key in ("mean", "std"):
+        values = contract.get(key)
+        if not isinstance(values, list) or len(values) != shape[0]:
+            _fail(path, f"input.{key}", f"must be a list of {shape[0]} numbers (one per channel)")
+        for value in values:
+            _number(path, f"input.{key}", value, positive=key == "std")
+
+
+# ------------------------------------------------------------------------------------------ graph
+
+_FIELD_RULES: dict[str, Any] = {
+    "weight": str, "bias": (str, type(None)), "prefix": str, "ceil_mode": bool,
+    "stride": ("pair", 1), "padding": ("pair", 0), "dilation": ("pair", 1), "kernel": ("pair", 1),
+    "groups": ("int", 1), "tau": "positive", "v_threshold": "number", "eps": "positive",
+}
+_MAX_NESTING = 16
+
+
+def parse_graph(path: str | Path, raw: Any, depth: int = 0) -> list[graph.Op]:
+    """Typed ops of the `graph` metadata; every field checked before `graph.from_json` reads it."""
+    if not isinstance(raw, list) or len(raw) > L.MAX_GRAPH_OPS or depth > _MAX_NESTING:
+        _fail(path, "graph", f"must be a list of at most {L.MAX_GRAPH_OPS} ops, nested at most {_MAX_NESTING} deep")
+    ops: list[graph.Op] = []
+    for index, entry in enumerate(raw):
+        where = f"graph[{index}]"
+        entry = _dict(path, where, entry)
+        kind = entry.get("op")
+        if kind not in graph.OP_TYPES:
+            _fail(path, f"{where}.op", f"{kind!r:.40} is not an op this runtime knows ({', '.join(graph.OP_TYPES)})")
+        if kind == "residual":
+            ops.append(graph.Residual(main=tuple(parse_graph(path, entry.get("main"), depth + 1)),
+                                      shortcut=tuple(parse_graph(path, entry.get("shortcut"), depth + 1))))
+            continue
+        keys = ("prefix", "eps") if kind == "batchnorm" else graph.OP_TYPES[kind].json_fields
+        for key in keys:
+            if key not in entry and key != "bias":
+                _fail(path, f"{where}.{key}", f"missing ({kind} needs {', '.join(keys)})")
+            _check_field(path, f"{where}.{key}", key, entry.get(key))
+        ops.append(graph.OP_TYPES[kind].from_json(entry))
+    return ops
+
+
+def _check_field(path: str | Path, where: str, key: str, value: Any) -> None:
+    rule = _FIELD_RULES[key]
+    if isinstance(rule, tuple) and rule[0] == "pair":
+        _pair(path, where, value, rule[1])
+    elif isinstance(rule, tuple) and rule[0] == "int":
+        _int(path, where, value, rule[1], L.MAX_CHANNELS)
+    elif rule in ("positive", "number"):
+        _number(path, where, value, positive=rule == "positive")
+    elif not isinstance(value, rule):
+        _fail(path, where, f"has the wrong type ({type(value).__name__})")
+
+
+def check_graph(path: str | Path, metadata: dict[str, Any], shapes: dict[str, list[int]], dense: set[str]) -> None:
+    """Walk the graph from the input shape: each op's tensors exist with the shapes the op needs, and
+    the network ends in `num_classes` logits. The runtime then meets no shape it did not expect."""
+    ops = parse_graph(path, metadata["graph"])
+    at_top = sum(isinstance(op, graph.RepeatTimesteps) for op in ops)
+    if at_top != 1 or sum(isinstance(op, graph.RepeatTimesteps) for op in graph.walk(ops)) != 1:
+        _fail(path, "graph", "must hold exactly one repeat_timesteps op, at the top level")
+    dataset = metadata["dataset"]
+    walker = _ShapeWalker(path, shapes, dense)
+    out = walker.run(ops, (dataset["in_channels"], dataset["image_size"], dataset["image_size"]), "graph")
+    if out != (dataset["num_classes"],):
+        _fail(path, "graph", f"ends in shape {list(out)}, not [{dataset['num_classes']}] logits (dataset.num_classes)")
+
+
+class _ShapeWalker:
+    """Per-sample shapes through the ops (no batch axis), checking each op's tensors on the way."""
+
+    def __init__(self, path: str | Path, shapes: dict[str, list[int]], dense: set[str]) -> None:
+        self.path, self.shapes, self.dense = path, shapes, dense
+
+    def run(self, ops: list[graph.Op] | tuple[graph.Op, ...], x: tuple[int, ...], where: str) -> tuple[int, ...]:
+        for index, op in enumerate(ops):
+            x = getattr(self, f"_{op.kind}")(op, x, f"{where}[{index}] {op.kind}")
+            if math.prod(x) > L.MAX_TENSOR_NUMEL:
+                _fail(self.path, where, f"activation of shape {list(x)} exceeds {L.MAX_TENSOR_NUMEL:,} elements")
+        return x
+
+    def tensor(self, name: str, where: str, *, dense: bool = True) -> list[int]:
+        if name not in self.shapes:
+            _fail(self.path, name, f"missing (needed by {where})")
+        if dense and name not in self.dense:
+            _fail(self.path, name, f"must be a dense tensor (read by {where})")
+        return self.shapes[name]
+
+    def need(self, x: tuple[int, ...], rank: int, where: str) -> None:
+        if len(x) != rank:
+            _fail(self.path, where, f"gets an input of shape {list(x)}, needs {rank} dimensions")
+
+    def _bias(self, op: graph.WeightedOp, out: int, where: str) -> None:
+        if op.bias is not None and self.tensor(op.bias, where) != [out]:
+            _fail(self.path, op.bias, f"shape {self.shapes[op.bias]} must be [{out}] (the {where} outputs)")
+
+    def _conv2d(self, op: graph.Conv2d, x: tuple[int, ...], where: str) -> tuple[int, ...]:
+        self.need(x, 3, where)
+        weight = self.tensor(op.weight, where, dense=False)
+        if len(weight) != 4 or weight[1] * op.groups != x[0] or weight[0] % op.groups:
+            _fail(self.path, op.weight, f"shape {weight} does not fit {where} on {x[0]} input channels "
+                                        f"(groups {op.groups})")
+        self._bias(op, weight[0], where)
+        size = [(x[i + 1] + 2 * op.padding[i] - op.dilation[i] * (weight[i + 2] - 1) - 1) // op.stride[i] + 1
+                for i in range(2)]
+        if min(size) < 1:
+            _fail(self.path, op.weight, f"kernel {weight[2:]} does not fit the {list(x[1:])} map of {where}")
+        return weight[0], size[0], size[1]
+
+    def _linear(self, op: graph.Linear, x: tuple[int, ...], where: str) -> tuple[int, ...]:
+        self.need(x, 1, where)
+        weight = self.tensor(op.weight, where, dense=False)
+        if len(weight) != 2 or weight[1] != x[0]:
+            _fail(self.path, op.weight, f"shape {weight} does not fit {where} on {x[0]} input features")
+        self._bias(op, weight[0], where)
+        return (weight[0],)
+
+    def _batchnorm(self, op: graph.BatchNorm, x: tuple[int, ...], where: str) -> tuple[int, ...]:
+        for suffix, required in (("running_mean", True), ("running_var", True), ("weight", False), ("bias", False)):
+            name = f"{op.name}.{suffix}"
+            if (required or name in self.shapes) and self.tensor(name, where) != [x[0]]:
+                _fail(self.path, name, f"shape {self.shapes[name]} must be [{x[0]}] (channels into {where})")
+        return x
+
+    def _lif(self, op: graph.LIF, x: tuple[int, ...], where: str) -> tuple[int, ...]:
+        return x
+
+    def _maxpool2d(self, op: graph.MaxPool2d, x: tuple[int, ...], where: str) -> tuple[int, ...]:
+        self.need(x, 3, where)
+        if any(2 * p > k for p, k in zip(op.padding, op.kernel, strict=True)):
+            _fail(self.path, where, f"padding {list(op.padding)} must be at most half the kernel {list(op.kernel)}")
+        size = []
+        for i in range(2):
+            span = x[i + 1] + 2 * op.padding[i] - op.kernel[i]
+            size.append((-(-span // op.stride[i]) if op.ceil_mode else span // op.stride[i]) + 1)
+        if min(size) < 1 or min(x[1:]) + 2 * min(op.padding) < min(op.kernel):
+            _fail(self.path, where, f"kernel {list(op.kernel)} does not fit the {list(x[1:])} map")
+        return x[0], size[0], size[1]
+
+    def _global_avgpool(self, op: graph.GlobalAvgPool, x: tuple[int, ...], where: str) -> tuple[int, ...]:
+        self.need(x, 3, where)
+        return x[0], 1, 1
+
+    def _flatten(self, op: graph.Flatten, x: tuple[int, ...], where: str) -> tuple[int, ...]:
+        return (math.prod(x),)
+
+    def _repeat_timesteps(self, op: graph.RepeatTimesteps, x: tuple[int, ...], where: str) -> tuple[int, ...]:
+        return x
+
+    def _residual(self, op: graph.Residual, x: tuple[int, ...], where: str) -> tuple[int, ...]:
+        main = self.run(op.main, x, f"{where}.main")
+        shortcut = self.run(op.shortcut, x, f"{where}.shortcut")
+        if main != shortcut:
+            _fail(self.path, where, f"main branch gives {list(main)}, shortcut {list(shortcut)}: they must agree")
+        return main
+
+
+# ------------------------------------------------------------------------------------- checkpoint
+
+_OPTIM_KEY = re.compile(r"optim::(\d{1,6})::(\w+)")
+_META_INTS = {"step": L.MAX_STEPS, "epoch": L.MAX_EPOCHS, "batch_in_epoch": L.MAX_STEPS,
+              "correct": L.MAX_STEPS * L.MAX_BATCH_SIZE, "seen": L.MAX_STEPS * L.MAX_BATCH_SIZE}
+
+
+def check_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """A checkpoint's own consistency: bounded counters, masks over existing weights (0/1, same shape),
+    finite weights, well-formed optimizer and RNG entries. Whether it fits a recipe's model is
+    `check_checkpoint_fits`."""
+    for key, hi in _META_INTS.items():
+        if key in meta:
+            _int(path, key, meta[key], 0, hi)
+    for key in ("loss_sum", "best_accuracy"):
+        if key in meta:
+            _number(path, key, meta[key])
+    if "recipe" in meta and not isinstance(meta["recipe"], str):
+        _fail(path, "recipe", "must be the recipe's TOML text")
+    model = {k.removeprefix("model::"): v for k, v in tensors.items() if k.startswith("model::")}
+    for name, tensor in model.items():
+        _finite(path, f"model::{name}", tensor)
+    for key, mask in tensors.items():
+        if not key.startswith("mask::"):
+            continue
+        name = key.removeprefix("mask::")
+        if name not in model or model[name].shape != mask.shape:
+            _fail(path, key, "matches no model weight of its shape")
+        if mask.dtype not in (torch.bool, torch.uint8) or (mask.dtype == torch.uint8 and bool((mask > 1).any())):
+            _fail(path, key, f"must be bool or uint8 0/1 (got {mask.dtype})")
+    for key, tensor in tensors.items():
+        if key.startswith("optim::") and not _OPTIM_KEY.fullmatch(key):
+            _fail(path, key, "optimizer entries are named optim::<parameter index>::<state name>")
+        if key.startswith(("rng::", "method::generator")) and (tensor.dtype != torch.uint8 or tensor.dim() != 1):
+            _fail(path, key, f"an RNG state must be a 1-D uint8 tensor (got {tensor.dtype}, {list(tensor.shape)})")
+    if "optimizer" in meta:
+        optimizer = _dict(path, "optimizer", meta["optimizer"])
+        if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("scalars"), dict):
+            _fail(path, "optimizer", "must hold param_groups (a list) and scalars (an object)")
+        for key in optimizer["scalars"]:
+            if not re.fullmatch(r"\d{1,6}::\w+", key):
+                _fail(path, f"optimizer.scalars.{key:.40}", "keys are <parameter index>::<state name>")
+
+
+def check_checkpoint_fits(path: str | Path, tensors: Mapping[str, torch.Tensor], model: torch.nn.Module,
+                          *, resume_meta: dict[str, Any] | None = None) -> None:
+    """The checkpoint's weights are exactly the model's (names and shapes); for a resume (`resume_meta`:
+    the checkpoint's metadata) also the training state, the optimizer buffers (per parameter, each the
+    parameter's shape or a scalar) and the RNG state sizes."""
+    expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+    stored = {k.removeprefix("model::"): list(v.shape) for k, v in tensors.items() if k.startswith("model::")}
+    for name in sorted(expected.keys() | stored.keys()):
+        if name not in stored:
+            _fail(path, f"model::{name}", "missing (the recipe's model has it)")
+        if name not in expected:
+            _fail(path, f"model::{name}", "is not a tensor of the recipe's model")
+        if stored[name] != expected[name]:
+            _fail(path, f"model::{name}", f"shape {stored[name]} must be the model's {expected[name]}")
+    if resume_meta is None:
+        return
+    for key in (*_META_INTS, "loss_sum", "best_accuracy", "optimizer"):
+        if key not in resume_meta:
+            _fail(path, key, "missing (a resumable checkpoint records the training state)")
+    params = [list(p.shape) for p in model.parameters()]
+    for key, tensor in tensors.items():
+        match = _OPTIM_KEY.fullmatch(key)
+        if match:
+            index = int(match.group(1))
+            if index >= len(params):
+                _fail(path, key, f"parameter index {index} is beyond the model's {len(params)} parameters")
+            if tensor.numel() > 1 and list(tensor.shape) != params[index]:
+                _fail(path, key, f"shape {list(tensor.shape)} must be its parameter's {params[index]}")
+    sizes = {"rng::torch": torch.get_rng_state().numel(), "method::generator": torch.Generator().get_state().numel()}
+    for key, size in sizes.items():
+        if key in tensors and tensors[key].numel() != size:
+            _fail(path, key, f"holds {tensors[key].numel()} bytes; a torch RNG state has {size}")
+    if "rng::torch" not in tensors:
+        _fail(path, "rng::torch", "missing (a resumable checkpoint stores the RNG state)")
+
+
+# ----------------------------------------------------------------------------------------- run dir
+
+
+def check_summary(path: str | Path, summary: Any) -> dict[str, Any]:
+    """summary.json as `cost RUN` reads it: bounded epochs/steps, per-layer integer nnz."""
+    summary = _dict(path, "summary", summary)
+    _int(path, "epochs", summary.get("epochs"), 1, L.MAX_EPOCHS)
+    _int(path, "steps", summary.get("steps"), 0, L.MAX_STEPS)
+    layers = _dict(path, "sparsity.layers", _dict(path, "sparsity", summary.get("sparsity")).get("layers"))
+    for name, layer in layers.items():
+        _int(path, f"sparsity.layers.{name}.nnz", _dict(path, f"sparsity.layers.{name}", layer).get("nnz"),
+             0, L.MAX_TENSOR_NUMEL)
+    rates = _dict(path, "spike_rates", summary.get("spike_rates", {}))
+    for name, rate in rates.items():
+        _number(path, f"spike_rates.{name}", rate)
+    return summary
+
+
+def check_mask_records(path: str | Path, records: list[Any], steps: int) -> list[dict[str, Any]]:
+    """metrics.jsonl's mask records as `cost RUN` reads them: a step within the run, per-layer counts."""
+    for index, record in enumerate(records):
+        if not isinstance(record, dict) or record.get("kind") not in ("mask_init", "mask_update"):
+            continue
+        where = f"record {index + 1} ({record['kind']})"
+        _int(path, f"{where} step", record.get("step"), 0, steps)
+        for name, layer in _dict(path, f"{where} layers", record.get("layers")).items():
+            count = layer if record["kind"] == "mask_init" else _dict(path, f"{where} {name}", layer).get("active")
+            _int(path, f"{where} {name}", count, 0, L.MAX_TENSOR_NUMEL)
+    return records
