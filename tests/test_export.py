@@ -88,7 +88,7 @@ def test_csr_round_trip_is_bit_exact_and_keeps_a_masked_in_zero(run_dir: Path, t
     raw, _ = csr.load_raw(path)
     assert raw[f"{zero_name}.values"].numel() == int(masks[zero_name].sum())  # the zero is stored
     assert state[zero_name].view(-1)[position].item() == 0.0
-    assert meta["format"] == "ndsnn-csr" and meta["version"] == 1 and meta["timesteps"] == 2
+    assert meta["format"] == "ndsnn-csr" and meta["version"] == csr.CSR_VERSION and meta["timesteps"] == 2
     assert meta["dataset"] == {"name": "synthetic", "num_classes": 10, "in_channels": 1, "image_size": 28}
     assert meta["neuron"]["tau"] == pytest.approx(4 / 3) and meta["neuron"]["v_threshold"] == 1.0
     import hashlib
@@ -215,13 +215,14 @@ def _random_sparse(arch: str, image_size: int, channels: int, sparsity: float) -
 def test_runtime_runs_sequential_and_residual_models(arch: str, size: int, channels: int, dense_above: float) -> None:
     model, masks = _random_sparse(arch, size, channels, 0.9)
     folded = fold_batchnorm(model)
-    metadata = {"timesteps": 2, "graph": inference_graph(folded)}
+    metadata = {"timesteps": 2, "graph": inference_graph(folded), **_catalog_free(channels, size, 10)}
     raw = load_safetensors(csr.pack(folded.state_dict(), masks, metadata))
     sparse, _ = csr.split_csr(raw)
     images = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = folded(images)
-    net = SparseNetwork(raw, {**metadata, "format": "ndsnn-csr"}, dense_above=dense_above)
+    net = SparseNetwork(raw, {**metadata, "format": "ndsnn-csr", "dtype": "fp32", "version": csr.CSR_VERSION},
+                        dense_above=dense_above)
     got = net(images)
     assert set(sparse) == set(masks)
     assert set(net.sparse) == (set(masks) if dense_above == 1.0 else set())
@@ -231,6 +232,22 @@ def test_runtime_runs_sequential_and_residual_models(arch: str, size: int, chann
     # rounding of v_th then flips one spike. Measured: 0 for mlp/vgg16; resnet19 (16 conv layers, untrained
     # BN stats that put many membranes near threshold) 1 of 40 logits, off by one fc weight (0.13).
     assert mismatched <= (0 if arch != "resnet19" else 2)
+
+
+def _catalog_free(channels: int, size: int, classes: int) -> dict:
+    """Artefact metadata for a network of no catalogued data set: its shape and an identity input contract."""
+    return {"dataset": {"name": "test", "num_classes": classes, "in_channels": channels, "image_size": size},
+            "input": {"layout": "NCHW", "range": [0.0, 1.0], "shape": [channels, size, size],
+                      "mean": [0.0] * channels, "std": [1.0] * channels}}
+
+
+def _one_op_network(state: dict, masks: dict, op: dict, in_shape: torch.Size, out_numel: int) -> SparseNetwork:
+    """A valid artefact around one op (repeat_timesteps, op, flatten), loaded by the runtime: graph[1] is op."""
+    metadata = {"timesteps": 1, "graph": [{"op": "repeat_timesteps"}, op, {"op": "flatten"}],
+                **_catalog_free(in_shape[0], in_shape[1], out_numel)}
+    raw = load_safetensors(csr.pack(state, masks, metadata))
+    return SparseNetwork(raw, {**metadata, "format": "ndsnn-csr", "dtype": "fp32", "version": csr.CSR_VERSION},
+                         dense_above=1.0)
 
 
 @pytest.mark.parametrize("width", [6, 20])  # patch columns batch-last (narrow maps) and batch-first
@@ -243,14 +260,13 @@ def test_runtime_sparse_conv_equals_conv2d(width: int, kernel: tuple[int, int], 
     weight = torch.randn(6, 4, *kernel, generator=generator)
     mask = torch.rand(weight.shape, generator=generator) < 0.3
     bias = torch.randn(6, generator=generator)
-    x = torch.randn(3, 4, 7, width, generator=generator)
+    x = torch.randn(3, 4, width, width, generator=generator)
     op = {"op": "conv2d", "weight": "w", "bias": "b", "stride": list(stride), "padding": list(padding),
           "dilation": list(dilation), "groups": 1}
-    raw = load_safetensors(csr.pack({"w": weight * mask, "b": bias}, {"w": mask}, {"timesteps": 1, "graph": [op]}))
-    net = SparseNetwork(raw, {"timesteps": 1, "graph": [op]}, dense_above=1.0)
-    assert "w" in net.sparse
     expected = torch.nn.functional.conv2d(x, weight * mask, bias, stride, padding, dilation)
-    got = net._run(net.graph, x)  # the typed form of [op]
+    net = _one_op_network({"w": weight * mask, "b": bias}, {"w": mask}, op, x.shape[1:], expected[0].numel())
+    assert "w" in net.sparse
+    got = net._run(net.graph[1:2], x)  # the typed form of op
     assert got.shape == expected.shape and got.is_contiguous()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -265,9 +281,10 @@ def test_runtime_max_pool_equals_max_pool2d(size: int, kernel: tuple[int, int], 
     before = x.clone()
     op = {"op": "maxpool2d", "kernel": list(kernel), "stride": list(stride), "padding": list(padding),
           "ceil_mode": ceil_mode}
-    net = SparseNetwork({}, {"timesteps": 1, "graph": [op]})
-    got = net._run(net.graph, x)  # the typed form of [op]
-    assert torch.equal(got, torch.nn.functional.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode))
+    expected = torch.nn.functional.max_pool2d(x, kernel, stride, padding, ceil_mode=ceil_mode)
+    net = _one_op_network({}, {}, op, x.shape[1:], expected[0].numel())
+    got = net._run(net.graph[1:2], x)  # the typed form of op
+    assert torch.equal(got, expected)
     assert torch.equal(x, before)
 
 

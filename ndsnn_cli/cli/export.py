@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ndsnn_cli import limits as L
 from ndsnn_cli.cli import app
 from ndsnn_cli.errors import UserError
 
@@ -72,6 +73,9 @@ def inspect(
 ) -> None:
     """Show what a checkpoint or artefact holds: format, recipe, per-layer shape, density, nnz and bytes.
 
+    The file is validated first (CSR invariants, shapes against the layer graph, bounded metadata); a
+    broken one exits 2 with one line naming the tensor and the rule it breaks.
+
     \b
     Example:
       ndsnn inspect runs/quick/export/last.csr.safetensors
@@ -109,27 +113,32 @@ def inspect(
 @app.command()
 def run(
     artefact: Annotated[Path, typer.Argument(metavar="ARTEFACT", help="An ndsnn-csr .safetensors artefact.")],
-    input_file: Annotated[Path | None, typer.Option("--input", help="A .pt file: images [B,C,H,W], or "
-                                                    "{'images': ..., 'labels': ...}.")] = None,
+    input_file: Annotated[Path | None, typer.Option(
+        "--input", help="Raw images: a PNG/JPEG file, or a .npy/.pt tensor [B,C,H,W] of pixels in [0, 1] or uint8 "
+                        "(.pt may be {'images': ..., 'labels': ...}); the artefact normalises them.")] = None,
     dataset_test: Annotated[bool, typer.Option("--dataset-test", help="Run the recipe's test set.")] = False,
-    limit: Annotated[int, typer.Option("--limit", help="At most N images (0 = all).")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per runtime call.")] = 256,
+    limit: Annotated[int, typer.Option("--limit", min=0, max=L.MAX_SAMPLES, help="At most N images (0 = all).")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=L.MAX_BATCH_SIZE,
+                                            help="Images per runtime call.")] = 256,
     json_output: Annotated[bool, typer.Option("--json", help="Print predictions/accuracy as JSON.")] = False,
 ) -> None:
-    """Run a CSR artefact with the reference sparse runtime (no training code) and print predictions/accuracy.
+    """Run a CSR artefact with the reference sparse runtime (no training code) on raw images, print predictions.
 
     \b
-    Example:
+    Examples:
       ndsnn run quick.safetensors --dataset-test --limit 1000
+      ndsnn run quick.safetensors --input shoe.png
     """
     import torch
 
+    from ndsnn_cli.export.inputs import read_images
     from ndsnn_cli.export.runtime import load_network
 
     if (input_file is None) == (not dataset_test):
-        raise UserError("give exactly one of --input FILE.pt or --dataset-test")
+        raise UserError("give exactly one of --input FILE (.png/.jpg/.npy/.pt) or --dataset-test")
     net = load_network(artefact)
-    images, labels = (_read_input(input_file) if input_file is not None else _test_set(net.metadata, limit))
+    images, labels = (read_images(input_file, net.metadata["input"]) if input_file is not None
+                      else _test_set(net.metadata, limit))
     if limit:
         images, labels = images[:limit], (labels[:limit] if labels is not None else None)
     predictions = torch.cat([net.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
@@ -145,34 +154,16 @@ def run(
         typer.echo(f"accuracy: {result['accuracy']:.2%}")
 
 
-def _read_input(path: Path) -> tuple[Any, Any]:
-    import torch
-
-    if not path.is_file():
-        raise UserError(f"{path}: input file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors of many kinds
-        raise UserError(f"{path}: not a readable tensor file ({type(exc).__name__})") from None
-    if isinstance(obj, dict):
-        if "images" not in obj:
-            raise UserError(f"{path}: dict input needs an 'images' key")
-        images, labels = obj["images"], obj.get("labels")
-    else:
-        images, labels = obj, None
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise UserError(f"{path}: images must be a [B, C, H, W] tensor")
-    return images, labels
-
-
 def _test_set(metadata: dict[str, Any], limit: int) -> tuple[Any, Any]:
     import torch
 
-    from ndsnn_cli.data.loading import build_datasets
+    from ndsnn_cli.data.loading import raw_test_set
     from ndsnn_cli.recipe import parse_recipe
 
+    if not isinstance(metadata.get("recipe"), str):
+        raise UserError("artefact: no recipe in its metadata, so no test set to run (use --input)")
     recipe = parse_recipe(metadata["recipe"], "artefact recipe")
     recipe = recipe.replace(data={"test_limit": limit, "train_limit": 1})
-    _, test = build_datasets(recipe.data)
+    test = raw_test_set(recipe.data)  # pixels in [0, 1]: the artefact normalises, as a device's input
     pairs = [test[i] for i in range(len(test))]
     return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])

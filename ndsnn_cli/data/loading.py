@@ -60,6 +60,18 @@ def build_datasets(cfg: DataConfig) -> Split:
     return _first(train, cfg.train_limit), _first(test, cfg.test_limit)
 
 
+def raw_test_set(cfg: DataConfig) -> Dataset:
+    """The test set as a device sees it: the deterministic test pipeline without its `Normalize`, so
+    pixels in [0, 1] (the export input contract; the exported model normalises inside)."""
+    from torchvision import transforms as T
+
+    _, test = build_datasets(cfg)
+    base = test.dataset if isinstance(test, Subset) else test
+    steps = base.transform.transforms  # every builder's test transform is a `_transforms` Compose
+    base.transform = T.Compose([step for step in steps if not isinstance(step, T.Normalize)])
+    return test
+
+
 def _first(dataset: Dataset, limit: int) -> Dataset:
     if limit <= 0 or limit >= len(dataset):  # type: ignore[arg-type]
         return dataset

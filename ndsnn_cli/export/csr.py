@@ -24,11 +24,11 @@ from ndsnn_cli.checkpoint import read_safetensors
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import CSR_FORMAT, CSR_VERSION
 from ndsnn_cli.export.exporters import ExportOptions, ExportResult
+from ndsnn_cli.validate import VALUE_DTYPES, check_artefact, split_parameters
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CSR_PARTS = ("crow_indices", "col_indices", "values", "shape")
+DTYPES = VALUE_DTYPES
 # Metadata values stored as JSON; the rest are plain strings.
-JSON_KEYS = ("version", "timesteps", "neuron", "dataset", "sparsity", "graph", "bn_folded", "source")
+JSON_KEYS = ("version", "timesteps", "neuron", "dataset", "input", "sparsity", "graph", "bn_folded", "source")
 
 
 def to_csr(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -77,7 +77,8 @@ def pack(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], metadat
 
 
 def load_raw(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The artefact's tensors as stored (CSR parts separate) and its decoded metadata."""
+    """The artefact's tensors as stored (CSR parts separate) and its decoded metadata, validated
+    (`ndsnn_cli.validate.check_artefact`) before any caller sees them."""
     tensors, strings = read_safetensors(path, "artefact")
     if strings.get("format") != CSR_FORMAT:
         raise UserError(f"{path}: not an {CSR_FORMAT} artefact (format is {strings.get('format')!r})")
@@ -85,20 +86,27 @@ def load_raw(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
         metadata = {k: json.loads(v) if k in JSON_KEYS else v for k, v in strings.items()}
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: corrupt artefact metadata ({exc.msg})") from None
-    if metadata["version"] > CSR_VERSION:
-        raise UserError(f"{path}: {CSR_FORMAT} version {metadata['version']} is newer than this ndsnn ({CSR_VERSION})")
+    except RecursionError:
+        raise UserError(f"{path}: corrupt artefact metadata (JSON nested too deep)") from None
+    check_artefact(path, tensors, metadata)
+    if "input" not in metadata:
+        metadata["input"] = _v1_input_contract(path, metadata["dataset"])
     return tensors, metadata
+
+
+def _v1_input_contract(path: str | Path, dataset: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 did not state the input contract: the catalog's, for its data set, is what training applied."""
+    from ndsnn_cli.data import DATASETS, input_contract
+
+    if dataset.get("name") not in DATASETS:
+        raise UserError(f"{path}: dataset.name: {dataset.get('name')!r:.40} is unknown, and a version-1 artefact "
+                        "states no input contract")
+    return input_contract(dataset["name"])
 
 
 def split_csr(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """(sparse params: name -> CSR parts, plain tensors)."""
-    sparse: dict[str, dict[str, torch.Tensor]] = {}
-    for key in tensors:
-        if key.endswith(".crow_indices"):
-            name = key.removesuffix(".crow_indices")
-            sparse[name] = {part: tensors[f"{name}.{part}"] for part in CSR_PARTS}
-    packed = {f"{name}.{part}" for name in sparse for part in CSR_PARTS}
-    return sparse, {k: v for k, v in tensors.items() if k not in packed}
+    return split_parameters(tensors)
 
 
 def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -140,7 +148,7 @@ def export_result(source: str | Path, out: str | Path | None, options: ExportOpt
 def artefact_metadata(trained: Any, model: Any, *, bn_folded: bool) -> dict[str, Any]:
     """What a deployment needs besides the tensors: network, neuron, data set, sparsity, provenance."""
     from ndsnn_cli import __version__
-    from ndsnn_cli.data import dataset_info
+    from ndsnn_cli.data import dataset_info, input_contract
     from ndsnn_cli.export.fold import inference_graph
 
     recipe = trained.recipe
@@ -160,6 +168,7 @@ def artefact_metadata(trained: Any, model: Any, *, bn_folded: bool) -> dict[str,
                    "surrogate": m.surrogate, "surrogate_alpha": m.surrogate_alpha},
         "dataset": {"name": info.name, "num_classes": info.num_classes, "in_channels": info.in_channels,
                     "image_size": info.image_size},
+        "input": input_contract(recipe.data.dataset),
         "sparsity": {"layers": layers, "numel": numel, "nnz": nnz, "sparsity": 1 - nnz / numel if numel else 0.0},
         "graph": inference_graph(model), "bn_folded": bn_folded,
         "recipe": recipe.to_toml(), "recipe_sha256": recipe.sha256(),

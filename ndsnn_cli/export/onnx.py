@@ -1,7 +1,9 @@
 """ONNX export: T unrolled, BN folded, LIF as elementwise ONNX ops, verified against PyTorch with onnxruntime.
 
-Inputs: `images` [B, C, H, W] (dynamic batch). Outputs: `logits` [B, classes] = per-step logits summed
-over T (argmax = the prediction, as in training), and `logits_per_step` [T, B, classes].
+Inputs: `images` [B, C, H, W] (dynamic batch) as a device has them: float pixels in [0, 1]; the training
+normalisation `(x - mean) / std` is the graph's first two ops (Sub, Div), and `metadata_props`
+`ndsnn.input` states the contract. Outputs: `logits` [B, classes] = per-step logits summed over T
+(argmax = the prediction, as in training), and `logits_per_step` [T, B, classes].
 The file is written only after `onnx.checker` and (by default) verification pass.
 """
 
@@ -47,18 +49,23 @@ class TraceableLIF(nn.Module):
 
 
 class _ExportWrapper(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    """Raw images in: normalise exactly as training's `Normalize` (subtract, then divide, in float32),
+    run the model, return (summed logits, per-step logits)."""
+
+    def __init__(self, model: nn.Module, contract: dict[str, Any]) -> None:
         super().__init__()
         self.model = model
+        self.register_buffer("mean", torch.tensor(contract["mean"], dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(contract["std"], dtype=torch.float32).reshape(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        per_step = self.model(images)
+        per_step = self.model((images - self.mean) / self.std)
         return per_step.sum(0), per_step
 
 
-def export_model(model: nn.Module) -> nn.Module:
-    """A copy of a (folded) SpikingNet with the graph's LIF ops made traceable, returning (summed logits,
-    per-step logits)."""
+def export_model(model: nn.Module, contract: dict[str, Any]) -> nn.Module:
+    """A copy of a (folded) SpikingNet with the graph's LIF ops made traceable, taking raw images per the
+    input `contract` and returning (summed logits, per-step logits)."""
     import copy
 
     from ndsnn_cli.export import graph
@@ -70,7 +77,7 @@ def export_model(model: nn.Module) -> nn.Module:
             parent = model.get_submodule(parent_name)
             timesteps = getattr(parent, attribute).timesteps
             setattr(parent, attribute, TraceableLIF(timesteps, op.tau, op.v_threshold))
-    return _ExportWrapper(model).eval()
+    return _ExportWrapper(model, contract).eval()
 
 
 def _to_sparse_initializers(proto: Any, masks: dict[str, torch.Tensor]) -> int:
@@ -127,9 +134,9 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, run_verify
     trained = load_trained(source)
     folded = fold_batchnorm(trained.model)
     meta = artefact_metadata(trained, folded, bn_folded=True)
-    wrapper = export_model(folded)
+    wrapper = export_model(folded, meta["input"])
     info = meta["dataset"]
-    example = torch.randn(2, info["in_channels"], info["image_size"], info["image_size"])
+    example = torch.rand(2, info["in_channels"], info["image_size"], info["image_size"])
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -142,7 +149,8 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, run_verify
              "ndsnn.sparsity": f"{meta['sparsity']['sparsity']:.6f}",
              "ndsnn.layer_sparsity": json.dumps({k: v["sparsity"] for k, v in meta["sparsity"]["layers"].items()}),
              "ndsnn.recipe_sha256": meta["recipe_sha256"], "ndsnn.neuron": json.dumps(meta["neuron"]),
-             "ndsnn.dataset": json.dumps(meta["dataset"]), "ndsnn.outputs": "logits=[B,C] summed over T; "
+             "ndsnn.dataset": json.dumps(meta["dataset"]), "ndsnn.input": json.dumps(meta["input"]),
+             "ndsnn.outputs": "logits=[B,C] summed over T; "
              "logits_per_step=[T,B,C]", "ndsnn.version": meta["ndsnn_version"]}
     for key, value in props.items():
         entry = proto.metadata_props.add()
@@ -167,12 +175,12 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, run_verify
 
 def _verify_inputs(recipe: Any, info: dict[str, Any], real_samples: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    inputs = {"random": torch.randn(8, info["in_channels"], info["image_size"], info["image_size"],
-                                    generator=generator)}
+    inputs = {"random": torch.rand(8, info["in_channels"], info["image_size"], info["image_size"],
+                                   generator=generator)}  # pixels in [0, 1], as the input contract says
     try:
-        from ndsnn_cli.data.loading import build_datasets
+        from ndsnn_cli.data.loading import raw_test_set
 
-        _, test = build_datasets(recipe.data)
+        test = raw_test_set(recipe.data)
         count = min(real_samples, len(test))
         inputs["test"] = torch.stack([test[i][0] for i in range(count)])
     except UserError:

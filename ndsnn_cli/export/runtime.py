@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import graph
 from ndsnn_cli.export.csr import load_raw, split_csr
+from ndsnn_cli.validate import check_artefact
 
 # A layer denser than this runs the dense kernel on its weight rebuilt at load time: above ~10%
 # density the CSR product plus its patch copy is slower than oneDNN's dense convolution (at 90%
@@ -36,10 +37,14 @@ class SparseNetwork:
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any],
-                 dense_above: float = DENSE_ABOVE) -> None:
+                 dense_above: float = DENSE_ABOVE, source: str = "artefact") -> None:
+        check_artefact(source, tensors, metadata)  # the kernels below trust every index: never unchecked data
         self.metadata = metadata
         self.timesteps = int(metadata["timesteps"])
         self.graph = graph.from_json(metadata["graph"])
+        contract = metadata["input"]
+        self.mean = torch.tensor(contract["mean"], dtype=torch.float32).reshape(-1, 1, 1)  # [C, 1, 1]
+        self.std = torch.tensor(contract["std"], dtype=torch.float32).reshape(-1, 1, 1)
         sparse, plain = split_csr(tensors)
         self.dense = {k: v.float() if v.is_floating_point() else v for k, v in plain.items()}
         self.sparse: dict[str, tuple[torch.Tensor, list[int]]] = {}
@@ -50,24 +55,21 @@ class SparseNetwork:
                 cols = 1
                 for s in shape[1:]:
                     cols *= s
+                # check_invariants=False only because check_artefact above proved them (crow monotone
+                # from 0 to nnz, 0 <= col < cols, sorted rows); torch's kernels read out of bounds otherwise
                 matrix = torch.sparse_csr_tensor(parts["crow_indices"].to(torch.int64),
                                                  parts["col_indices"].to(torch.int64),
-                                                 parts["values"].float(), (shape[0], cols))
+                                                 parts["values"].float(), (shape[0], cols), check_invariants=False)
                 if parts["values"].numel() > dense_above * shape[0] * cols:
                     self.dense[name] = matrix.to_dense().reshape(shape)
                 else:
                     self.sparse[name] = (matrix, shape)
-        self._check(self.graph)
-
-    def _check(self, ops: list[graph.Op]) -> None:
-        for op in graph.walk(ops):
-            for name in op.tensor_names if isinstance(op, graph.WeightedOp) else ():
-                if name not in self.sparse and name not in self.dense:
-                    raise UserError(f"artefact lacks tensor {name!r} needed by its {op.kind} op")
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = self._run(self.graph, images.float())
+        """Images as the input contract says (float pixels in [0, 1], NCHW) -> per-step logits; the
+        training normalisation is applied here, as training's `Normalize` does (same float ops)."""
+        x = self._run(self.graph, (images.float() - self.mean) / self.std)
         return x.reshape(self.timesteps, images.shape[0], -1)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
@@ -210,4 +212,4 @@ def load_network(path: str | Path, dense_above: float = DENSE_ABOVE) -> SparseNe
     tensors, metadata = load_raw(path)
     if "graph" not in metadata:
         raise UserError(f"{path}: artefact has no layer graph in its metadata")
-    return SparseNetwork(tensors, metadata, dense_above)
+    return SparseNetwork(tensors, metadata, dense_above, source=str(path))
