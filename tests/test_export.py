@@ -182,7 +182,8 @@ def test_runtime_matches_pytorch_and_imports_no_training_code(run_dir: Path, tes
     assert out["loaded"] == []
     assert out["pred"] == expected.sum(0).argmax(-1).tolist()
     accuracy = float((expected.sum(0).argmax(-1) == labels).float().mean())
-    code, out_text, err = run_main("run", str(path), "--input", str(tmp_path / "input.pt"), "--json")
+    # synthetic images are Gaussian, not pixels in [0, 1] (`--input` refuses those): its test set is the input
+    code, out_text, err = run_main("run", str(path), "--dataset-test", "--json")
     assert code == 0, err
     report = json.loads(out_text)
     assert report["predictions"] == out["pred"] and report["accuracy"] == pytest.approx(accuracy)
@@ -341,7 +342,7 @@ def test_inspect_reports_checkpoint_and_artefact_layers(run_dir: Path, tmp_path:
     code, out, _ = run_main("inspect", str(path), "--json")
     assert code == 0
     artefact = json.loads(out)
-    assert artefact["kind"] == "artefact" and artefact["format"] == "ndsnn-csr" and artefact["version"] == 1
+    assert artefact["kind"] == "artefact" and artefact["format"] == "ndsnn-csr" and artefact["version"] == csr.CSR_VERSION
     layers = {layer["name"]: layer for layer in artefact["layers"]}
     for name, mask in masks.items():
         nnz = int(mask.sum())
