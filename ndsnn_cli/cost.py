@@ -29,7 +29,6 @@ from ndsnn_cli.data import DATASETS, batches_per_epoch, dataset_info
 from ndsnn_cli.data import train_size as recipe_train_size
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.limits import MAX_COST_STEPS
-from ndsnn_cli.validate import check_mask_records, check_summary
 from ndsnn_cli.recipe import METHODS, Recipe, parse_recipe, sparse_epochs, with_method
 from ndsnn_cli.sparse.budget import check_dense_entries, is_kept_dense, shape_counts, target_counts
 from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities, method_schedule
@@ -513,6 +512,7 @@ class RunCost:
 def run_cost(run_dir: str | Path) -> RunCost:
     """Realised training FLOPs from metrics.jsonl mask updates, synaptic ops and energy from summary.json."""
     from ndsnn_cli.train import read_metrics
+    from ndsnn_cli.validate import check_mask_records, check_summary
 
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
