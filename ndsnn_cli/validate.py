@@ -153,7 +153,7 @@ def check_artefact(path: str | Path, tensors: Mapping[str, torch.Tensor], metada
         _finite(path, name, tensor)
         shapes[name] = list(tensor.shape)
     if "graph" in metadata:
-        check_graph(path, metadata, shapes, dense=set(plain))
+        check_graph(path, metadata, shapes, dense={name: t.dtype for name, t in plain.items()})
 
 
 def check_artefact_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
@@ -245,7 +245,8 @@ def _check_field(path: str | Path, where: str, key: str, value: Any) -> None:
         _fail(path, where, f"has the wrong type ({type(value).__name__})")
 
 
-def check_graph(path: str | Path, metadata: dict[str, Any], shapes: dict[str, list[int]], dense: set[str]) -> None:
+def check_graph(path: str | Path, metadata: dict[str, Any], shapes: dict[str, list[int]],
+                dense: dict[str, torch.dtype]) -> None:
     """Walk the graph from the input shape: each op's tensors exist with the shapes the op needs, and
     the network ends in `num_classes` logits. The runtime then meets no shape it did not expect."""
     ops = parse_graph(path, metadata["graph"])
@@ -253,7 +254,7 @@ def check_graph(path: str | Path, metadata: dict[str, Any], shapes: dict[str, li
     if at_top != 1 or sum(isinstance(op, graph.RepeatTimesteps) for op in graph.walk(ops)) != 1:
         _fail(path, "graph", "must hold exactly one repeat_timesteps op, at the top level")
     dataset = metadata["dataset"]
-    walker = _ShapeWalker(path, shapes, dense)
+    walker = _ShapeWalker(path, shapes, dense, VALUE_DTYPES[metadata["dtype"]])
     out = walker.run(ops, (dataset["in_channels"], dataset["image_size"], dataset["image_size"]), "graph")
     if out != (dataset["num_classes"],):
         _fail(path, "graph", f"ends in shape {list(out)}, not [{dataset['num_classes']}] logits (dataset.num_classes)")
@@ -262,8 +263,9 @@ def check_graph(path: str | Path, metadata: dict[str, Any], shapes: dict[str, li
 class _ShapeWalker:
     """Per-sample shapes through the ops (no batch axis), checking each op's tensors on the way."""
 
-    def __init__(self, path: str | Path, shapes: dict[str, list[int]], dense: set[str]) -> None:
-        self.path, self.shapes, self.dense = path, shapes, dense
+    def __init__(self, path: str | Path, shapes: dict[str, list[int]], dense: dict[str, torch.dtype],
+                 value_dtype: torch.dtype) -> None:
+        self.path, self.shapes, self.dense, self.value_dtype = path, shapes, dense, value_dtype
 
     def run(self, ops: list[graph.Op] | tuple[graph.Op, ...], x: tuple[int, ...], where: str) -> tuple[int, ...]:
         for index, op in enumerate(ops):
@@ -277,6 +279,8 @@ class _ShapeWalker:
             _fail(self.path, name, f"missing (needed by {where})")
         if dense and name not in self.dense:
             _fail(self.path, name, f"must be a dense tensor (read by {where})")
+        if name in self.dense and self.dense[name] != self.value_dtype:
+            _fail(self.path, name, f"dtype {self.dense[name]} must be the artefact's dtype {self.value_dtype}")
         return self.shapes[name]
 
     def need(self, x: tuple[int, ...], rank: int, where: str) -> None:

@@ -342,7 +342,7 @@ def test_inspect_reports_checkpoint_and_artefact_layers(run_dir: Path, tmp_path:
     code, out, _ = run_main("inspect", str(path), "--json")
     assert code == 0
     artefact = json.loads(out)
-    assert artefact["kind"] == "artefact" and artefact["format"] == "ndsnn-csr" and artefact["version"] == csr.CSR_VERSION
+    assert (artefact["kind"], artefact["format"], artefact["version"]) == ("artefact", "ndsnn-csr", csr.CSR_VERSION)
     layers = {layer["name"]: layer for layer in artefact["layers"]}
     for name, mask in masks.items():
         nnz = int(mask.sum())

@@ -1,0 +1,484 @@
+"""Untrusted files: every rule of the validator broken alone (a crafted corpus), then random byte and
+tensor-value mutations of a good artefact and a good checkpoint. Every file goes through the real CLI
+(`ndsnn run`, `inspect`, `export`) in a child process, so a segfault or a hang is seen, not hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ndsnn_cli.checkpoint import RUN_CHECKPOINT
+from ndsnn_cli.export.csr import JSON_KEYS, export_csr
+from ndsnn_cli.recipe import Recipe
+from ndsnn_cli.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One child process runs many CLI calls (main() in a loop; a torch import per call would cost seconds).
+# It records "start <id>" before each call, so when it dies by a signal the test names the file.
+RUNNER = r"""
+import contextlib, io, json, sys, time, traceback
+from ndsnn_cli.cli import main
+
+jobs = json.load(open(sys.argv[1]))
+with open(sys.argv[2], "w") as log:
+    for job in jobs:
+        log.write(json.dumps({"start": job["id"]}) + "\n"); log.flush()
+        err, out = io.StringIO(), io.StringIO()
+        sys.argv = ["ndsnn", *job["argv"]]
+        code, started = 0, time.perf_counter()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+                code = -1
+        log.write(json.dumps({"id": job["id"], "code": code, "stderr": err.getvalue(), "stdout": out.getvalue(),
+                              "seconds": time.perf_counter() - started}) + "\n"); log.flush()
+"""
+
+
+def run_jobs(jobs: list[dict[str, Any]], work: Path, timeout: float) -> tuple[dict[str, dict[str, Any]], float]:
+    """(each job's {code, stderr, stdout, seconds}, the child's CPU seconds); fails naming the file if the
+    child crashes or hangs. `timeout` is wall time, generous: shared CI machines run tests starved."""
+    (work / "jobs.json").write_text(json.dumps(jobs))
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    log = work / "results.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    try:
+        proc = subprocess.run([sys.executable, "-c", RUNNER, str(work / "jobs.json"), str(log)], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        crashed = proc.returncode != 0 and f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    except subprocess.TimeoutExpired:
+        crashed = f"hang: no result within {timeout} s"
+    lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    if crashed:
+        last = next((line["start"] for line in reversed(lines) if "start" in line), None)
+        pytest.fail(f"CLI child process died on job {last!r} ({crashed})")
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
+    return {line["id"]: line for line in lines if "id" in line}, cpu
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny 80%-sparse scnn (conv, BN, max-pool, linear; T = 2): checkpoint, CSR artefact, 4 raw images."""
+    torch.set_num_threads(1)
+    work = tmp_path_factory.mktemp("validate")
+    recipe = Recipe().replace(
+        name="validate", model={"arch": "scnn", "timesteps": 2},
+        data={"dataset": "synthetic", "train_limit": 64, "test_limit": 32, "batch_size": 32, "augment": False},
+        train={"epochs": 1, "device": "cpu", "threads": 1}, sparsity={"method": "static", "final": 0.8})
+    train(recipe, work / "run")
+    artefact, _ = export_csr(work / "run", work / "good.csr.safetensors")
+    np.save(work / "images.npy", np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32))
+    return {"work": work, "checkpoint": work / "run" / RUN_CHECKPOINT, "artefact": artefact,
+            "images": work / "images.npy"}
+
+
+def decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata with the JSON keys decoded) of safetensors bytes."""
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    strings = header.get("__metadata__") or {}
+    return dict(load_safetensors(data)), {k: json.loads(v) if k in JSON_KEYS else v for k, v in strings.items()}
+
+
+def encode(tensors: dict[str, torch.Tensor], metadata: dict[str, Any], **raw_strings: str) -> bytes:
+    """safetensors bytes; `raw_strings` replace metadata entries verbatim (e.g. broken JSON)."""
+    strings = {k: json.dumps(v) if k in JSON_KEYS else str(v) for k, v in metadata.items()}
+    strings.update(raw_strings)
+    return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata=strings)
+
+
+# ---------------------------------------------------------------------------------- crafted corpus
+
+Mutation = Callable[[dict[str, torch.Tensor], dict[str, Any]], None]
+
+
+def _sparse_name(t: dict[str, torch.Tensor]) -> str:
+    """The first CSR parameter with a row of at least two stored columns (a conv weight here)."""
+    return next(k.removesuffix(".crow_indices") for k in sorted(t) if k.endswith(".crow_indices"))
+
+
+def _csr(part: str, edit: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]) -> Mutation:
+    def mutate(t: dict[str, torch.Tensor], m: dict[str, Any]) -> None:
+        name = _sparse_name(t)
+        parts = {p: t[f"{name}.{p}"] for p in ("crow_indices", "col_indices", "values", "shape")}
+        t[f"{name}.{part}"] = edit(t[f"{name}.{part}"].clone(), parts)
+    return mutate
+
+
+def _set(index: int, value: Any) -> Callable[[torch.Tensor, dict], torch.Tensor]:
+    def edit(x: torch.Tensor, parts: dict) -> torch.Tensor:
+        x[index] = value
+        return x
+    return edit
+
+
+def _two_in_a_row(parts: dict[str, torch.Tensor]) -> int:
+    counts = parts["crow_indices"][1:] - parts["crow_indices"][:-1]
+    return int(parts["crow_indices"][int((counts >= 2).nonzero()[0])])
+
+
+def _swap_in_row(x: torch.Tensor, parts: dict) -> torch.Tensor:
+    i = _two_in_a_row(parts)
+    x[i], x[i + 1] = x[i + 1].clone(), x[i].clone()
+    return x
+
+
+def _dup_in_row(x: torch.Tensor, parts: dict) -> torch.Tensor:
+    i = _two_in_a_row(parts)
+    x[i + 1] = x[i]
+    return x
+
+
+def _meta(key: str, value: Any) -> Mutation:
+    def mutate(t: dict[str, torch.Tensor], m: dict[str, Any]) -> None:
+        target = m
+        *path, last = key.split(".")
+        for step in path:
+            target = target[step]
+        target[last] = value
+    return mutate
+
+
+def _graph(edit: Callable[[list[dict[str, Any]]], None]) -> Mutation:
+    def mutate(t: dict[str, torch.Tensor], m: dict[str, Any]) -> None:
+        edit(m["graph"])
+    return mutate
+
+
+def _first_op(kind: str, graph: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(op for op in graph if op["op"] == kind)
+
+
+def _drop(name_of: Callable[[dict[str, torch.Tensor]], str]) -> Mutation:
+    def mutate(t: dict[str, torch.Tensor], m: dict[str, Any]) -> None:
+        del t[name_of(t)]
+    return mutate
+
+
+def _tensor(key: str, edit: Callable[[torch.Tensor], torch.Tensor]) -> Mutation:
+    def mutate(t: dict[str, torch.Tensor], m: dict[str, Any]) -> None:
+        t[key] = edit(t[key].clone())
+    return mutate
+
+
+def _nan_first(x: torch.Tensor) -> torch.Tensor:
+    x.view(-1)[0] = float("nan")
+    return x
+
+
+# (id, mutation of (tensors, metadata), what the one error line must contain). One rule broken per file.
+ARTEFACT_CASES: list[tuple[str, Mutation, str]] = [
+    ("crow_not_monotone", _csr("crow_indices", lambda x, p: _set(1, int(x[2]) + 1)(x, p)), "non-decreasing"),
+    ("crow_first_not_zero", _csr("crow_indices", _set(0, 1)), "crow[0] = 1 must be 0"),
+    ("crow_last_beyond_values", _csr("crow_indices", lambda x, p: _set(-1, int(x[-1]) + 1)(x, p)), "crow[-1]"),
+    ("values_shorter_than_crow", _csr("values", lambda x, p: x[:-1]), "crow[-1]"),
+    ("col_negative", _csr("col_indices", _set(0, -1)), "col_indices: must be in [0,"),
+    ("col_beyond_width", _csr("col_indices", lambda x, p: _set(0, math.prod(p["shape"][1:].tolist()))(x, p)),
+     "col_indices: must be in [0,"),
+    ("col_unsorted_in_row", _csr("col_indices", _swap_in_row), "strictly increasing within each row"),
+    ("col_duplicate_in_row", _csr("col_indices", _dup_in_row), "strictly increasing within each row"),
+    ("shape_negative", _csr("shape", lambda x, p: _set(1, -int(x[1]))(x, p)), "every size must be positive"),
+    ("shape_rows_mismatch", _csr("shape", lambda x, p: _set(0, int(x[0]) + 1)(x, p)), "must be rows + 1"),
+    ("shape_huge", _csr("shape", _set(0, 2**40)), "elements exceed"),
+    ("shape_int32", _csr("shape", lambda x, p: x.to(torch.int32)), "must be int64"),
+    ("crow_2d", _csr("crow_indices", lambda x, p: x.reshape(1, -1)), "must be 1-D"),
+    ("crow_float", _csr("crow_indices", lambda x, p: x.float()), "must be int32 or int64"),
+    ("col_int64", _csr("col_indices", lambda x, p: x.to(torch.int64)), "must be torch.int16"),
+    ("values_fp16_in_fp32_file", _csr("values", lambda x, p: x.half()), "must be the artefact's dtype"),
+    ("values_nan", _csr("values", lambda x, p: _nan_first(x)), "holds NaN or inf"),
+    ("values_missing", _drop(lambda t: f"{_sparse_name(t)}.values"), ".values: missing"),
+    ("crow_missing", _drop(lambda t: f"{_sparse_name(t)}.crow_indices"), ".crow_indices: missing"),
+    ("bias_missing", _drop(lambda t: next(k for k in sorted(t) if k.endswith("6.bias"))), "missing (needed by"),
+    ("bias_nan", _tensor("body.6.bias", _nan_first), "body.6.bias: holds NaN or inf"),
+    ("bias_wrong_shape", _tensor("body.6.bias", lambda x: x[:-1]), "body.6.bias: shape"),
+    ("bn_wrong_shape", _tensor("body.2.running_mean", lambda x: x[:-1]), "body.2.running_mean: shape"),
+    ("timesteps_1e9", _meta("timesteps", 10**9), "timesteps: = 1000000000 must be in [1, 1024]"),
+    ("timesteps_string", _meta("timesteps", "5"), "timesteps: must be an integer"),
+    ("version_future", _meta("version", 99), "newer than this ndsnn"),
+    ("version_string", _meta("version", "2"), "version: must be an integer"),
+    ("dtype_unknown", _meta("dtype", "fp8"), "dtype: = 'fp8'"),
+    ("num_classes_zero", _meta("dataset.num_classes", 0), "dataset.num_classes"),
+    ("num_classes_mismatch", _meta("dataset.num_classes", 11), "not [11] logits"),
+    ("image_size_huge", _meta("dataset.image_size", 10**6), "dataset.image_size"),
+    ("in_channels_mismatch", _meta("dataset.in_channels", 3), "input.shape"),
+    ("input_missing", lambda t, m: m.pop("input"), "input: must be a JSON object"),
+    ("input_std_zero", _meta("input.std", [0.0]), "input.std: = 0.0 must be > 0"),
+    ("input_mean_nan", _meta("input.mean", [float("nan")]), "input.mean: must be a finite number"),
+    ("input_layout", _meta("input.layout", "NHWC"), "input.layout"),
+    ("graph_unknown_op", _graph(lambda g: g.insert(0, {"op": "softmax"})), "graph[0].op"),
+    ("graph_not_a_list", _meta("graph", {"op": "conv2d"}), "graph: must be a list"),
+    ("graph_no_repeat", _graph(lambda g: g.remove({"op": "repeat_timesteps"})), "exactly one repeat_timesteps"),
+    ("graph_stride_zero", _graph(lambda g: _first_op("conv2d", g).update(stride=[0, 1])), "stride: = 0"),
+    ("graph_stride_string", _graph(lambda g: _first_op("conv2d", g).update(stride="1")), "list of two integers"),
+    ("graph_groups_wrong", _graph(lambda g: _first_op("conv2d", g).update(groups=2)), "does not fit"),
+    ("graph_weight_swapped", _graph(lambda g: _first_op("linear", g).update(weight="body.8.weight")),
+     "does not fit"),
+    ("graph_tau_zero", _graph(lambda g: _first_op("lif", g).update(tau=0)), "tau: = 0 must be > 0"),
+    ("graph_pool_padding", _graph(lambda g: _first_op("maxpool2d", g).update(padding=[2, 2])), "at most half"),
+    ("graph_kernel_too_big", _graph(lambda g: _first_op("maxpool2d", g).update(kernel=[64, 64], stride=[64, 64])),
+     "does not fit"),
+]
+
+RAW_CASES: list[tuple[str, Callable[[bytes], bytes], str]] = [
+    ("truncated", lambda b: b[: len(b) // 2], "truncated or corrupt"),
+    ("header_length_huge", lambda b: (2**60).to_bytes(8, "little") + b[8:], "not a readable safetensors"),
+    ("header_offsets_tampered", lambda b: b.replace(b'"data_offsets":[0,', b'"data_offsets":[9,', 1),
+     "not a readable safetensors"),
+    ("metadata_bad_json", lambda b: _retag(b, "graph", "[{"), "corrupt artefact metadata"),
+    ("metadata_deep_json", lambda b: _retag(b, "graph", "[" * 100_000), "corrupt artefact metadata"),
+    ("empty_file", lambda b: b"", "not a readable safetensors"),
+]
+
+
+def _retag(data: bytes, key: str, text: str) -> bytes:
+    return encode(*decode(data), **{key: text})
+
+
+def _ckpt(edit: Callable[[dict[str, torch.Tensor], dict[str, Any]], None]) -> Callable[[bytes], bytes]:
+    def mutate(data: bytes) -> bytes:
+        tensors, strings = dict(load_safetensors(data)), json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        meta = json.loads(strings["__metadata__"]["ndsnn"])
+        edit(tensors, meta)
+        return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"ndsnn": json.dumps(meta)})
+    return mutate
+
+
+def _ckpt_tensor(key: str, edit: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[bytes], bytes]:
+    return _ckpt(lambda t, m: t.__setitem__(key, edit(t[key].clone())))
+
+
+def _ckpt_meta(key: str, value: Any) -> Callable[[bytes], bytes]:
+    return _ckpt(lambda t, m: m.__setitem__(key, value))
+
+
+def _rename(t: dict[str, torch.Tensor], old: str, new: str) -> None:
+    t[new] = t.pop(old)
+
+
+# (id, mutation of the file bytes, expected text, commands: "inspect" and/or "export")
+CHECKPOINT_CASES: list[tuple[str, Callable[[bytes], bytes], str, tuple[str, ...]]] = [
+    ("mask_wrong_shape", _ckpt_tensor("mask::body.1.weight", lambda x: x.reshape(1, -1)),
+     "matches no model weight", ("inspect", "export")),
+    ("mask_value_2", _ckpt_tensor("mask::body.1.weight", lambda x: x.to(torch.uint8) * 2),
+     "must be bool or uint8 0/1", ("inspect", "export")),
+    ("mask_float", _ckpt_tensor("mask::body.1.weight", lambda x: x.float()), "must be bool or uint8",
+     ("inspect", "export")),
+    ("weight_nan", _ckpt_tensor("model::body.1.weight", _nan_first), "holds NaN or inf", ("inspect", "export")),
+    ("step_negative", _ckpt_meta("step", -1), "step: = -1", ("inspect", "export")),
+    ("epoch_huge", _ckpt_meta("epoch", 10**12), "epoch: = 1000000000000", ("inspect", "export")),
+    ("version_string", _ckpt_meta("version", "1"), "version: must be an integer", ("inspect", "export")),
+    ("recipe_not_text", _ckpt_meta("recipe", 5), "recipe: must be the recipe's TOML", ("inspect", "export")),
+    ("rng_float", _ckpt_tensor("rng::torch", lambda x: x.float()), "RNG state must be a 1-D uint8",
+     ("inspect", "export")),
+    ("optim_key_malformed", _ckpt(lambda t, m: _rename(t, next(k for k in t if k.startswith("optim::")),
+                                                        "optim::x::momentum_buffer")),
+     "optimizer entries are named", ("inspect", "export")),
+    ("weight_missing", _ckpt(lambda t, m: t.pop("model::body.6.bias")), "model::body.6.bias: missing", ("export",)),
+    ("weight_wrong_shape", _ckpt(lambda t, m: (t.__setitem__("model::body.6.weight", t["model::body.6.weight"][:-1]),
+                                               t.__setitem__("mask::body.6.weight", t["mask::body.6.weight"][:-1]))),
+     "must be the model's", ("export",)),
+    ("meta_not_object", _ckpt(lambda t, m: (m.clear())), "not an ndsnn checkpoint", ("export",)),
+    ("truncated", lambda b: b[:-100], "truncated or corrupt", ("inspect", "export")),
+]
+
+
+def _expect_one_line(result: dict[str, Any], file: Path, expect: str) -> None:
+    stderr = result["stderr"]
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr, stderr
+    assert result["code"] == 2, stderr
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(f"error: {file}"), lines[0]
+    assert expect in lines[0], lines[0]
+
+
+def test_crafted_corpus_is_one_line_exit_2_for_run_inspect_and_export(good: dict[str, Path]) -> None:
+    """≥ 30 files, each breaking one rule (CSR invariants, dtypes, graph shapes, bounded metadata,
+    truncation, header tampering): `ndsnn run` and `ndsnn inspect` (and `export` for checkpoints) exit 2
+    with one line naming the file and the rule; never a traceback, never a signal."""
+    work = good["work"] / "crafted"
+    work.mkdir()
+    data = good["artefact"].read_bytes()
+    files, jobs = {}, []
+    for case_id, mutate, expect in ARTEFACT_CASES:
+        tensors, metadata = decode(data)
+        mutate(tensors, metadata)
+        files[case_id] = (work / f"{case_id}.safetensors", expect)
+        files[case_id][0].write_bytes(encode(tensors, metadata))
+    for case_id, mutate_bytes, expect in RAW_CASES:
+        files[case_id] = (work / f"{case_id}.safetensors", expect)
+        files[case_id][0].write_bytes(mutate_bytes(data))
+    for case_id, (path, _) in files.items():
+        jobs += [{"id": f"{case_id}@run", "argv": ["run", str(path), "--input", str(good["images"])]},
+                 {"id": f"{case_id}@inspect", "argv": ["inspect", str(path)]}]
+    checkpoint = good["checkpoint"].read_bytes()
+    for case_id, mutate_bytes, expect, commands in CHECKPOINT_CASES:
+        path = work / f"ckpt_{case_id}.safetensors"
+        path.write_bytes(mutate_bytes(checkpoint))
+        files[f"ckpt_{case_id}"] = (path, expect)
+        argvs = {"inspect": ["inspect", str(path)],
+                 "export": ["export", str(path), "--format", "csr", "-o", str(work / f"{case_id}.out")]}
+        jobs += [{"id": f"ckpt_{case_id}@{c}", "argv": argvs[c]} for c in commands]
+    assert len(files) >= 30
+    results, _ = run_jobs(jobs, work, timeout=1200)
+    for job in jobs:
+        case_id = job["id"].partition("@")[0]
+        _expect_one_line(results[job["id"]], files[case_id][0], files[case_id][1])
+    assert not list(work.glob("*.out")), "an export from a broken checkpoint wrote a file"
+
+
+# --------------------------------------------------------------------------------- random mutations
+
+EXTREMES = [0, -1, 1, 2, 7, 127, 128, 255, 32767, -32768, 2**31 - 1, -(2**31), 2**40, -(2**40),
+            float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.5]
+
+
+def _mutate_tensor_value(rng: random.Random, data: bytes) -> bytes:
+    """One element of one tensor set to an extreme (clamped to the dtype), or one tensor's dtype swapped."""
+    tensors = dict(load_safetensors(data))
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    strings = header.get("__metadata__") or {}
+    key = rng.choice(sorted(tensors))
+    tensor = tensors[key].clone()
+    if rng.random() < 0.15:
+        tensor = tensor.to(rng.choice([torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
+                                       torch.uint8, torch.bool]))
+    elif tensor.numel():
+        value = rng.choice(EXTREMES)
+        if not tensor.is_floating_point():
+            if isinstance(value, float) and not math.isfinite(value):
+                value = 0
+            info = torch.iinfo(tensor.dtype) if tensor.dtype != torch.bool else None
+            value = int(value) if info is None else max(info.min, min(info.max, int(value)))
+        tensor.view(-1)[rng.randrange(tensor.numel())] = value
+    tensors[key] = tensor.contiguous()
+    return save_safetensors(tensors, metadata=strings)
+
+
+def _mutate_metadata(rng: random.Random, data: bytes) -> bytes:
+    """One artefact metadata value replaced by something of another type or size."""
+    tensors, metadata = decode(data)
+    key = rng.choice(sorted(metadata))
+    target, name = metadata, key
+    while isinstance(target[name], dict) and target[name] and rng.random() < 0.7:
+        target, name = target[name], rng.choice(sorted(target[name]))
+    target[name] = rng.choice([None, -1, 0, 10**12, "x", [], {}, [1, 2], 1.5, float("nan"), True])
+    return encode(tensors, metadata)
+
+
+def _mutate_bytes(rng: random.Random, data: bytes) -> bytes:
+    """Random byte flips (in the header or the data), a truncation, or inserted bytes."""
+    raw = bytearray(data)
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    choice = rng.random()
+    if choice < 0.1:
+        return bytes(raw[: rng.randrange(len(raw))])
+    if choice < 0.15:
+        at = rng.randrange(len(raw))
+        return bytes(raw[:at] + bytes(rng.randrange(256) for _ in range(rng.randint(1, 8))) + raw[at:])
+    for _ in range(rng.randint(1, 4)):
+        at = rng.randrange(header_end) if rng.random() < 0.5 else rng.randrange(header_end, len(raw))
+        raw[at] = rng.randrange(256)
+    return bytes(raw)
+
+
+ARTEFACT_MUTATIONS = 300
+CHECKPOINT_MUTATIONS = 200
+
+
+def test_random_mutations_never_crash_or_hang(good: dict[str, Path]) -> None:
+    """500 random mutations (seed 0) of a good artefact (`ndsnn run`) and a good checkpoint (`ndsnn export`):
+    each exits 0 with a result or 2 with one line; the child process never dies, never hangs."""
+    rng = random.Random(0)
+    work = good["work"] / "fuzz"
+    work.mkdir()
+    artefact, checkpoint = good["artefact"].read_bytes(), good["checkpoint"].read_bytes()
+    jobs = []
+    for i in range(ARTEFACT_MUTATIONS):
+        kind = rng.choice(["bytes", "tensor", "tensor", "metadata"])
+        mutated = {"bytes": lambda: _mutate_bytes(rng, artefact),
+                   "tensor": lambda: _mutate_tensor_value(rng, artefact),
+                   "metadata": lambda: _mutate_metadata(rng, artefact)}[kind]()
+        path = work / f"a{i:03d}_{kind}.safetensors"
+        path.write_bytes(mutated)
+        jobs.append({"id": path.name, "argv": ["run", str(path), "--input", str(good["images"]), "--json"]})
+    for i in range(CHECKPOINT_MUTATIONS):
+        kind = rng.choice(["bytes", "tensor"])
+        mutated = _mutate_bytes(rng, checkpoint) if kind == "bytes" else _mutate_tensor_value(rng, checkpoint)
+        path = work / f"c{i:03d}_{kind}.safetensors"
+        path.write_bytes(mutated)
+        jobs.append({"id": path.name, "argv": ["export", str(path), "--format", "csr", "-o", str(work / "out.csr"),
+                                               "--json"]})
+    results, cpu_seconds = run_jobs(jobs, work, timeout=1500)
+    codes = {0: 0, 2: 0}
+    for job in jobs:
+        result = results[job["id"]]
+        assert result["code"] in (0, 2), (job["id"], result["stderr"][-3000:])
+        assert "Traceback" not in result["stderr"], (job["id"], result["stderr"][-3000:])
+        if result["code"] == 2:
+            assert len(result["stderr"].strip().splitlines()) == 1, (job["id"], result["stderr"])
+        else:
+            json.loads(result["stdout"])  # a whole result
+        assert result["seconds"] < 120, (job["id"], result["seconds"])  # wall time: a hang, not a slow machine
+        codes[result["code"]] += 1
+    assert codes[2] > 100 and codes[0] > 20, codes  # both outcomes exercised
+    assert cpu_seconds < 60, cpu_seconds  # CPU time of the child, all 500 files (wall time depends on the load)
+
+
+# ------------------------------------------------------------------------------- resume and cost RUN
+
+
+def test_resume_from_a_checkpoint_whose_optimizer_state_does_not_fit_exits_2(good: dict[str, Path],
+                                                                              run_main) -> None:
+    run = good["work"] / "resume"
+    import shutil
+
+    shutil.copytree(good["checkpoint"].parents[1], run)
+    target = run / RUN_CHECKPOINT
+    key = next(k for k in load_safetensors(target.read_bytes()) if k.startswith("optim::") and "momentum" in k)
+    target.write_bytes(_ckpt_tensor(key, lambda x: x.reshape(-1)[:3].clone())(target.read_bytes()))
+    before = target.read_bytes()
+    code, _, err = run_main("train", str(run / "recipe.toml"), "--out", str(run), "--resume", "-q")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{key}: shape [3] must be its parameter's" in err
+    assert target.read_bytes() == before
+
+
+@pytest.mark.parametrize(("field", "value", "expect"), [
+    ("epochs", 10**12, "epochs: = 1000000000000 must be in [1, 100000]"),
+    ("steps", "many", "steps: must be an integer"),
+])
+def test_cost_run_on_a_tampered_summary_exits_2(good: dict[str, Path], run_main, field: str, value: Any,
+                                                 expect: str) -> None:
+    import shutil
+
+    run = good["work"] / f"cost_{field}"
+    shutil.copytree(good["checkpoint"].parents[1], run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary[field] = value
+    (run / "summary.json").write_text(json.dumps(summary))
+    code, out, err = run_main("cost", str(run))
+    assert code == 2 and err.strip() == f"error: {run / 'summary.json'}: {expect}", err
