@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_jobs import cli_env, run_cli_jobs
 from conftest import tiny_toml
 
 from ndsnn_cli.checkpoint import load_checkpoint
@@ -45,10 +46,6 @@ def tiny_recipe(tmp: Path, *, epochs: int = 2, train_limit: int = 256, every: in
 def dir_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def cli_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,36 +198,6 @@ def test_weight_check_names_the_layer() -> None:
 # ---------------------------------------------------------------------------------------------
 # bad-input corpus
 
-RUNNER = r"""
-import contextlib, hashlib, io, json, sys, time, traceback
-from pathlib import Path
-from ndsnn_cli.cli import main
-
-def digest(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-
-jobs_path, results_path = Path(sys.argv[1]), Path(sys.argv[2])
-jobs = json.loads(jobs_path.read_text())
-results = {}
-for job in jobs:
-    before = digest(job["watch"])
-    err, out = io.StringIO(), io.StringIO()
-    sys.argv = ["ndsnn", *job["argv"]]
-    code, started = 0, time.perf_counter()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            traceback.print_exc()
-            code = -1
-    results[job["id"]] = {"code": code, "stderr": err.getvalue(), "unchanged": before == digest(job["watch"]),
-                        "seconds": time.perf_counter() - started}
-results_path.write_text(json.dumps(results))
-"""
-
 REAL_SUBPROCESS = ("ckpt_truncated",)  # one real `python -m ndsnn_cli` call (each costs a torch import)
 
 
@@ -269,10 +236,7 @@ def corpus_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[s
     train(recipe, base_run)
     commands = _commands()
     jobs = [_job(c, base_run, work) for c in CASES if c.get("command", "train") in commands]
-    (work / "jobs.json").write_text(json.dumps(jobs))
-    subprocess.run([sys.executable, "-c", RUNNER, str(work / "jobs.json"), str(work / "results.json")],
-                   env=cli_env(), check=True, timeout=300)
-    results = json.loads((work / "results.json").read_text())
+    results, _ = run_cli_jobs(jobs, work, timeout=600)
     for job in jobs:
         if job["id"] in REAL_SUBPROCESS:
             before = dir_digest(Path(str(job["watch"])))

@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import resource
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from cli_jobs import run_cli_jobs
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -28,54 +25,6 @@ from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# One child process runs many CLI calls (main() in a loop; a torch import per call would cost seconds).
-# It records "start <id>" before each call, so when it dies by a signal the test names the file.
-RUNNER = r"""
-import contextlib, io, json, sys, time, traceback
-from ndsnn_cli.cli import main
-
-jobs = json.load(open(sys.argv[1]))
-with open(sys.argv[2], "w") as log:
-    for job in jobs:
-        log.write(json.dumps({"start": job["id"]}) + "\n"); log.flush()
-        err, out = io.StringIO(), io.StringIO()
-        sys.argv = ["ndsnn", *job["argv"]]
-        code, started = 0, time.perf_counter()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            try:
-                main()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-                code = -1
-        log.write(json.dumps({"id": job["id"], "code": code, "stderr": err.getvalue(), "stdout": out.getvalue(),
-                              "seconds": time.perf_counter() - started}) + "\n"); log.flush()
-"""
-
-
-def run_jobs(jobs: list[dict[str, Any]], work: Path, timeout: float) -> tuple[dict[str, dict[str, Any]], float]:
-    """(each job's {code, stderr, stdout, seconds}, the child's CPU seconds); fails naming the file if the
-    child crashes or hangs. `timeout` is wall time, generous: shared CI machines run tests starved."""
-    (work / "jobs.json").write_text(json.dumps(jobs))
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    log = work / "results.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    try:
-        proc = subprocess.run([sys.executable, "-c", RUNNER, str(work / "jobs.json"), str(log)], env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        crashed = proc.returncode != 0 and f"exit {proc.returncode}: {proc.stderr[-2000:]}"
-    except subprocess.TimeoutExpired:
-        crashed = f"hang: no result within {timeout} s"
-    lines = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    if crashed:
-        last = next((line["start"] for line in reversed(lines) if "start" in line), None)
-        pytest.fail(f"CLI child process died on job {last!r} ({crashed})")
-    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
-    return {line["id"]: line for line in lines if "id" in line}, cpu
-
 
 # ------------------------------------------------------------------------------------------ fixtures
 
@@ -343,7 +292,7 @@ def test_crafted_corpus_is_one_line_exit_2_for_run_inspect_and_export(good: dict
                  "export": ["export", str(path), "--format", "csr", "-o", str(work / f"{case_id}.out")]}
         jobs += [{"id": f"ckpt_{case_id}@{c}", "argv": argvs[c]} for c in commands]
     assert len(files) >= 30
-    results, _ = run_jobs(jobs, work, timeout=1200)
+    results, _ = run_cli_jobs(jobs, work, timeout=1200)
     for job in jobs:
         case_id = job["id"].partition("@")[0]
         _expect_one_line(results[job["id"]], files[case_id][0], files[case_id][1])
@@ -432,7 +381,7 @@ def test_random_mutations_never_crash_or_hang(good: dict[str, Path]) -> None:
         path.write_bytes(mutated)
         jobs.append({"id": path.name, "argv": ["export", str(path), "--format", "csr", "-o", str(work / "out.csr"),
                                                "--json"]})
-    results, cpu_seconds = run_jobs(jobs, work, timeout=1500)
+    results, cpu_seconds = run_cli_jobs(jobs, work, timeout=1500)
     codes = {0: 0, 2: 0}
     for job in jobs:
         result = results[job["id"]]
@@ -469,7 +418,7 @@ def test_resume_from_a_checkpoint_whose_optimizer_state_does_not_fit_exits_2(goo
 
 @pytest.mark.parametrize(("field", "value", "expect"), [
     ("epochs", 10**12, "epochs: = 1000000000000 must be in [1, 100000]"),
-    ("steps", "many", "steps: must be an integer"),
+    ("steps", "many", "steps: must be an integer (got str)"),
 ])
 def test_cost_run_on_a_tampered_summary_exits_2(good: dict[str, Path], run_main, field: str, value: Any,
                                                  expect: str) -> None:
