@@ -84,8 +84,20 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
         optim_tensors, optim_meta = optimizer_to_tensors(optimizer)
         tensors.update(optim_tensors)
         full_meta["optimizer"] = optim_meta
-    data = save_safetensors(tensors, metadata={"ndsnn": json.dumps(full_meta)})
+    data = save_safetensors_canonical(tensors, {"ndsnn": json.dumps(full_meta)})
     return write_bytes(path, data)
+
+
+def save_safetensors_canonical(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes that depend only on the tensors and metadata: the library writes `__metadata__`
+    from a hash map, in an order that changes from process to process; here its keys are sorted."""
+    raw = save_safetensors(tensors, metadata=metadata)
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the library pads the header with spaces to 8-byte alignment too
+    return len(text).to_bytes(8, "little") + text + raw[8 + header_len:]
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

@@ -77,8 +77,9 @@ def _finite(path: str | Path, name: str, tensor: torch.Tensor) -> None:
 
 
 def check_csr(path: str | Path, name: str, parts: Mapping[str, torch.Tensor], value_dtype: torch.dtype) -> list[int]:
-    """The CSR invariants of one parameter; returns its original shape. Checked in an order where each
-    rule only reads what the previous ones made safe (lengths before indexing, indices before use)."""
+    """The CSR invariants of one parameter; returns its original shape. One branch per rule of the format
+    (hence the length), in an order where each rule reads only what the previous ones made safe:
+    presence, dtypes and lengths before indexing, index ranges before use."""
     for part in CSR_PARTS:
         if part not in parts:
             _fail(path, f"{name}.{part}", "missing (a CSR parameter has crow_indices, col_indices, values, shape)")

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as save_safetensors
 
 from ndsnn_cli.atomic import write_bytes
-from ndsnn_cli.checkpoint import read_safetensors
+from ndsnn_cli.checkpoint import read_safetensors, save_safetensors_canonical
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import CSR_FORMAT, CSR_VERSION
 from ndsnn_cli.export.exporters import ExportOptions, ExportResult
@@ -73,7 +72,7 @@ def pack(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], metadat
             tensors[name] = (tensor.to(target) if tensor.is_floating_point() else tensor).contiguous()
     header = {"format": CSR_FORMAT, "dtype": dtype, **metadata, "version": CSR_VERSION}
     strings = {k: json.dumps(v) if k in JSON_KEYS else str(v) for k, v in header.items()}
-    return save_safetensors(tensors, metadata=strings)
+    return save_safetensors_canonical(tensors, strings)
 
 
 def load_raw(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
