@@ -33,10 +33,10 @@ def fmnist_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
     recipe = Recipe().replace(
         name="deploy", model={"arch": "scnn", "timesteps": 2},
-        data={"dataset": "fashion-mnist", "train_limit": 1024, "test_limit": 256, "batch_size": 64,
+        data={"dataset": "fashion-mnist", "train_limit": 2048, "test_limit": 256, "batch_size": 32,
               "augment": False},
-        train={"epochs": 1, "device": "cpu", "threads": 1, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0},
-        sparsity={"method": "static", "final": 0.8})
+        train={"epochs": 1, "device": "cpu", "threads": 1, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+        sparsity={"method": "static", "final": 0.5})
     out = tmp_path_factory.mktemp("deploy") / "run"
     train(recipe, out)
     return out
@@ -76,7 +76,7 @@ def test_onnx_and_csr_on_raw_pixels_reach_the_runs_own_test_accuracy(fmnist_run:
 
     code, _, err = run_main("export", str(fmnist_run), "--format", "csr", "-o", str(tmp_path / "m.csr"))
     assert code == 0, err
-    code, out, err = run_main("run", str(tmp_path / "m.csr"), "--dataset-test", "--json")
+    code, out, err = run_main("run", str(tmp_path / "m.csr"), "--dataset-test", "--limit", "256", "--json")
     assert code == 0, err
     assert json.loads(out)["accuracy"] == summary["test_accuracy"]
     torch.save({"images": images, "labels": labels}, tmp_path / "raw.pt")
