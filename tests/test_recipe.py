@@ -52,7 +52,7 @@ def test_wrong_type_is_one_line_naming_the_key(text: str, expected: str) -> None
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("[train]\nepochs = 0\n", "quickstart.toml: [train] epochs = 0 must be >= 1"),
+    ("[train]\nepochs = 0\n", "quickstart.toml: [train] epochs = 0 must be in [1, 100000]"),
     ("[train]\nlr = 0\n", "quickstart.toml: [train] lr = 0 must be > 0"),
     ("[train]\nmomentum = 1.0\n", "quickstart.toml: [train] momentum = 1 must be in [0, 1)"),
     ("[model]\ntau = 1.0\n", "quickstart.toml: [model] tau = 1 must be > 1"),

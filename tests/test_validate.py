@@ -358,6 +358,7 @@ ARTEFACT_MUTATIONS = 300
 CHECKPOINT_MUTATIONS = 200
 
 
+@pytest.mark.slow  # about 30 s on an idle 2-core machine; CI runs it
 def test_random_mutations_never_crash_or_hang(good: dict[str, Path]) -> None:
     """500 random mutations (seed 0) of a good artefact (`ndsnn run`) and a good checkpoint (`ndsnn export`):
     each exits 0 with a result or 2 with one line; the child process never dies, never hangs."""
