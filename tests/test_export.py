@@ -183,7 +183,7 @@ def test_runtime_matches_pytorch_and_imports_no_training_code(run_dir: Path, tes
     assert out["pred"] == expected.sum(0).argmax(-1).tolist()
     accuracy = float((expected.sum(0).argmax(-1) == labels).float().mean())
     # synthetic images are Gaussian, not pixels in [0, 1] (`--input` refuses those): its test set is the input
-    code, out_text, err = run_main("run", str(path), "--dataset-test", "--json")
+    code, out_text, err = run_main("run", str(path), "--dataset-test", "--limit", str(len(labels)), "--json")
     assert code == 0, err
     report = json.loads(out_text)
     assert report["predictions"] == out["pred"] and report["accuracy"] == pytest.approx(accuracy)
