@@ -455,15 +455,22 @@ def run_demo(demo: Path, images: torch.Tensor, env: dict[str, str] | None = None
     return predictions, logits
 
 
-def reference_network(model: Any, masks: dict[str, torch.Tensor], timesteps: int) -> Any:
-    """The reference runtime (`ndsnn run`) on the same folded weights, built from the packed CSR tensors."""
+def reference_network(model: Any, masks: dict[str, torch.Tensor], timesteps: int, contract: dict[str, Any]) -> Any:
+    """The reference runtime (`ndsnn run`) on the same folded weights, built from the packed CSR tensors
+    and the header a CSR export writes (validated like any artefact; it normalises inside, per `contract`)."""
     from safetensors.torch import load as load_safetensors
 
-    from ndsnn_cli.export.csr import pack
+    from ndsnn_cli.export.csr import CSR_FORMAT, CSR_VERSION, pack
     from ndsnn_cli.export.runtime import SparseNetwork
 
-    metadata = {"timesteps": timesteps, "graph": graph.to_json(graph.network_graph(model))}
+    ops = graph.network_graph(model)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    last = [op for op in graph.walk(ops) if isinstance(op, graph.Linear | graph.Conv2d)][-1]
+    channels, size = contract["shape"][0], contract["shape"][1]
+    metadata = {"format": CSR_FORMAT, "version": CSR_VERSION, "dtype": "fp32", "timesteps": timesteps,
+                "graph": graph.to_json(ops), "input": contract,
+                "dataset": {"num_classes": int(state[last.weight].shape[0]), "in_channels": channels,
+                            "image_size": size}}
     return SparseNetwork(load_safetensors(pack(state, masks, metadata)), metadata)
 
 
@@ -508,12 +515,12 @@ def verify_sources(sources: CSources, model: Any, masks: dict[str, torch.Tensor]
                    contract: dict[str, Any], images: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
                    compiler: str) -> dict[str, Any]:
     """Compile the demo, run it and the reference runtime on each image set ([0, 1] pixels, labels or None)."""
-    net = reference_network(model, masks, timesteps)
+    net = reference_network(model, masks, timesteps, contract)
     report: dict[str, Any] = {"compiler": compiler, "dtype": sources.dtype, "images": {}}
     with tempfile.TemporaryDirectory(prefix="ndsnn-c-build-") as tmp:
         demo = compile_demo(sources, Path(tmp), compiler)
         for label, (pixels, labels) in images.items():
-            logits = torch.cat([net(normalise(pixels[i:i + 64], contract)).sum(0) for i in range(0, len(pixels), 64)])
+            logits = torch.cat([net(pixels[i:i + 64]).sum(0) for i in range(0, len(pixels), 64)])
             report["images"][label] = compare(run_demo(demo, pixels), (logits.argmax(-1), logits), labels)
     report["passed"] = passes(report["images"], sources.dtype)
     return report
