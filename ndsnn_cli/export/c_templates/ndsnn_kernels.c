@@ -106,55 +106,37 @@ void ndsnn_linear_analog(const ndsnn_csr *w, const float *in, float *out)
     }
 }
 
-/* fp32 weights: the output plane is the accumulator. */
-static void conv_spikes_fp32(const ndsnn_csr *w, const ndsnn_conv_geometry *g, int32_t o, const uint8_t *in,
-                             float *dst)
-{
-    int32_t k, oy, ox;
-    for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
-        int32_t channel, dy, dx, y0, y1, x0, x1;
-        const float weight = w->values[k];
-        const uint8_t *src;
-        conv_tap(w, g, k, &channel, &dy, &dx);
-        valid_range(g->in_h, g->out_h, g->stride_h, g->pad_h, dy, &y0, &y1);
-        valid_range(g->in_w, g->out_w, g->stride_w, g->pad_w, dx, &x0, &x1);
-        src = in + channel * g->in_h * g->in_w;
-        for (oy = y0; oy < y1; ++oy) {
-            const uint8_t *row = src + (oy * g->stride_h - g->pad_h + dy) * g->in_w - g->pad_w + dx;
-            float *out_row = dst + oy * g->out_w;
-            for (ox = x0; ox < x1; ++ox) {
-                if (row[ox * g->stride_w]) {
-                    out_row[ox] += weight;
-                }
-            }
-        }
+/* One spike-fed output channel: for every active weight (tap) of channel o, add the weight wherever its
+ * shifted input fired -- no multiplies. fp32 weights add into the output plane itself; int8 weights add
+ * into an int32 accumulator per output position, scaled once per position by the caller. C99 has no
+ * templates, so the two variants are one macro (ACC_T: accumulator type; WEIGHT: the tap's value). */
+#define NDSNN_DEFINE_CONV_SPIKES(NAME, ACC_T, WEIGHT)                                                     \
+    static void NAME(const ndsnn_csr *w, const ndsnn_conv_geometry *g, int32_t o, const uint8_t *in,   \
+                     ACC_T *acc)                                                                        \
+    {                                                                                                   \
+        int32_t k, oy, ox;                                                                              \
+        for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {                                           \
+            int32_t channel, dy, dx, y0, y1, x0, x1;                                                    \
+            const ACC_T weight = (ACC_T)(WEIGHT);                                                       \
+            const uint8_t *src;                                                                         \
+            conv_tap(w, g, k, &channel, &dy, &dx);                                                      \
+            valid_range(g->in_h, g->out_h, g->stride_h, g->pad_h, dy, &y0, &y1);                        \
+            valid_range(g->in_w, g->out_w, g->stride_w, g->pad_w, dx, &x0, &x1);                        \
+            src = in + channel * g->in_h * g->in_w;                                                     \
+            for (oy = y0; oy < y1; ++oy) {                                                              \
+                const uint8_t *row = src + (oy * g->stride_h - g->pad_h + dy) * g->in_w - g->pad_w + dx; \
+                ACC_T *acc_row = acc + oy * g->out_w;                                                   \
+                for (ox = x0; ox < x1; ++ox) {                                                          \
+                    if (row[ox * g->stride_w]) {                                                        \
+                        acc_row[ox] += weight;                                                          \
+                    }                                                                                   \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
     }
-}
 
-/* int8 weights: an int32 accumulator per output position, scaled once per position. */
-static void conv_spikes_int8(const ndsnn_csr *w, const ndsnn_conv_geometry *g, int32_t o, const uint8_t *in,
-                             int32_t *acc)
-{
-    int32_t k, oy, ox;
-    for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
-        int32_t channel, dy, dx, y0, y1, x0, x1;
-        const int32_t weight = w->qvalues[k];
-        const uint8_t *src;
-        conv_tap(w, g, k, &channel, &dy, &dx);
-        valid_range(g->in_h, g->out_h, g->stride_h, g->pad_h, dy, &y0, &y1);
-        valid_range(g->in_w, g->out_w, g->stride_w, g->pad_w, dx, &x0, &x1);
-        src = in + channel * g->in_h * g->in_w;
-        for (oy = y0; oy < y1; ++oy) {
-            const uint8_t *row = src + (oy * g->stride_h - g->pad_h + dy) * g->in_w - g->pad_w + dx;
-            int32_t *acc_row = acc + oy * g->out_w;
-            for (ox = x0; ox < x1; ++ox) {
-                if (row[ox * g->stride_w]) {
-                    acc_row[ox] += weight;
-                }
-            }
-        }
-    }
-}
+NDSNN_DEFINE_CONV_SPIKES(conv_spikes_fp32, float, w->values[k])
+NDSNN_DEFINE_CONV_SPIKES(conv_spikes_int8, int32_t, w->qvalues[k])
 
 void ndsnn_conv_spikes(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const uint8_t *in, float *out,
                        int32_t *acc)
