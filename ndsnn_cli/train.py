@@ -317,6 +317,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallback
               scaler, torch.float16 if device.type == "cuda" else torch.bfloat16, _RunState(), epochs,
               steps_per_epoch, steps_per_epoch * epochs, drop_last, started)
     _resume_or_start(run, resume)
+    _setup_kernels(run)  # on the masks the run (re)starts from; before the loggers record them
     if distributed.active():
         run.train_model = _wrap_ddp(model, device)
     if start.rewind is not None and start.rewind[0] == 0 and run.state.step == 0:
@@ -344,7 +345,6 @@ def _resume_or_start(run: Run, resume: bool) -> None:
             _truncate_metrics(run.metrics_path, run.state.step, run.state.epoch)
     elif run.main and run.metrics_path.exists():
         run.metrics_path.unlink()
-    _setup_kernels(run)
     if distributed.sum_values(run.state.step)[0] != run.state.step * distributed.world_size():
         raise UserError(f"{run.checkpoint_path}: ranks resumed from different steps; "
                         "multi-node runs need the run directory on a shared file system")
@@ -437,8 +437,9 @@ def _end_epoch(run: Run, epoch: int) -> dict[str, Any]:
     _check_weights_finite(run.model, state.step, run.checkpoint_path)
     distributed.broadcast_tensors(run.model.buffers())  # BN statistics: each rank updated its own
     test_loss, test_accuracy = evaluate(run.model, run.test_set, recipe, run.device)
+    rates = spike_rates(run.model, _probe(run.test_set, run.device))
     if epoch == 0:
-        _warn_dead_layers(run.model, run.method, run.test_set, run.device, state.step, run.loggers, run.callbacks)
+        _warn_dead_layers(run.model, run.method, rates, state.step, run.loggers, run.callbacks)
     state.best_accuracy = max(state.best_accuracy, test_accuracy)
     record = {"kind": "epoch", "epoch": epoch + 1, "step": state.step,
               "lr": learning_rate(recipe, state.step - 1, run.total_steps, run.steps_per_epoch),
@@ -447,7 +448,7 @@ def _end_epoch(run: Run, epoch: int) -> dict[str, Any]:
               "test_loss": test_loss, "test_accuracy": test_accuracy,
               "sparsity": run.method.masks.sparsity() if run.method.masks else 0.0,
               "layer_density": _realised_masks(recipe, run.model, run.method).layer_densities(),
-              "spike_rates": spike_rates(run.model, _probe(run.test_set, run.device))}
+              "spike_rates": rates}
     run.loggers.log_record(record)
     state.epoch, state.batch_in_epoch, state.loss_sum, state.correct, state.seen = epoch + 1, 0, 0.0, 0, 0
     rewind = run.start.rewind
@@ -602,10 +603,9 @@ def spike_rates(model: SpikingNet, images: torch.Tensor) -> dict[str, float]:
 DEAD_SPIKE_RATE = 1e-4  # a LIF layer firing less than this at the first evaluation passes (almost) no gradient
 
 
-def dead_layers(model: SpikingNet, masks: Masks | None, images: torch.Tensor) -> dict[str, dict[str, Any]]:
-    """LIF layers whose spike rate on `images` is below DEAD_SPIKE_RATE, each with the weight that feeds
-    it (the nearest conv/linear before it, shortcuts aside) and that weight's density."""
-    rates = spike_rates(model, images)
+def dead_layers(model: SpikingNet, masks: Masks | None, rates: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """LIF layers whose spike rate (`spike_rates` on a probe batch) is below DEAD_SPIKE_RATE, each with the
+    weight that feeds it (the nearest conv/linear before it, shortcuts aside) and that weight's density."""
     feeding, last = {}, None
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d | nn.Linear) and "shortcut" not in name:
@@ -626,10 +626,10 @@ def _probe(test_set: torch.utils.data.Dataset, device: torch.device) -> torch.Te
     return torch.stack([test_set[i][0] for i in range(min(64, len(test_set)))]).to(device)
 
 
-def _warn_dead_layers(model: SpikingNet, method: SparseMethod, test_set: torch.utils.data.Dataset,
-                      device: torch.device, step: int, loggers: Loggers, callbacks: TrainCallbacks) -> None:
+def _warn_dead_layers(model: SpikingNet, method: SparseMethod, rates: dict[str, float], step: int, loggers: Loggers,
+                      callbacks: TrainCallbacks) -> None:
     """The dead-layer guard: a silent LIF layer at the first evaluation is named, with its density."""
-    dead = dead_layers(model, method.masks, _probe(test_set, device))
+    dead = dead_layers(model, method.masks, rates)
     if not dead:
         return
     loggers.log_record({"kind": "dead_layers", "step": step, "epoch": 1, "layers": dead})
