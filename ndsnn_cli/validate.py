@@ -225,7 +225,7 @@ def parse_graph(path: str | Path, raw: Any, depth: int = 0) -> list[graph.Op]:
             ops.append(graph.Residual(main=tuple(parse_graph(path, entry.get("main"), depth + 1)),
                                       shortcut=tuple(parse_graph(path, entry.get("shortcut"), depth + 1))))
             continue
-        keys = ("prefix", "eps") if kind == "batchnorm" else graph.OP_TYPES[kind].json_fields
+        keys = graph.OP_TYPES[kind].json_fields
         for key in keys:
             if key not in entry and key != "bias":
                 _fail(path, f"{where}.{key}", f"missing ({kind} needs {', '.join(keys)})")

@@ -33,6 +33,7 @@ import torch
 
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import graph
+from ndsnn_cli.export.csr import to_csr
 from ndsnn_cli.export.exporters import ExportOptions, ExportResult, ExportVerificationError
 
 DTYPES = ("fp32", "int8")
@@ -158,15 +159,13 @@ class _Program:
         """The op's weight as CSR arrays (mask positions; every position under `dense`), its struct's name."""
         weight = self.weights[op.weight].detach().float()
         rows = weight.shape[0]
-        matrix = weight.reshape(rows, -1).numpy()
         mask = self.masks.get(op.weight)
-        keep = np.ones_like(matrix, dtype=bool) if self.dense or mask is None else \
-            mask.reshape(rows, -1).numpy().astype(bool)
-        row_ptr = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64)
-        cols = np.nonzero(keep)[1]  # row-major: sorted by row, then column
-        values = matrix[keep]
+        keep = torch.ones_like(weight, dtype=torch.bool) if self.dense or mask is None else mask.bool()
+        parts = to_csr(weight, keep, torch.float32)  # the artefact's own encoder: same arrays, same index types
+        row_ptr = parts["crow_indices"].numpy().astype(np.int64)
+        cols, values = parts["col_indices"].numpy(), parts["values"].numpy()
         fields = {"rows": str(rows), "row_ptr": self.const_array("int32_t", f"{label}_row_ptr", row_ptr)}
-        col_type = "int16_t" if matrix.shape[1] < 32768 else "int32_t"
+        col_type = "int16_t" if parts["col_indices"].dtype == torch.int16 else "int32_t"
         fields["col16" if col_type == "int16_t" else "col32"] = self.const_array(col_type, f"{label}_col", cols)
         if self.dtype == "int8":
             scales, quantised = quantise_rows(values, row_ptr)
@@ -179,7 +178,7 @@ class _Program:
         init = ", ".join(f".{key} = {value}" for key, value in fields.items())
         self.consts.append(f"static const ndsnn_csr {label} = {{{init}}};")
         info = {"name": op.weight, "shape": list(weight.shape), "nnz": int(keep.sum()),
-                "density": float(keep.mean()), "index": col_type}
+                "density": float(keep.float().mean()), "index": col_type}
         return label, info
 
 

@@ -25,7 +25,6 @@ from ndsnn_cli.export import CSR_FORMAT, CSR_VERSION
 from ndsnn_cli.export.exporters import ExportOptions, ExportResult
 from ndsnn_cli.validate import VALUE_DTYPES, check_artefact, split_parameters
 
-DTYPES = VALUE_DTYPES
 # Metadata values stored as JSON; the rest are plain strings.
 JSON_KEYS = ("version", "timesteps", "neuron", "dataset", "input", "sparsity", "graph", "bn_folded", "source")
 
@@ -63,7 +62,7 @@ def from_csr(parts: dict[str, torch.Tensor]) -> torch.Tensor:
 def pack(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], metadata: dict[str, Any],
          dtype: str = "fp32") -> bytes:
     """The artefact's bytes: masked params as CSR, other floating tensors cast to `dtype`, all else as is."""
-    target = DTYPES[dtype]
+    target = VALUE_DTYPES[dtype]
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if name in masks:
@@ -123,8 +122,8 @@ def export_csr(source: str | Path, out: str | Path | None = None, *, dtype: str 
     """Checkpoint (or run dir) -> artefact file; returns (path, metadata)."""
     from ndsnn_cli.export.fold import fold_batchnorm, load_trained
 
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: unknown (known: {', '.join(DTYPES)})")
+    if dtype not in VALUE_DTYPES:
+        raise UserError(f"--dtype {dtype}: unknown (known: {', '.join(VALUE_DTYPES)})")
     trained = load_trained(source)
     model = fold_batchnorm(trained.model) if fold_bn else trained.model
     metadata = artefact_metadata(trained, model, bn_folded=fold_bn)

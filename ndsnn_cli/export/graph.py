@@ -96,6 +96,7 @@ class Linear(WeightedOp):
 class BatchNorm(Op):
     """An unfolded BatchNorm (eval statistics); its tensors are `<name>.running_mean` etc."""
 
+    json_fields = ("prefix", "eps")  # stored as written by to_json (the op's name is its tensors' prefix)
     eps: float
 
     def to_json(self) -> dict[str, Any]:

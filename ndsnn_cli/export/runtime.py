@@ -37,8 +37,9 @@ class SparseNetwork:
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any],
-                 dense_above: float = DENSE_ABOVE, source: str = "artefact") -> None:
-        check_artefact(source, tensors, metadata)  # the kernels below trust every index: never unchecked data
+                 dense_above: float = DENSE_ABOVE, source: str = "artefact", validated: bool = False) -> None:
+        if not validated:  # the kernels below trust every index: never unchecked data (load_raw checked it)
+            check_artefact(source, tensors, metadata)
         self.metadata = metadata
         self.timesteps = int(metadata["timesteps"])
         self.graph = graph.from_json(metadata["graph"])
@@ -212,4 +213,4 @@ def load_network(path: str | Path, dense_above: float = DENSE_ABOVE) -> SparseNe
     tensors, metadata = load_raw(path)
     if "graph" not in metadata:
         raise UserError(f"{path}: artefact has no layer graph in its metadata")
-    return SparseNetwork(tensors, metadata, dense_above, source=str(path))
+    return SparseNetwork(tensors, metadata, dense_above, source=str(path), validated=True)
