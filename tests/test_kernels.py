@@ -150,6 +150,35 @@ def test_autocast_falls_back_to_the_dense_forward() -> None:
     assert SparseExecution(conv, masks, "on", "cpu", amp=True).rebuild() == {"weight": DENSE}
 
 
+@pytest.mark.skipif("numba" not in KERNEL_NAMES, reason="numba not installed")
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "linear", "strided"])
+def test_layout_transposes_round_trip_bit_exactly(layout) -> None:
+    """to_batch_last / from_batch_last (numba's contiguous fast path for NHWC, NCHW and [N, F]; the
+    strided fallback for anything else) give exactly `x.permute(1, 2, 3, 0)` and back, spikes as uint8."""
+    from ndsnn_cli.kernels.execution import create_kernel, from_batch_last, to_batch_last
+
+    kernel = create_kernel("numba")
+    generator = torch.Generator().manual_seed(3)
+    if layout == "linear":
+        x = torch.randn(37, 19, generator=generator)
+        expected = x.t().reshape(19, 1, 1, 37)
+    else:
+        x = torch.randn(37, 5, 6, 7, generator=generator)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif layout == "strided":
+            x = torch.randn(37, 5, 12, 7, generator=generator)[:, :, ::2]  # neither NCHW nor NHWC contiguous
+        expected = x.permute(1, 2, 3, 0)
+    y = to_batch_last(x, kernel)
+    assert y.is_contiguous() and torch.equal(y, expected)
+    back = from_batch_last(y, x, kernel)
+    assert torch.equal(back, x) and back.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    with saving_spikes_as_bool():
+        spikes = mark_spikes((x > 0).float())
+        spikes_bl = to_batch_last(spikes, kernel)
+    assert spikes_bl.dtype == torch.uint8 and torch.equal(spikes_bl, (expected > 0).to(torch.uint8))
+
+
 def _spiking_model_step(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor,
                                                                           dict[str, torch.Tensor]]:
     """Spikes of every LIF layer, the logits, and every parameter's gradient of one training step."""

@@ -87,7 +87,7 @@ def from_batch_last(y: torch.Tensor, like: torch.Tensor, kernel: Any) -> torch.T
         out = torch.empty(y.shape[3], y.shape[0])
     else:
         fmt = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        out = torch.empty(y.shape[3], y.shape[0], y.shape[1], y.shape[2]).contiguous(memory_format=fmt)
+        out = torch.empty(y.shape[3], y.shape[0], y.shape[1], y.shape[2], memory_format=fmt)
     kernel.copy(y.view(y.shape[0], y.shape[1] * y.shape[2], y.shape[3]), _as_cpn(out))
     return out
 
