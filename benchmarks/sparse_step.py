@@ -52,7 +52,7 @@ def layer_ratios(shapes: list[tuple[int, int, int]], batch: int, repeats: int) -
                 conv.weight.mul_(mask)
             x = (torch.rand(batch, c_in, size, size) < SPIKE_RATE).float().contiguous(memory_format=torch.channels_last)
             grad = torch.randn(batch, c_out, size, size).contiguous(memory_format=torch.channels_last)
-            execution = SparseExecution(conv, Masks({"weight": conv.weight}, {"weight": mask}), "on", "cpu", False)
+            execution = SparseExecution(conv, Masks({"weight": conv.weight}, {"weight": mask}), "on", "cpu")
             execution.available = ("numba",)
             execution.rebuild()
             dense_layer = execution.layers["weight"]
@@ -84,7 +84,7 @@ def step_ratio(batch: int, timesteps: int, steps: int, sparsity: float) -> float
     masks.apply()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     images, labels = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    execution = SparseExecution(model, masks, "auto", "cpu", False)
+    execution = SparseExecution(model, masks, "auto", "cpu")
     started = time.perf_counter()
     kernels = execution.rebuild()
     rebuild_s = time.perf_counter() - started

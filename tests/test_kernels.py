@@ -20,28 +20,26 @@ TOL = 2e-5
 NUMBA_CROSS = KERNELS["numba"].crossover_density
 
 
-@pytest.mark.parametrize(("mode", "density", "device", "amp", "available", "expected"), [
-    ("off", 0.01, "cpu", False, ("numba", "torch-sparse"), DENSE),
-    ("auto", 0.01, "cpu", False, ("numba", "torch-sparse"), "numba"),
-    ("auto", NUMBA_CROSS, "cpu", False, ("numba", "torch-sparse"), "numba"),
-    ("auto", 0.5, "cpu", False, ("numba", "torch-sparse"), DENSE),           # above the crossover
-    ("auto", 0.01, "cpu", False, ("torch-sparse",), DENSE),                  # fallback never auto
-    ("auto", 0.01, "cpu", True, ("numba", "torch-sparse"), DENSE),           # bf16 autocast: dense
-    ("auto", 0.01, "cuda", False, ("numba", "torch-sparse"), DENSE),         # no CUDA kernel
-    ("on", 0.9, "cpu", False, ("numba", "torch-sparse"), "numba"),
-    ("on", 0.01, "cpu", False, ("torch-sparse",), "torch-sparse"),           # fallback without numba
-    ("on", 0.01, "cuda", False, ("numba", "torch-sparse"), DENSE),
-    ("on", 0.01, "cpu", True, ("numba", "torch-sparse"), DENSE),
-    ("on", 0.01, "cpu", False, (), DENSE),
+@pytest.mark.parametrize(("mode", "density", "device", "available", "expected"), [
+    ("off", 0.01, "cpu", ("numba", "torch-sparse"), DENSE),
+    ("auto", 0.01, "cpu", ("numba", "torch-sparse"), "numba"),
+    ("auto", NUMBA_CROSS, "cpu", ("numba", "torch-sparse"), "numba"),
+    ("auto", 0.5, "cpu", ("numba", "torch-sparse"), DENSE),           # above the crossover
+    ("auto", 0.01, "cpu", ("torch-sparse",), DENSE),                  # fallback never auto
+    ("auto", 0.01, "cuda", ("numba", "torch-sparse"), DENSE),         # no CUDA kernel
+    ("on", 0.9, "cpu", ("numba", "torch-sparse"), "numba"),
+    ("on", 0.01, "cpu", ("torch-sparse",), "torch-sparse"),           # fallback without numba
+    ("on", 0.01, "cuda", ("numba", "torch-sparse"), DENSE),
+    ("on", 0.01, "cpu", (), DENSE),
 ])
-def test_choose_follows_the_dispatch_table(mode, density, device, amp, available, expected) -> None:
-    assert choose(mode, density, device, amp, available) == expected
+def test_choose_follows_the_dispatch_table(mode, density, device, available, expected) -> None:
+    assert choose(mode, density, device, available) == expected
 
 
 def test_choose_rejects_an_unknown_mode() -> None:
     assert set(SPARSE_KERNEL_MODES) == {"auto", "on", "off"}
     with pytest.raises(ValueError, match="unknown sparse_kernels mode"):
-        choose("fast", 0.1, "cpu", False, ())
+        choose("fast", 0.1, "cpu", ())
 
 
 def test_layout_lists_the_mask_positions_by_output_and_by_input_channel() -> None:
@@ -101,7 +99,7 @@ def test_sparse_conv_matches_masked_dense(kernel, case, memory_format, spikes) -
     x = (x < 0.3).float() if spikes else x
     x = x.contiguous(memory_format=memory_format)
     dense = _run(conv, x, spikes)
-    execution = SparseExecution(conv, masks, "on", "cpu", amp=False)
+    execution = SparseExecution(conv, masks, "on", "cpu")
     execution.available = (kernel,)
     assert execution.rebuild() == {"weight": kernel}
     sparse = _run(conv, x, spikes)
@@ -127,7 +125,7 @@ def test_sparse_linear_matches_masked_dense(kernel, spikes) -> None:
     x = torch.rand(16, 40)
     x = (x < 0.2).float() if spikes else x
     dense = _run(linear, x, spikes)
-    execution = SparseExecution(linear, masks, "on", "cpu", amp=False)
+    execution = SparseExecution(linear, masks, "on", "cpu")
     execution.available = (kernel,)
     execution.rebuild()
     sparse = _run(linear, x, spikes)
@@ -138,16 +136,58 @@ def test_sparse_linear_matches_masked_dense(kernel, spikes) -> None:
     _close(_run(linear, x, spikes)[2], dense[2])
 
 
-def test_autocast_falls_back_to_the_dense_forward() -> None:
-    conv = nn.Conv2d(4, 4, 3, padding=1)
-    masks = _masked_layer(conv, 0.1, 0)
-    execution = SparseExecution(conv, masks, "on", "cpu", amp=False)
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+def test_bf16_autocast_runs_the_kernel_and_matches_the_dense_autocast_path(kernel) -> None:
+    """Under CPU bf16 autocast the kernel computes in fp32 and returns bf16, as autocast's conv does:
+    output and gradients equal the dense autocast path's within bf16 rounding (oneDNN rounds the
+    weights to bf16 too; the kernel does not), and the gradients reach fp32 parameters."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1).to(memory_format=torch.channels_last)
+    masks = _masked_layer(conv, 0.3, 4)
+    x = (torch.rand(10, 8, 9, 9) < 0.3).float().contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(10, 12, 9, 9)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        conv.zero_grad()
+        inputs = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), saving_spikes_as_bool():
+            out = conv(mark_spikes(inputs.to(torch.bfloat16)))
+        out.backward(grad.to(out.dtype))
+        return out.detach(), inputs.grad, conv.weight.grad.clone(), conv.bias.grad.clone()
+
+    dense = run()
+    execution = SparseExecution(conv, masks, "on", "cpu")
+    execution.available = (kernel,)
     execution.rebuild()
-    x = torch.rand(2, 4, 5, 5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = conv(x)
-    assert out.dtype == torch.bfloat16 and execution.layers["weight"].calls == 0
-    assert SparseExecution(conv, masks, "on", "cpu", amp=True).rebuild() == {"weight": DENSE}
+    sparse = run()
+    assert execution.layers["weight"].calls == 1
+    assert sparse[0].dtype == torch.bfloat16 and sparse[1].dtype == torch.float32
+    for name, a, b in zip(("out", "grad_x", "grad_b"), sparse[:2] + sparse[3:], dense[:2] + dense[3:], strict=True):
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max(), name
+    expected_w = dense[2] * masks.masks["weight"]
+    assert (sparse[2] - expected_w).abs().max() <= 2e-2 * expected_w.abs().max()
+    assert not sparse[2][~masks.masks["weight"]].any()
+
+
+def test_a_dense_layer_is_clocked_forward_and_backward(monkeypatch) -> None:
+    """A layer on the dense path adds its forward time and, through the clocks on its output and weight,
+    its backward node's time (started when its output's gradient arrives, stopped at its weight's)."""
+    import ndsnn_cli.kernels.execution as execution_module
+
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    execution = SparseExecution(conv, _masked_layer(conv, 0.5, 0), "off", "cpu")
+    execution.rebuild()
+    ticks = iter(range(100))
+    monkeypatch.setattr(execution_module.time, "perf_counter", lambda: float(next(ticks)))
+    out = conv(torch.rand(2, 3, 5, 5))
+    layer = execution.layers["weight"]
+    assert layer.dense_s == 1.0 and layer.calls == 0                 # forward: ticks 0 -> 1
+    out.sum().backward()
+    assert layer.dense_s == 2.0 and layer._clock == 0.0              # backward: ticks 2 -> 3
+    assert conv.weight.grad is not None and layer.sparse_s == 0.0
+    with torch.no_grad():
+        conv(torch.rand(2, 3, 5, 5))                                  # evaluation is not clocked
+    assert layer.dense_s == 2.0
 
 
 @pytest.mark.skipif("numba" not in KERNEL_NAMES, reason="numba not installed")
@@ -209,7 +249,7 @@ def test_spiking_cnn_spikes_and_gradients_match_layer_by_layer(kernel) -> None:
     masks.apply()
     images = torch.rand(8, 1, 16, 16)
     dense = _spiking_model_step(model, images)
-    execution = SparseExecution(model, masks, "on", "cpu", amp=False)
+    execution = SparseExecution(model, masks, "on", "cpu")
     execution.available = (kernel,)
     assert set(execution.rebuild().values()) == {kernel}
     sparse = _spiking_model_step(model, images)
@@ -241,6 +281,15 @@ def test_ndsnn_run_on_sparse_kernels_matches_the_dense_run(tiny_recipe, tmp_path
     (s_off, m_off, c_off), (s_on, m_on, c_on) = runs["off"], runs["on"]
     assert s_off["sparse_kernels"]["sparse_layers"] == 0
     assert s_on["sparse_kernels"]["sparse_layers"] == 4 and s_on["sparse_kernels"]["rebuilds"] == 3
+    # where the time went: every training call on the dense path (off) or on the kernels (on, all layers)
+    assert s_off["sparse_kernels"]["sparse_layers_s"] == 0 and s_off["sparse_kernels"]["dense_layers_s"] > 0
+    assert s_on["sparse_kernels"]["dense_layers_s"] == 0 and s_on["sparse_kernels"]["sparse_layers_s"] > 0
+    for summary in (s_off, s_on):
+        kernels, per_layer = summary["sparse_kernels"], summary["sparse_kernels"]["layer_s"].values()
+        assert sum(t["sparse"] for t in per_layer) == pytest.approx(kernels["sparse_layers_s"])
+        assert sum(t["dense"] for t in per_layer) == pytest.approx(kernels["dense_layers_s"])
+        assert all(t["sparse"] + t["dense"] > 0 for t in per_layer)
+        assert kernels["sparse_layers_s"] + kernels["dense_layers_s"] < summary["wall_time_s"]
     assert set(m_on[0]["kernels"].values()) == {"numba"}
     updates_off = [r["layers"] for r in m_off if r["kind"] == "mask_update"]
     updates_on = [r["layers"] for r in m_on if r["kind"] == "mask_update"]

@@ -29,12 +29,13 @@ class KernelInfo:
 
 
 # Crossovers measured on the 2-core development machine (benchmarks/sparse_step.py, fwd + both grads,
-# VGG-16 shapes, batch 160, under contention): the numba kernel won at density 0.05 and below on every
-# shape measured and lost at 0.10 on 64->64 at 32x32 (1.2x); 0.07 until a quiet re-measurement.
+# VGG-16 shapes, batch 160 = 32 x T5, spike rate 0.15, layout transposes included): the numba kernel ran
+# at 0.68-0.93x dense at density 0.15 on the shapes measured (64->64 @32, 128->128 @16, 256->256 @8,
+# 512->512 @2), at 0.91-1.09x at 0.20 and 1.31-1.40x at 0.30 (0.46x on 512->512 @2); so 0.15.
 # The pure-torch kernel (torch.sparse per kernel offset) is the always-available fallback for "on";
 # plain torch.sparse ops measured 0.7-5.4x *slower* than dense at 99% (issue 14), so auto skips it.
 KERNELS: dict[str, KernelInfo] = {
-    "numba": KernelInfo("numba", ("cpu",), "numba", 0.07, True),
+    "numba": KernelInfo("numba", ("cpu",), "numba", 0.15, True),
     "torch-sparse": KernelInfo("torch-sparse", ("cpu",), None, 0.0, False),
 }
 PREFERENCE = ("numba", "torch-sparse")  # for "on": the first available kernel
@@ -46,16 +47,16 @@ def available_kernels() -> tuple[str, ...]:
                  if KERNELS[name].requires is None or importlib.util.find_spec(KERNELS[name].requires) is not None)
 
 
-def choose(mode: str, density: float, device_type: str, amp: bool, available: Collection[str]) -> str:
+def choose(mode: str, density: float, device_type: str, available: Collection[str]) -> str:
     """The kernel a layer at `density` runs: a name from KERNELS, or "dense".
 
-    off -> dense. Mixed precision (bf16/fp16 autocast) -> dense: the kernels compute in fp32 only.
-    on -> the first available kernel for the device, dense if none. auto -> the first available kernel
-    that auto may pick, for the device, with the layer at or below its crossover density; else dense.
+    off -> dense. on -> the first available kernel for the device, dense if none. auto -> the first
+    available kernel that auto may pick, for the device, with the layer at or below its crossover
+    density; else dense. Under autocast the kernels still compute in fp32 (`execution.sparse_forward`).
     """
     if mode not in SPARSE_KERNEL_MODES:
         raise ValueError(f"unknown sparse_kernels mode {mode!r} (known: {', '.join(SPARSE_KERNEL_MODES)})")
-    if mode == "off" or amp:
+    if mode == "off":
         return DENSE
     for name in PREFERENCE:
         info = KERNELS[name]

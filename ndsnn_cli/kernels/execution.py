@@ -1,9 +1,11 @@
 """Run a model's conv and linear layers on sparse kernels: an autograd Function and the per-model plan.
 
-`SparseExecution(model, masks, mode, device_type, amp)` replaces the `forward` of every sparse layer
+`SparseExecution(model, masks, mode, device_type)` replaces the `forward` of every sparse layer
 (state_dict and parameters unchanged) by one that runs the kernel `choose` picked for it, or the
 module's own dense forward. `rebuild()` re-decides and rebuilds the layouts (after every mask update,
 never per step); `dense_weight_grad` asks for the dense weight gradient (drop-and-grow update steps).
+While training on the CPU it also clocks each layer's forward + backward, by the path it took
+(`summary()["sparse_layers_s"]` / `["dense_layers_s"]`): where a sparse run's wall time goes.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ndsnn_cli.kernels import DENSE, available_kernels, choose
 from ndsnn_cli.kernels.layout import TapLayout, build_layout
-from ndsnn_cli.snn.neuron import is_spikes
+from ndsnn_cli.snn.neuron import is_spikes, mark_spikes
 
 
 def create_kernel(name: str) -> Any:
@@ -47,6 +50,9 @@ class SparseLayer:
     pad: int = 0
     dense_weight_grad: bool = False
     calls: int = field(default=0)
+    sparse_s: float = 0.0    # forward + backward time of the training calls, on the sparse kernel
+    dense_s: float = 0.0     # ... and on the dense path
+    _clock: float = 0.0      # a dense backward's start (set by `_BackwardClock` on the output)
 
     @property
     def active(self) -> bool:
@@ -99,6 +105,7 @@ class _SparseLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
                 layer: SparseLayer) -> torch.Tensor:
+        started = time.perf_counter()
         layout = layer.layout
         x_bl = to_batch_last(x, layer.kernel)                                   # (Ci, H, W, N)
         h_out = (x_bl.shape[1] + 2 * layer.pad - layout.shape[2]) // layer.stride + 1
@@ -110,10 +117,14 @@ class _SparseLayerFunction(torch.autograd.Function):
         ctx.save_for_backward(x_bl, values)
         ctx.layer, ctx.x_meta = layer, (x.dim(), x.is_contiguous(memory_format=torch.channels_last))
         ctx.weight_meta, ctx.has_bias = weight, bias is not None
-        return from_batch_last(out, x, layer.kernel)
+        out = from_batch_last(out, x, layer.kernel)
+        if torch.is_grad_enabled():
+            layer.sparse_s += time.perf_counter() - started
+        return out
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        started = time.perf_counter()
         x_bl, values = ctx.saved_tensors
         layer, layout = ctx.layer, ctx.layer.layout
         gy = to_batch_last(grad_output.float(), layer.kernel)                    # (Co, Ho, Wo, N)
@@ -133,7 +144,42 @@ class _SparseLayerFunction(torch.autograd.Function):
                     weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy.sum((1, 2, 3))
+        layer.sparse_s += time.perf_counter() - started
         return grad_x, grad_w, grad_b, None
+
+
+class _BackwardClock(torch.autograd.Function):
+    """Identity; in backward it starts (`start=True`, on a dense layer's output) or stops (on its weight,
+    whose gradient the layer's backward node computes last) the layer's dense backward clock."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, layer: SparseLayer, start: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer, ctx.start = layer, start
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        layer = ctx.layer
+        if ctx.start:
+            layer._clock = time.perf_counter()
+        elif layer._clock:
+            layer.dense_s += time.perf_counter() - layer._clock
+            layer._clock = 0.0
+        return grad, None, None
+
+
+def _timed_dense_forward(layer: SparseLayer, x: torch.Tensor) -> torch.Tensor:
+    """The module's dense forward, its forward and backward time added to `layer.dense_s`."""
+    module = layer.module
+    started = time.perf_counter()
+    weight = _BackwardClock.apply(module.weight, layer, False)
+    if isinstance(module, nn.Conv2d):
+        out = module._conv_forward(x, weight, module.bias)
+    else:
+        out = F.linear(x, weight, module.bias)
+    out = _BackwardClock.apply(out, layer, True)
+    layer.dense_s += time.perf_counter() - started
+    return out
 
 
 def _like(meta: tuple[int, bool]) -> torch.Tensor:
@@ -161,23 +207,33 @@ def _dense_weight_grad(layer: SparseLayer, grad_output: torch.Tensor, x_bl: torc
 
 
 def sparse_forward(layer: SparseLayer, x: torch.Tensor) -> torch.Tensor:
-    """The layer's forward: its sparse kernel when one is planned and the call fits it (fp32 CPU input,
-    no autocast), else the module's own dense forward."""
+    """The layer's forward: its sparse kernel when one is planned and the call fits it (an fp32 or bf16
+    CPU input, fp32 weights), else the module's own dense forward. Under CPU autocast the kernel
+    computes in fp32 from the same values (spikes are exact in bf16) and returns the autocast dtype,
+    as the dense op would. Training calls on the CPU are clocked (`SparseLayer.sparse_s` / `dense_s`)."""
     module = layer.module
-    if (not layer.active or x.device.type != "cpu" or x.dtype != torch.float32
-            or torch.is_autocast_enabled("cpu") or module.weight.dtype != torch.float32):
+    fits = (layer.active and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and module.weight.dtype == torch.float32)
+    if not fits:
+        if x.device.type == "cpu" and torch.is_grad_enabled() and module.weight.requires_grad:
+            return _timed_dense_forward(layer, x)
         return type(module).forward(module, x)
     layer.calls += 1
     if x.dim() > 2 and isinstance(module, nn.Linear):  # [..., F]: the kernel takes [N, F]
         return sparse_forward(layer, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
-    return _SparseLayerFunction.apply(x, module.weight, module.bias, layer)
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    if x.dtype != torch.float32:
+        x = mark_spikes(x.float()) if is_spikes(x) else x.float()
+    with torch.autocast("cpu", enabled=False):  # the torch-sparse kernel's ops must not run in bf16
+        out = _SparseLayerFunction.apply(x, module.weight, module.bias, layer)
+    return out.to(autocast) if autocast is not None else out
 
 
 class SparseExecution:
     """The sparse-kernel plan of one model: which layers run which kernel, rebuilt at mask updates."""
 
-    def __init__(self, model: nn.Module, masks: Any, mode: str, device_type: str, amp: bool) -> None:
-        self.masks, self.mode, self.device_type, self.amp = masks, mode, device_type, amp
+    def __init__(self, model: nn.Module, masks: Any, mode: str, device_type: str) -> None:
+        self.masks, self.mode, self.device_type = masks, mode, device_type
         self.available = available_kernels()
         self.rebuild_s = 0.0
         self.rebuilds = 0
@@ -199,7 +255,7 @@ class SparseExecution:
         for name, layer in self.layers.items():
             mask = self.masks.masks[name]
             density = float(mask.sum()) / mask.numel()
-            layer.kernel_name = choose(self.mode, density, self.device_type, self.amp, self.available)
+            layer.kernel_name = choose(self.mode, density, self.device_type, self.available)
             if layer.kernel_name == DENSE:
                 layer.kernel, layer.layout = None, None
                 continue
@@ -227,4 +283,8 @@ class SparseExecution:
         kernels = self.assignment()
         return {"mode": self.mode, "available": list(self.available), "layers": kernels,
                 "sparse_layers": sum(k != DENSE for k in kernels.values()), "rebuilds": self.rebuilds,
-                "rebuild_s": self.rebuild_s}
+                "rebuild_s": self.rebuild_s,
+                "sparse_layers_s": sum(layer.sparse_s for layer in self.layers.values()),
+                "dense_layers_s": sum(layer.dense_s for layer in self.layers.values()),
+                "layer_s": {name: {"sparse": layer.sparse_s, "dense": layer.dense_s}
+                            for name, layer in self.layers.items()}}
