@@ -4,17 +4,28 @@
 
 Per layer: one training pass (forward + input and weight gradients) of each VGG-16 conv shape on a
 batch of T*B = 160 spike maps (15% ones, marked as spikes as the trainer's fused path does), at
-densities 0.10 / 0.05 / 0.01, the layer's own dense forward (oneDNN, channels-last) against the
-"numba" kernel on the same weights. Whole step: VGG-16 at 0.99 (ERK masks), forward + backward + SGD +
-mask re-apply, dense and sparse steps alternating in one process (median per-pair ratio; the machine's
-speed drifts). Also the layout rebuild time of one mask update. Needs numba (`pip install '.[kernels]'`).
+densities 0.30 ... 0.01, the layer's own dense forward (oneDNN, channels-last) against the "numba"
+kernel on the same weights, layout transposes in and out included. Whole step: VGG-16 and ResNet-19 at
+0.99 (ERK masks), forward + backward + SGD + mask re-apply, dense and sparse steps alternating in one
+process (median per-pair ratio; the machine's speed drifts); the layout rebuild of one mask update;
+and each side's peak RSS over 3 steps in a child process of its own. `--quick`: 3 shapes, VGG-16 only,
+no memory. The full run also writes its tables into benchmarks/README.md (between the
+`sparse_step` markers). Needs numba (`pip install '.[kernels]'`).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import os
+import re
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from contextlib import redirect_stdout
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,7 +33,10 @@ from torch import nn
 SHAPES = [(64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4),
           (512, 512, 4), (512, 512, 2)]  # (c_in, c_out, input size) of VGG-16's convs at CIFAR-10
 QUICK_SHAPES = [(64, 64, 32), (256, 256, 8), (512, 512, 4)]
-DENSITIES = (0.10, 0.05, 0.01)
+DENSITIES = (0.30, 0.20, 0.10, 0.05, 0.01)
+QUICK_DENSITIES = (0.10, 0.05, 0.01)
+README = Path(__file__).with_name("README.md")
+MARKERS = ("<!-- sparse_step:begin -->", "<!-- sparse_step:end -->")
 SPIKE_RATE = 0.15
 
 
@@ -37,15 +51,15 @@ def _pass(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor) -> float:
     return time.perf_counter() - started
 
 
-def layer_ratios(shapes: list[tuple[int, int, int]], batch: int, repeats: int) -> None:
+def layer_ratios(shapes: list[tuple[int, int, int]], densities: tuple[float, ...], batch: int, repeats: int) -> None:
     from ndsnn_cli.kernels.execution import SparseExecution
     from ndsnn_cli.sparse.masks import Masks
 
     print(f"per layer, fwd + both grads, batch {batch}, spike rate {SPIKE_RATE}: sparse/dense time")
-    print("  shape              " + "  ".join(f"d={d:.2f}" for d in DENSITIES))
+    print("  shape              " + "  ".join(f"d={d:.2f}" for d in densities))
     for c_in, c_out, size in shapes:
         row = []
-        for density in DENSITIES:
+        for density in densities:
             conv = nn.Conv2d(c_in, c_out, 3, padding=1).to(memory_format=torch.channels_last)
             mask = torch.rand(conv.weight.shape) < density
             with torch.no_grad():
@@ -67,14 +81,14 @@ def layer_ratios(shapes: list[tuple[int, int, int]], batch: int, repeats: int) -
         print(f"  {c_in:>3}->{c_out:<3} @{size:>2}x{size:<2}     " + "    ".join(f"{r:5.2f}x" for r in row))
 
 
-def step_ratio(batch: int, timesteps: int, steps: int, sparsity: float) -> float:
+def _step_setup(arch: str, batch: int, timesteps: int, sparsity: float):  # noqa: ANN202
+    """A channels-last model at `sparsity` (random ERK masks), its optimizer, a batch, and the kernel plan."""
     from ndsnn_cli.kernels.execution import SparseExecution
     from ndsnn_cli.snn.models import NeuronConfig, create_model
     from ndsnn_cli.sparse.masks import Masks, layer_counts, random_mask, sparse_parameter_names
-    from ndsnn_cli.train import spiking_loss
 
     torch.manual_seed(0)
-    model = create_model("vgg16", num_classes=10, in_channels=3, image_size=32, neuron=NeuronConfig(timesteps))
+    model = create_model(arch, num_classes=10, in_channels=3, image_size=32, neuron=NeuronConfig(timesteps))
     model = model.to(memory_format=torch.channels_last).train()
     params = dict(model.named_parameters())
     weights = {n: params[n] for n in sparse_parameter_names(model)}
@@ -85,6 +99,13 @@ def step_ratio(batch: int, timesteps: int, steps: int, sparsity: float) -> float
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     images, labels = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     execution = SparseExecution(model, masks, "auto", "cpu")
+    return model, masks, optimizer, images, labels, execution
+
+
+def step_ratio(arch: str, batch: int, timesteps: int, steps: int, sparsity: float) -> float:
+    from ndsnn_cli.train import spiking_loss
+
+    model, masks, optimizer, images, labels, execution = _step_setup(arch, batch, timesteps, sparsity)
     started = time.perf_counter()
     kernels = execution.rebuild()
     rebuild_s = time.perf_counter() - started
@@ -107,24 +128,92 @@ def step_ratio(batch: int, timesteps: int, steps: int, sparsity: float) -> float
             pairs.append(sparse / dense)
             dense_s.append(dense)
             sparse_s.append(sparse)
-    print(f"vgg16 step at {sparsity}: {len(sparse_layers)}/{len(kernels)} layers sparse; dense "
+    print(f"{arch} step at {sparsity}: {len(sparse_layers)}/{len(kernels)} layers sparse; dense "
           f"{statistics.median(dense_s):.3f} s, sparse {statistics.median(sparse_s):.3f} s (median of {steps}); "
           f"layout rebuild of one mask update {rebuild_s * 1e3:.1f} ms")
     return statistics.median(pairs)
 
 
+def memory_side(arch: str, mode: str, batch: int, timesteps: int, sparsity: float) -> None:
+    """Child process: 3 training steps on one side; prints the peak RSS (MiB) and the RSS before them."""
+    from ndsnn_cli.train import spiking_loss
+
+    model, masks, optimizer, images, labels, execution = _step_setup(arch, batch, timesteps, sparsity)
+    execution.mode = mode
+    execution.rebuild()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=False)
+        spiking_loss(model(images), labels).backward()
+        optimizer.step()
+        masks.apply(optimizer)
+    print(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} {before:.0f}")
+
+
+def peak_memory(arch: str, args: argparse.Namespace) -> None:
+    peaks = {}
+    for mode in ("off", "auto"):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.sparse_step", "--memory-side", mode, "--models", arch,
+                              "--batch", str(args.batch), "--timesteps", str(args.timesteps),
+                              "--threads", str(args.threads)], capture_output=True, text=True, check=True,
+                             env={**os.environ, "MALLOC_MMAP_MAX_": os.environ.get("MALLOC_MMAP_MAX_", "0"),
+                                  "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_", "68719476736")})
+        peaks[mode] = [float(v) for v in out.stdout.split()[-2:]]
+    (dense, dense_before), (sparse, sparse_before) = peaks["off"], peaks["auto"]
+    print(f"{arch} peak RSS over 3 steps at 0.99: dense {dense:.0f} MiB (before {dense_before:.0f}), sparse "
+          f"{sparse:.0f} MiB (before {sparse_before:.0f}): {sparse / dense:.2f}x")
+
+
+def write_readme(text: str) -> None:
+    """Put the full run's output between the README's markers (atomically)."""
+    from ndsnn_cli.atomic import write_text
+
+    readme = README.read_text()
+    begin, end = MARKERS
+    block = f"{begin}\n```\n{text.rstrip()}\n```\n{end}"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    readme = pattern.sub(lambda _: block, readme) if pattern.search(readme) else readme.rstrip() + "\n\n" + block + "\n"
+    write_text(README, readme)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 layer shapes, 1 repeat, 2 steps (< 60 s)")
+    parser.add_argument("--quick", action="store_true", help="3 layer shapes, 1 repeat, VGG-16, 2 steps (< 60 s)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--timesteps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--models", default="vgg16,resnet19")
+    parser.add_argument("--memory-side", choices=("off", "auto"), help=argparse.SUPPRESS)  # peak_memory's child
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    layer_ratios(QUICK_SHAPES if args.quick else SHAPES, args.batch * args.timesteps, 1 if args.quick else 3)
-    ratio = step_ratio(args.batch, args.timesteps, 2 if args.quick else args.steps, 0.99)
-    print(f"sparse/dense step at 0.99: {ratio:.2f}x (vgg16)")
+    if args.memory_side:
+        memory_side(args.models, args.memory_side, args.batch, args.timesteps, 0.99)
+        return
+    if args.quick:
+        layer_ratios(QUICK_SHAPES, QUICK_DENSITIES, args.batch * args.timesteps, 1)
+        ratio = step_ratio("vgg16", args.batch, args.timesteps, 2, 0.99)
+        print(f"sparse/dense step at 0.99: {ratio:.2f}x (vgg16)")
+        return
+    captured = io.StringIO()
+
+    class Tee(io.TextIOBase):
+        def write(self, text: str) -> int:
+            sys.__stdout__.write(text)
+            sys.__stdout__.flush()
+            return captured.write(text)
+
+    with redirect_stdout(Tee()):
+        print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {args.threads} threads, "
+              f"torch {torch.__version__}, batch {args.batch}, T {args.timesteps}")
+        layer_ratios(SHAPES, DENSITIES, args.batch * args.timesteps, 3)
+        ratios = {}
+        for arch in args.models.split(","):
+            ratios[arch] = step_ratio(arch, args.batch, args.timesteps, args.steps, 0.99)
+            peak_memory(arch, args)
+        for arch, ratio in ratios.items():
+            print(f"sparse/dense step at 0.99: {ratio:.2f}x ({arch})")
+    write_readme(captured.getvalue())
 
 
 if __name__ == "__main__":

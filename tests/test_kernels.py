@@ -169,6 +169,28 @@ def test_bf16_autocast_runs_the_kernel_and_matches_the_dense_autocast_path(kerne
     assert not sparse[2][~masks.masks["weight"]].any()
 
 
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_a_forward_without_autograd_runs_in_chunks_with_the_same_numbers(kernel, layer, monkeypatch) -> None:
+    """Evaluation (no autograd) runs the batch in chunks written into the result: bit-identical to the
+    training forward (each output sums its taps in the same order), in the input's memory format."""
+    import ndsnn_cli.kernels.execution as execution_module
+
+    torch.manual_seed(0)
+    module = nn.Conv2d(6, 16, 3, stride=2, padding=1) if layer == "conv" else nn.Linear(30, 7)
+    masks = _masked_layer(module, 0.3, 5)
+    x = torch.rand(10, 6, 9, 9).contiguous(memory_format=torch.channels_last) if layer == "conv" else torch.rand(10, 30)
+    execution = SparseExecution(module, masks, "on", "cpu")
+    execution.available = (kernel,)
+    execution.rebuild()
+    trained = module(x)
+    monkeypatch.setattr(execution_module, "INFERENCE_CHUNK", 3)  # 10 samples: chunks of 3, 3, 3, 1
+    with torch.no_grad():
+        evaluated = module(x)
+    assert torch.equal(evaluated, trained.detach()) and execution.layers["weight"].calls == 2
+    assert evaluated.stride() == trained.stride()
+
+
 def test_a_dense_layer_is_clocked_forward_and_backward(monkeypatch) -> None:
     """A layer on the dense path adds its forward time and, through the clocks on its output and weight,
     its backward node's time (started when its output's gradient arrives, stopped at its weight's)."""

@@ -77,24 +77,53 @@ def _as_cpn(t: torch.Tensor) -> torch.Tensor:
     return t.permute(1, 2, 3, 0).reshape(t.shape[1], t.shape[2] * t.shape[3], t.shape[0])  # a view here
 
 
-def to_batch_last(x: torch.Tensor, kernel: Any) -> torch.Tensor:
+def to_batch_last(x: torch.Tensor, kernel: Any, spikes: bool | None = None) -> torch.Tensor:
     """[N, C, H, W] (any memory format) or [N, F] -> contiguous [C, H, W, N] ([F, 1, 1, N]); spike maps
-    as uint8 (0/1 exactly: the kernels then read 1 byte per input and backward keeps 1 byte)."""
-    dtype = torch.uint8 if is_spikes(x) else torch.float32
+    (`spikes`, by default `is_spikes(x)`) as uint8 (0/1 exactly: the kernels then read 1 byte per input
+    and backward keeps 1 byte)."""
+    dtype = torch.uint8 if (is_spikes(x) if spikes is None else spikes) else torch.float32
     shape = (x.shape[1], 1, 1, x.shape[0]) if x.dim() == 2 else (x.shape[1], x.shape[2], x.shape[3], x.shape[0])
     y = torch.empty(shape, dtype=dtype)
     kernel.copy(_as_cpn(x), y.view(shape[0], shape[1] * shape[2], shape[3]))
     return y
 
 
+def _result_like(like: torch.Tensor, channels: int, height: int, width: int, batch: int) -> torch.Tensor:
+    """An empty layer result `[N, C, H, W]` in the memory format of `like` (`[N, C]` for a linear layer)."""
+    if like.dim() == 2:
+        return torch.empty(batch, channels)
+    fmt = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return torch.empty(batch, channels, height, width, memory_format=fmt)
+
+
 def from_batch_last(y: torch.Tensor, like: torch.Tensor, kernel: Any) -> torch.Tensor:
     """Inverse of `to_batch_last` for a result, in the memory format of `like` (the layer's input)."""
-    if like.dim() == 2:
-        out = torch.empty(y.shape[3], y.shape[0])
-    else:
-        fmt = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        out = torch.empty(y.shape[3], y.shape[0], y.shape[1], y.shape[2], memory_format=fmt)
+    out = _result_like(like, *y.shape)
     kernel.copy(y.view(y.shape[0], y.shape[1] * y.shape[2], y.shape[3]), _as_cpn(out))
+    return out
+
+
+INFERENCE_CHUNK = 256  # samples per kernel call without autograd: bounds the layout copies' extra memory
+
+
+def _sparse_inference(layer: SparseLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The forward alone (no autograd: evaluation), in chunks of the batch, each written straight into
+    its slice of the result: the batch-last copies then cost a chunk's memory, not a second copy of an
+    evaluation batch's activations (512 x T images) next to the dense-layout result."""
+    layout, kernel = layer.layout, layer.kernel
+    spikes = is_spikes(x)
+    values = layout.values(layer.module.weight)
+    bias_values = bias.detach().float().contiguous() if bias is not None else torch.zeros(layout.shape[0])
+    out = None
+    for start in range(0, x.shape[0], INFERENCE_CHUNK):
+        x_bl = to_batch_last(x[start:start + INFERENCE_CHUNK], kernel, spikes)
+        h_out = (x_bl.shape[1] + 2 * layer.pad - layout.shape[2]) // layer.stride + 1
+        w_out = (x_bl.shape[2] + 2 * layer.pad - layout.shape[3]) // layer.stride + 1
+        out_bl = torch.empty(layout.shape[0], h_out, w_out, x_bl.shape[3])
+        kernel.forward(x_bl, values, bias_values, layout, layer.stride, layer.pad, out_bl)
+        if out is None:
+            out = _result_like(x, *out_bl.shape[:3], x.shape[0])
+        kernel.copy(out_bl.view(out_bl.shape[0], -1, out_bl.shape[3]), _as_cpn(out[start:start + out_bl.shape[3]]))
     return out
 
 
@@ -225,7 +254,10 @@ def sparse_forward(layer: SparseLayer, x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32:
         x = mark_spikes(x.float()) if is_spikes(x) else x.float()
     with torch.autocast("cpu", enabled=False):  # the torch-sparse kernel's ops must not run in bf16
-        out = _SparseLayerFunction.apply(x, module.weight, module.bias, layer)
+        if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
+            out = _SparseLayerFunction.apply(x, module.weight, module.bias, layer)
+        else:
+            out = _sparse_inference(layer, x, module.bias)
     return out.to(autocast) if autocast is not None else out
 
 
