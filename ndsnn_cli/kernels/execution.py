@@ -158,11 +158,8 @@ class _SparseLayerFunction(torch.autograd.Function):
         layer, layout = ctx.layer, ctx.layer.layout
         gy = to_batch_last(grad_output.float(), layer.kernel)                    # (Co, Ho, Wo, N)
         grad_x = grad_w = grad_b = None
-        like = _like(ctx.x_meta)
-        if ctx.needs_input_grad[0]:
-            grad_bl = torch.empty(x_bl.shape, dtype=torch.float32)
-            layer.kernel.input_grad(gy, values, layout, layer.stride, layer.pad, grad_bl)
-            grad_x = from_batch_last(grad_bl, like, layer.kernel)
+        # Weight and bias gradients first, so gy is freed before the input gradient's layout copy: three
+        # activation-sized tensors live at once (grad_output, grad_bl, grad_x), as in a dense backward + 1.
         if ctx.needs_input_grad[1]:
             weight = ctx.weight_meta
             if layer.dense_weight_grad:
@@ -173,6 +170,11 @@ class _SparseLayerFunction(torch.autograd.Function):
                     weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy.sum((1, 2, 3))
+        if ctx.needs_input_grad[0]:
+            grad_bl = torch.empty(x_bl.shape, dtype=torch.float32)
+            layer.kernel.input_grad(gy, values, layout, layer.stride, layer.pad, grad_bl)
+            del gy
+            grad_x = from_batch_last(grad_bl, _like(ctx.x_meta), layer.kernel)
         layer.sparse_s += time.perf_counter() - started
         return grad_x, grad_w, grad_b, None
 
