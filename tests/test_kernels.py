@@ -212,6 +212,26 @@ def test_a_dense_layer_is_clocked_forward_and_backward(monkeypatch) -> None:
     assert layer.dense_s == 2.0
 
 
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+def test_a_sparse_layer_is_clocked_forward_and_backward(kernel, monkeypatch) -> None:
+    import ndsnn_cli.kernels.execution as execution_module
+
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    execution = SparseExecution(conv, _masked_layer(conv, 0.5, 0), "on", "cpu")
+    execution.available = (kernel,)
+    execution.rebuild()
+    ticks = iter(range(100))
+    monkeypatch.setattr(execution_module.time, "perf_counter", lambda: float(next(ticks)))
+    out = conv(torch.rand(2, 3, 5, 5))
+    layer = execution.layers["weight"]
+    assert layer.sparse_s == 1.0 and layer.calls == 1                # forward: ticks 0 -> 1
+    out.sum().backward()
+    assert layer.sparse_s == 2.0 and layer.dense_s == 0.0            # backward: ticks 2 -> 3
+    with torch.no_grad():
+        conv(torch.rand(2, 3, 5, 5))                                  # evaluation is not clocked
+    assert layer.sparse_s == 2.0 and layer.calls == 2
+
+
 @pytest.mark.skipif("numba" not in KERNEL_NAMES, reason="numba not installed")
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "linear", "strided"])
 def test_layout_transposes_round_trip_bit_exactly(layout) -> None:

@@ -106,49 +106,52 @@ def from_batch_last(y: torch.Tensor, like: torch.Tensor, kernel: Any) -> torch.T
 INFERENCE_CHUNK = 256  # samples per kernel call without autograd: bounds the layout copies' extra memory
 
 
+def _forward_batch_last(layer: SparseLayer, x_bl: torch.Tensor, values: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's forward on a batch-last input: a new batch-last result `[Co, Ho, Wo, N]`."""
+    layout = layer.layout
+    h_out = (x_bl.shape[1] + 2 * layer.pad - layout.shape[2]) // layer.stride + 1
+    w_out = (x_bl.shape[2] + 2 * layer.pad - layout.shape[3]) // layer.stride + 1
+    out = torch.empty(layout.shape[0], h_out, w_out, x_bl.shape[3])
+    bias_values = bias.detach().float().contiguous() if bias is not None else torch.zeros(layout.shape[0])
+    layer.kernel.forward(x_bl, values, bias_values, layout, layer.stride, layer.pad, out)
+    return out
+
+
 def _sparse_inference(layer: SparseLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The forward alone (no autograd: evaluation), in chunks of the batch, each written straight into
     its slice of the result: the batch-last copies then cost a chunk's memory, not a second copy of an
     evaluation batch's activations (512 x T images) next to the dense-layout result."""
-    layout, kernel = layer.layout, layer.kernel
     spikes = is_spikes(x)
-    values = layout.values(layer.module.weight)
-    bias_values = bias.detach().float().contiguous() if bias is not None else torch.zeros(layout.shape[0])
+    values = layer.layout.values(layer.module.weight)
     out = None
     for start in range(0, x.shape[0], INFERENCE_CHUNK):
-        x_bl = to_batch_last(x[start:start + INFERENCE_CHUNK], kernel, spikes)
-        h_out = (x_bl.shape[1] + 2 * layer.pad - layout.shape[2]) // layer.stride + 1
-        w_out = (x_bl.shape[2] + 2 * layer.pad - layout.shape[3]) // layer.stride + 1
-        out_bl = torch.empty(layout.shape[0], h_out, w_out, x_bl.shape[3])
-        kernel.forward(x_bl, values, bias_values, layout, layer.stride, layer.pad, out_bl)
+        out_bl = _forward_batch_last(layer, to_batch_last(x[start:start + INFERENCE_CHUNK], layer.kernel, spikes),
+                                     values, bias)
         if out is None:
             out = _result_like(x, *out_bl.shape[:3], x.shape[0])
-        kernel.copy(out_bl.view(out_bl.shape[0], -1, out_bl.shape[3]), _as_cpn(out[start:start + out_bl.shape[3]]))
+        layer.kernel.copy(out_bl.view(out_bl.shape[0], -1, out_bl.shape[3]),
+                          _as_cpn(out[start:start + out_bl.shape[3]]))
     return out
 
 
 class _SparseLayerFunction(torch.autograd.Function):
     """Forward at the active weights, input gradient through the transposed sparse weight, weight
-    gradient at the mask's positions (dense, by torch, when `layer.dense_weight_grad`)."""
+    gradient at the mask's positions (dense, by torch, when `layer.dense_weight_grad`). Used for the
+    training calls only (`sparse_forward`), so both directions are clocked into `layer.sparse_s`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
                 layer: SparseLayer) -> torch.Tensor:
         started = time.perf_counter()
-        layout = layer.layout
         x_bl = to_batch_last(x, layer.kernel)                                   # (Ci, H, W, N)
-        h_out = (x_bl.shape[1] + 2 * layer.pad - layout.shape[2]) // layer.stride + 1
-        w_out = (x_bl.shape[2] + 2 * layer.pad - layout.shape[3]) // layer.stride + 1
-        out = torch.empty(layout.shape[0], h_out, w_out, x_bl.shape[3])  # (Co, Ho, Wo, N)
-        values = layout.values(weight)
-        bias_values = bias.detach().float().contiguous() if bias is not None else torch.zeros(layout.shape[0])
-        layer.kernel.forward(x_bl, values, bias_values, layout, layer.stride, layer.pad, out)
+        values = layer.layout.values(weight)
+        out = _forward_batch_last(layer, x_bl, values, bias)                     # (Co, Ho, Wo, N)
         ctx.save_for_backward(x_bl, values)
         ctx.layer, ctx.x_meta = layer, (x.dim(), x.is_contiguous(memory_format=torch.channels_last))
         ctx.weight_meta, ctx.has_bias = weight, bias is not None
         out = from_batch_last(out, x, layer.kernel)
-        if torch.is_grad_enabled():
-            layer.sparse_s += time.perf_counter() - started
+        layer.sparse_s += time.perf_counter() - started
         return out
 
     @staticmethod
