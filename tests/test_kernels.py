@@ -191,45 +191,30 @@ def test_a_forward_without_autograd_runs_in_chunks_with_the_same_numbers(kernel,
     assert evaluated.stride() == trained.stride()
 
 
-def test_a_dense_layer_is_clocked_forward_and_backward(monkeypatch) -> None:
-    """A layer on the dense path adds its forward time and, through the clocks on its output and weight,
-    its backward node's time (started when its output's gradient arrives, stopped at its weight's)."""
+@pytest.mark.parametrize("path", [DENSE, *KERNEL_NAMES])
+def test_a_layer_is_clocked_forward_and_backward_on_its_path(path, monkeypatch) -> None:
+    """Training calls add their forward and backward time to the path they took: a sparse kernel's
+    autograd Function clocks both directions; on the dense path, clocks on the output and the weight
+    time the layer's backward node (started when the output's gradient arrives, stopped at the weight's).
+    Evaluation is not clocked."""
     import ndsnn_cli.kernels.execution as execution_module
 
     conv = nn.Conv2d(3, 4, 3, padding=1)
-    execution = SparseExecution(conv, _masked_layer(conv, 0.5, 0), "off", "cpu")
+    execution = SparseExecution(conv, _masked_layer(conv, 0.5, 0), "off" if path == DENSE else "on", "cpu")
+    execution.available = () if path == DENSE else (path,)
     execution.rebuild()
+    layer = execution.layers["weight"]
     ticks = iter(range(100))
     monkeypatch.setattr(execution_module.time, "perf_counter", lambda: float(next(ticks)))
+    clocked, other = ("dense_s", "sparse_s") if path == DENSE else ("sparse_s", "dense_s")
     out = conv(torch.rand(2, 3, 5, 5))
-    layer = execution.layers["weight"]
-    assert layer.dense_s == 1.0 and layer.calls == 0                 # forward: ticks 0 -> 1
+    assert getattr(layer, clocked) == 1.0                            # forward: ticks 0 -> 1
     out.sum().backward()
-    assert layer.dense_s == 2.0 and layer._clock == 0.0              # backward: ticks 2 -> 3
-    assert conv.weight.grad is not None and layer.sparse_s == 0.0
+    assert getattr(layer, clocked) == 2.0 and getattr(layer, other) == 0.0   # backward: ticks 2 -> 3
+    assert layer._clock == 0.0 and conv.weight.grad is not None
     with torch.no_grad():
-        conv(torch.rand(2, 3, 5, 5))                                  # evaluation is not clocked
-    assert layer.dense_s == 2.0
-
-
-@pytest.mark.parametrize("kernel", KERNEL_NAMES)
-def test_a_sparse_layer_is_clocked_forward_and_backward(kernel, monkeypatch) -> None:
-    import ndsnn_cli.kernels.execution as execution_module
-
-    conv = nn.Conv2d(3, 4, 3, padding=1)
-    execution = SparseExecution(conv, _masked_layer(conv, 0.5, 0), "on", "cpu")
-    execution.available = (kernel,)
-    execution.rebuild()
-    ticks = iter(range(100))
-    monkeypatch.setattr(execution_module.time, "perf_counter", lambda: float(next(ticks)))
-    out = conv(torch.rand(2, 3, 5, 5))
-    layer = execution.layers["weight"]
-    assert layer.sparse_s == 1.0 and layer.calls == 1                # forward: ticks 0 -> 1
-    out.sum().backward()
-    assert layer.sparse_s == 2.0 and layer.dense_s == 0.0            # backward: ticks 2 -> 3
-    with torch.no_grad():
-        conv(torch.rand(2, 3, 5, 5))                                  # evaluation is not clocked
-    assert layer.sparse_s == 2.0 and layer.calls == 2
+        conv(torch.rand(2, 3, 5, 5))
+    assert getattr(layer, clocked) == 2.0 and layer.calls == (0 if path == DENSE else 2)
 
 
 @pytest.mark.skipif("numba" not in KERNEL_NAMES, reason="numba not installed")
