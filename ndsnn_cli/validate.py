@@ -23,10 +23,33 @@ from ndsnn_cli import limits as L
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import CSR_FORMAT, CSR_VERSION, graph
 
-CSR_PARTS = ("crow_indices", "col_indices", "values", "shape")  # the format's parts of one sparse parameter
-VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The parts of one sparse parameter: crow_indices, values, shape, one of col_indices / col_gaps (version 3),
+# and scales for int8 values.
+CSR_PARTS = ("crow_indices", "col_indices", "col_gaps", "values", "scales", "shape")
+VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 CROW_DTYPES = (torch.int32, torch.int64)
 COL_INT16_BELOW = 32768  # col_indices are int16 when a matrix has fewer columns, else int32
+GAP_ESCAPE = 255  # in col_gaps: "add 255 and read the next byte"; any other byte ends one entry's gap
+INT8_MAX = 127  # int8 values are symmetric: -128 never occurs
+GAPS_SINCE_VERSION = 3  # col_gaps and int8 values
+
+
+def dense_dtype(dtype: str) -> torch.dtype:
+    """The dtype of an artefact's plain floating tensors (biases, BN): its value dtype, fp32 for int8."""
+    return torch.float32 if dtype == "int8" else VALUE_DTYPES[dtype]
+
+
+def gap_columns(gaps: torch.Tensor, crow: torch.Tensor) -> torch.Tensor:
+    """int64 column indices of a `col_gaps` stream that `check_csr` accepted (see `csr.encode_gaps`)."""
+    ends = (gaps != GAP_ESCAPE).nonzero().squeeze(1)  # each entry's final byte
+    if not ends.numel():
+        return ends
+    begins = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
+    step = (ends - begins) * GAP_ESCAPE + gaps[ends].to(torch.int64) + 1  # col - prev, prev = -1 at a row start
+    total = step.cumsum(0)
+    crow = crow.to(torch.int64)
+    before = torch.cat([total.new_zeros(1), total])[crow[:-1]]  # the running sum where each row starts
+    return total - torch.repeat_interleave(before, crow[1:] - crow[:-1]) - 1
 
 
 class InvalidFile(UserError):
@@ -80,10 +103,16 @@ def check_csr(path: str | Path, name: str, parts: Mapping[str, torch.Tensor], va
     """The CSR invariants of one parameter; returns its original shape. One branch per rule of the format
     (hence the length), in an order where each rule reads only what the previous ones made safe:
     presence, dtypes and lengths before indexing, index ranges before use."""
-    for part in CSR_PARTS:
+    for part in ("crow_indices", "values", "shape"):
         if part not in parts:
-            _fail(path, f"{name}.{part}", "missing (a CSR parameter has crow_indices, col_indices, values, shape)")
-    shape_t, crow, col, values = parts["shape"], parts["crow_indices"], parts["col_indices"], parts["values"]
+            _fail(path, f"{name}.{part}", "missing (a CSR parameter has crow_indices, col_indices or col_gaps, "
+                                          "values, shape)")
+    if ("col_indices" in parts) == ("col_gaps" in parts):
+        _fail(path, f"{name}.col_indices", "a CSR parameter has exactly one of col_indices and col_gaps")
+    gapped = "col_gaps" in parts
+    shape_t, crow, values = parts["shape"], parts["crow_indices"], parts["values"]
+    col = parts["col_gaps" if gapped else "col_indices"]
+    col_name = f"{name}.{'col_gaps' if gapped else 'col_indices'}"
     if shape_t.dtype != torch.int64 or shape_t.dim() != 1 or not 2 <= shape_t.numel() <= 5:
         _fail(path, f"{name}.shape", f"must be int64 of length 2 to 5 (got {shape_t.dtype}, {list(shape_t.shape)})")
     shape = [int(s) for s in shape_t]
@@ -92,37 +121,81 @@ def check_csr(path: str | Path, name: str, parts: Mapping[str, torch.Tensor], va
     rows, cols = shape[0], math.prod(shape[1:])
     if rows * cols > L.MAX_TENSOR_NUMEL:
         _fail(path, f"{name}.shape", f"= {shape}: {rows * cols:,} elements exceed {L.MAX_TENSOR_NUMEL:,}")
-    for part, tensor in (("crow_indices", crow), ("col_indices", col), ("values", values)):
-        if tensor.dim() != 1:
+    for part, tensor in parts.items():
+        if part in CSR_PARTS and part != "shape" and tensor.dim() != 1:
             _fail(path, f"{name}.{part}", f"must be 1-D (got shape {list(tensor.shape)})")
     if crow.dtype not in CROW_DTYPES:
         _fail(path, f"{name}.crow_indices", f"dtype {crow.dtype} must be int32 or int64")
-    col_dtype = torch.int16 if cols < COL_INT16_BELOW else torch.int32
+    col_dtype = torch.uint8 if gapped else torch.int16 if cols < COL_INT16_BELOW else torch.int32
     if col.dtype != col_dtype:
-        _fail(path, f"{name}.col_indices", f"dtype {col.dtype} must be {col_dtype} for {cols} columns")
+        _fail(path, col_name, f"dtype {col.dtype} must be {col_dtype} for {cols} columns")
     if values.dtype != value_dtype:
         _fail(path, f"{name}.values", f"dtype {values.dtype} must be the artefact's dtype {value_dtype}")
     if crow.numel() != rows + 1:
         _fail(path, f"{name}.crow_indices", f"length {crow.numel()} must be rows + 1 = {rows + 1} (shape {shape})")
-    crow64, col64 = crow.to(torch.int64), col.to(torch.int64)
+    crow64 = crow.to(torch.int64)
     if int(crow64[0]) != 0:
         _fail(path, f"{name}.crow_indices", f"crow[0] = {int(crow64[0])} must be 0")
     counts = crow64[1:] - crow64[:-1]
     if bool((counts < 0).any()):
         row = int((counts < 0).nonzero()[0])
         _fail(path, f"{name}.crow_indices", f"must be non-decreasing (crow[{row + 1}] < crow[{row}])")
-    if not int(crow64[-1]) == col.numel() == values.numel():
-        _fail(path, f"{name}.crow_indices", f"crow[-1] = {int(crow64[-1])} must equal len(col_indices) = "
-                                            f"{col.numel()} and len(values) = {values.numel()}")
+    if not int(crow64[-1]) == values.numel():
+        _fail(path, f"{name}.crow_indices", f"crow[-1] = {int(crow64[-1])} must equal len(values) = {values.numel()}")
+    if gapped:
+        col64 = _check_gaps(path, col_name, col, crow64, cols)
+    else:
+        if col.numel() != values.numel():
+            _fail(path, f"{name}.crow_indices", f"crow[-1] = {int(crow64[-1])} must equal len(col_indices) = "
+                                                f"{col.numel()} and len(values) = {values.numel()}")
+        col64 = col.to(torch.int64)
     if col.numel() and (int(col64.min()) < 0 or int(col64.max()) >= cols):
-        _fail(path, f"{name}.col_indices", f"must be in [0, {cols}) (found {int(col64.min())}..{int(col64.max())})")
+        _fail(path, col_name, f"must be in [0, {cols}) (found {int(col64.min())}..{int(col64.max())})")
     row_of = torch.repeat_interleave(torch.arange(rows), counts)
     same_row = row_of[1:] == row_of[:-1]
     if bool((same_row & (col64[1:] <= col64[:-1])).any()):
         row = int(row_of[1:][same_row & (col64[1:] <= col64[:-1])][0])
-        _fail(path, f"{name}.col_indices", f"must be strictly increasing within each row (row {row})")
+        _fail(path, col_name, f"must be strictly increasing within each row (row {row})")
     _finite(path, f"{name}.values", values)
+    _check_scales(path, name, parts, rows, value_dtype)
     return shape
+
+
+def _check_gaps(path: str | Path, where: str, gaps: torch.Tensor, crow: torch.Tensor, cols: int) -> torch.Tensor:
+    """The gap stream read as its C decoder reads it: no escape left open at the end, one final byte per
+    stored weight (crow[-1] of them), every row's last column inside the row. Returns the columns."""
+    if gaps.numel() and int(gaps[-1]) == GAP_ESCAPE:
+        _fail(path, where, f"ends inside an escape (last byte {GAP_ESCAPE}: the gap is truncated)")
+    entries = int((gaps != GAP_ESCAPE).sum())
+    if entries != int(crow[-1]):
+        _fail(path, where, f"encodes {entries} gaps ({gaps.numel()} bytes), but crow[-1] = {int(crow[-1])} "
+                           "weights are stored")
+    columns = gap_columns(gaps, crow)
+    beyond = columns >= cols
+    if bool(beyond.any()):
+        row = int(torch.searchsorted(crow, int(beyond.nonzero()[0]), right=True)) - 1
+        _fail(path, where, f"gaps of row {row} run past the row's {cols} columns (to column {int(columns.max())})")
+    return columns
+
+
+def _check_scales(path: str | Path, name: str, parts: Mapping[str, torch.Tensor], rows: int,
+                  value_dtype: torch.dtype) -> None:
+    """int8 values: in [-127, 127], with one finite positive fp32 scale per row; other dtypes: no scales."""
+    if value_dtype != torch.int8:
+        if "scales" in parts:
+            _fail(path, f"{name}.scales", "only int8 artefacts have scales")
+        return
+    values = parts["values"]
+    if values.numel() and int(values.to(torch.int16).abs().max()) > INT8_MAX:
+        _fail(path, f"{name}.values", f"int8 values must be in [-{INT8_MAX}, {INT8_MAX}] (symmetric); found -128")
+    if "scales" not in parts:
+        _fail(path, f"{name}.scales", "missing (int8 values need one scale per output row)")
+    scales = parts["scales"]
+    if scales.dtype != torch.float32 or scales.numel() != rows:
+        _fail(path, f"{name}.scales", f"must be float32 of length rows = {rows} (got {scales.dtype}, "
+                                      f"{scales.numel()})")
+    if not bool((torch.isfinite(scales) & (scales > 0)).all()):
+        _fail(path, f"{name}.scales", "must be finite and > 0")
 
 
 def split_parameters(
@@ -149,6 +222,11 @@ def check_artefact(path: str | Path, tensors: Mapping[str, torch.Tensor], metada
     check_artefact_metadata(path, metadata)
     value_dtype = VALUE_DTYPES[metadata["dtype"]]
     sparse, plain = split_parameters(tensors)
+    if metadata["version"] < GAPS_SINCE_VERSION:
+        newer = "int8 values" if metadata["dtype"] == "int8" else next(
+            (f"{name}.col_gaps" for name, parts in sparse.items() if "col_gaps" in parts), None)
+        if newer:
+            _fail(path, "version", f"{metadata['version']} has no {newer} (version {GAPS_SINCE_VERSION} and later)")
     shapes = {name: check_csr(path, name, parts, value_dtype) for name, parts in sparse.items()}
     for name, tensor in plain.items():
         _finite(path, name, tensor)
@@ -255,7 +333,7 @@ def check_graph(path: str | Path, metadata: dict[str, Any], shapes: dict[str, li
     if at_top != 1 or sum(isinstance(op, graph.RepeatTimesteps) for op in graph.walk(ops)) != 1:
         _fail(path, "graph", "must hold exactly one repeat_timesteps op, at the top level")
     dataset = metadata["dataset"]
-    walker = _ShapeWalker(path, shapes, dense, VALUE_DTYPES[metadata["dtype"]])
+    walker = _ShapeWalker(path, shapes, dense, dense_dtype(metadata["dtype"]))
     out = walker.run(ops, (dataset["in_channels"], dataset["image_size"], dataset["image_size"]), "graph")
     if out != (dataset["num_classes"],):
         _fail(path, "graph", f"ends in shape {list(out)}, not [{dataset['num_classes']}] logits (dataset.num_classes)")

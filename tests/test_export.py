@@ -25,6 +25,7 @@ from ndsnn_cli.snn.models import NeuronConfig, create_model
 from ndsnn_cli.sparse.budget import active_count
 from ndsnn_cli.sparse.masks import random_mask
 from ndsnn_cli.train import train
+from ndsnn_cli.validate import gap_columns
 
 NDSNN = str(Path(sys.executable).parent / "ndsnn")
 LOGIT_TOL = 1e-4  # runtime vs PyTorch: same fp32 weights, only summation order differs
@@ -98,11 +99,14 @@ def test_csr_round_trip_is_bit_exact_and_keeps_a_masked_in_zero(run_dir: Path, t
 
 
 def test_csr_arrays_load_in_scipy_and_torch_as_stored(run_dir: Path, tmp_path: Path) -> None:
-    path, _ = csr.export_csr(run_dir, tmp_path / "a.safetensors")
+    path, _ = csr.export_csr(run_dir, tmp_path / "a.safetensors", indices="plain")
     raw, _ = csr.load_raw(path)
     state, _ = csr.load(path)
+    gapped, _ = csr.load_raw(csr.export_csr(run_dir, tmp_path / "g.safetensors")[0])
     for name in ("body.1.weight", "body.6.weight"):
         crow, col, values = raw[f"{name}.crow_indices"], raw[f"{name}.col_indices"], raw[f"{name}.values"]
+        plain = csr.decoded({p: gapped[f"{name}.{p}"] for p in ("crow_indices", "col_gaps", "values", "shape")})
+        assert torch.equal(plain["col_indices"], col.to(torch.int64))  # the gap stream decodes to the same
         assert crow.dtype == torch.int32 and col.dtype == torch.int16 and values.dtype == torch.float32
         dense2d = state[name].reshape(state[name].shape[0], -1)
         matrix = scipy.sparse.csr_matrix((values.numpy(), col.numpy(), crow.numpy()), shape=tuple(dense2d.shape))
@@ -110,6 +114,71 @@ def test_csr_arrays_load_in_scipy_and_torch_as_stored(run_dir: Path, tmp_path: P
         tensor = torch.sparse_csr_tensor(crow, col, values, tuple(dense2d.shape))
         assert torch.equal(tensor.to_dense(), dense2d)
         assert raw[f"{name}.shape"].tolist() == list(state[name].shape)
+
+
+def test_gap_stream_escapes_long_gaps_and_decodes_back() -> None:
+    # row 0: columns 0, 254, 810, 2000 -> gaps 0, 253, 555 = 2*255 + 45, 1189 = 4*255 + 169; row 1 empty; row 2: 3
+    crow = torch.tensor([0, 4, 4, 5])
+    columns = torch.tensor([0, 254, 810, 2000, 3])
+    stream = csr.encode_gaps(crow, columns)
+    assert stream.dtype == torch.uint8
+    assert stream.tolist() == [0, 253, 255, 255, 45, 255, 255, 255, 255, 169, 3]
+    assert torch.equal(gap_columns(stream, crow), columns)
+    # gaps of exactly 254 (one byte) and 255 (escape, then 0)
+    assert csr.encode_gaps(torch.tensor([0, 2]), torch.tensor([254, 510])).tolist() == [254, 255, 0]
+
+
+def test_column_encoding_is_the_smaller_per_parameter() -> None:
+    weight = torch.randn(4, 4000)
+    scattered = torch.zeros(4, 4000, dtype=torch.bool)
+    scattered[:, 3999] = True  # one weight per row, 3999 columns in: 15 escapes + 1 byte > int16's 2 bytes
+    crowded = torch.rand(4, 4000, generator=torch.Generator().manual_seed(0)) < 0.05
+    assert "col_indices" in csr.to_csr(weight, scattered, torch.float32) and \
+        csr.to_csr(weight, scattered, torch.float32)["col_indices"].dtype == torch.int16
+    parts = csr.to_csr(weight, crowded, torch.float32)
+    assert "col_gaps" in parts and parts["col_gaps"].nbytes < 2 * int(crowded.sum())
+    assert "col_gaps" in csr.to_csr(weight, scattered, torch.float32, "gaps")
+    assert "col_indices" in csr.to_csr(weight, crowded, torch.float32, "plain")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("indices", ["plain", "gaps"])
+def test_pack_then_load_gives_the_exact_mask_and_values(tmp_path: Path, dtype: str, indices: str) -> None:
+    """Masks bit-exact through pack -> file -> validated load; fp32 values bit-exact; int8 values
+    dequantised to exactly float32(scale * q) with q from the one quantiser."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 3, 10, 10, generator=generator)  # 300 columns: gaps past 255 occur
+    mask = torch.rand(6, 3, 10, 10, generator=generator) < 0.03
+    mask[1] = False  # an empty row
+    mask[2].view(-1)[[0, 255, 299]] = True  # first column 0, a gap of exactly 254, the last column
+    mask[3].view(-1)[[0, 256]] = True  # a gap of exactly 255 (an escape, then 0)
+    weight[0].view(-1)[mask[0].view(-1).nonzero()[0]] = 0.0  # a stored weight that is exactly zero
+    metadata = {"timesteps": 1, **_catalog_free(3, 10, 6)}
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(csr.pack({"w": weight, "b": torch.randn(6)}, {"w": mask}, metadata, dtype, indices))
+    raw, meta = csr.load_raw(path)
+    assert meta["version"] == csr.CSR_VERSION == 3 and meta["dtype"] == dtype
+    assert (f"w.{'col_gaps' if indices == 'gaps' else 'col_indices'}" in raw)
+    state, _ = csr.load(path)
+    sparse, _ = csr.split_csr(raw)
+    plain = csr.decoded(sparse["w"])
+    rebuilt_mask = torch.zeros(6, 300, dtype=torch.bool)
+    rebuilt_mask[torch.repeat_interleave(torch.arange(6), plain["crow_indices"].diff()), plain["col_indices"]] = True
+    assert torch.equal(rebuilt_mask, mask.reshape(6, -1))
+    if dtype == "fp32":
+        assert torch.equal(state["w"][mask].view(torch.int32), weight[mask].view(torch.int32))
+        assert not bool(state["w"][~mask].any())
+        assert raw["b"].dtype == torch.float32
+    else:
+        values = weight.reshape(6, -1)[mask.reshape(6, -1)]
+        scales, q = csr.quantise_rows(values.numpy(), plain["crow_indices"].numpy())
+        assert torch.equal(raw["w.values"], torch.from_numpy(q))
+        assert torch.equal(raw["w.scales"], torch.from_numpy(scales))
+        rows = torch.repeat_interleave(torch.arange(6), plain["crow_indices"].diff())
+        expected = torch.from_numpy(q).float() * torch.from_numpy(scales)[rows]
+        assert torch.equal(plain["values"], expected) and torch.equal(state["w"].reshape(6, -1)[mask.reshape(6, -1)],
+                                                                      expected)
+        assert int(torch.from_numpy(q).abs().max()) == 127 and raw["b"].dtype == torch.float32  # biases stay fp32
 
 
 def test_csr_sizes_follow_the_format(run_dir: Path, tmp_path: Path) -> None:
@@ -121,13 +190,14 @@ def test_csr_sizes_follow_the_format(run_dir: Path, tmp_path: Path) -> None:
         for name, mask in masks.items():
             nnz, rows = int(mask.sum()), mask.shape[0]
             assert raw[f"{name}.values"].nbytes == nnz * width
-            assert raw[f"{name}.col_indices"].nbytes == nnz * 2
+            # gap-coded columns: 90% sparse, every gap < 255, so one byte per weight instead of int16's two
+            assert raw[f"{name}.col_gaps"].nbytes == nnz
             assert raw[f"{name}.crow_indices"].nbytes == (rows + 1) * 4
         sizes[dtype] = path.stat().st_size
     model_bytes = sum(t.nbytes for t in load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
                       .model_state.values())
-    # 90% sparse: values + int16 columns = 6 bytes per stored weight vs 4 per dense weight
-    assert sizes["fp32"] < 0.25 * model_bytes
+    # 90% sparse: values + one gap byte = 5 bytes per stored weight vs 4 per dense weight
+    assert sizes["fp32"] < 0.2 * model_bytes
     # same tensor bytes; the JSON header differs by a few bytes ("F16" vs "BF16" dtype tags)
     assert sizes["fp16"] < 0.75 * sizes["fp32"] and abs(sizes["fp16"] - sizes["bf16"]) < 64
 
@@ -188,6 +258,23 @@ def test_runtime_matches_pytorch_and_imports_no_training_code(run_dir: Path, tes
     report = json.loads(out_text)
     assert report["predictions"] == out["pred"] and report["accuracy"] == pytest.approx(accuracy)
     assert accuracy > 0.5  # the fixture learned something, so equal predictions are not all one class
+
+
+def test_run_reads_an_int8_artefact_as_its_dequantised_weights_and_reports_accuracy(
+        run_dir: Path, tmp_path: Path, run_main) -> None:
+    path, _ = csr.export_csr(run_dir, tmp_path / "q.safetensors", dtype="int8", fold_bn=True)
+    code, out_text, err = run_main("run", str(path), "--dataset-test", "--json")
+    assert code == 0, err
+    report = json.loads(out_text)
+    # the same network stored as fp32 with the dequantised weights (scale * q) predicts the same classes
+    state, meta = csr.load(path)
+    masks = load_checkpoint(run_dir / "checkpoints" / "last.safetensors").masks
+    fp32 = tmp_path / "dequantised.safetensors"
+    fp32.write_bytes(csr.pack(state, masks, {k: v for k, v in meta.items() if k not in ("format", "dtype")}))
+    code, out_text, err = run_main("run", str(fp32), "--dataset-test", "--json")
+    assert code == 0, err
+    assert json.loads(out_text)["predictions"] == report["predictions"] and report["samples"] == 512
+    assert 0 <= report["accuracy"] <= 1 and json.loads(out_text)["accuracy"] == report["accuracy"]
 
 
 def _random_sparse(arch: str, image_size: int, channels: int, sparsity: float) -> tuple[torch.nn.Module, dict]:
@@ -348,8 +435,19 @@ def test_inspect_reports_checkpoint_and_artefact_layers(run_dir: Path, tmp_path:
         nnz = int(mask.sum())
         assert layers[name]["storage"] == "csr" and layers[name]["nnz"] == nnz
         assert layers[name]["density"] == pytest.approx(nnz / mask.numel())
-        assert layers[name]["bytes"] == nnz * (2 + 2) + (mask.shape[0] + 1) * 4 + mask.dim() * 8
+        # fp16 values + one gap byte per weight (no gap reaches 255 at 90%), int32 row pointers, int64 shape
+        assert layers[name]["bytes"] == nnz * (2 + 1) + (mask.shape[0] + 1) * 4 + mask.dim() * 8
+        assert layers[name]["indices"] == "gaps-u8" and layers[name]["dtype"] == "float16"
     assert artefact["recipe"]["method"] == "ndsnn" and artefact["bn_folded"] is True
+    int8_path, _ = csr.export_csr(run_dir, tmp_path / "q.safetensors", fold_bn=True, dtype="int8")
+    code, out, _ = run_main("inspect", str(int8_path), "--json")
+    assert code == 0
+    int8_layers = {layer["name"]: layer for layer in json.loads(out)["layers"]}
+    for name, mask in masks.items():
+        nnz, rows = int(mask.sum()), mask.shape[0]
+        # int8 values + gap bytes + row pointers + one fp32 scale per row + shape
+        assert int8_layers[name]["bytes"] == nnz * (1 + 1) + (rows + 1) * 4 + rows * 4 + mask.dim() * 8
+        assert int8_layers[name]["dtype"] == "int8"
     code, out, _ = run_main("inspect", str(run_dir), "--json")
     assert code == 0
     ckpt = json.loads(out)
@@ -379,7 +477,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_file(run_dir: Path, tmp_path
         "foreign": ["export", str(foreign), "-o", str(out)],
         "corrupt": ["export", str(corrupt), "-o", str(out)],
         "unknown format": ["export", str(run_dir), "--format", "tflite", "-o", str(out)],
-        "unknown dtype": ["export", str(run_dir), "--dtype", "int8", "-o", str(out)],
+        "unknown dtype": ["export", str(run_dir), "--dtype", "int4", "-o", str(out)],
         "unwritable": ["export", str(run_dir), "-o", str(blocker / "sub" / "x.safetensors")],
         "inspect corrupt": ["inspect", str(corrupt)],
         "run on a checkpoint": ["run", str(run_dir / "checkpoints" / "last.safetensors"), "--dataset-test"],

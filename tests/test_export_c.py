@@ -18,7 +18,7 @@ from torch import nn
 
 from ndsnn_cli.data import input_contract
 from ndsnn_cli.errors import UserError
-from ndsnn_cli.export import c
+from ndsnn_cli.export import c, csr
 from ndsnn_cli.export.fold import fold_batchnorm
 from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.snn.models import BasicBlock, NeuronConfig, SpikingNet, SpikingSequential, create_model
@@ -92,7 +92,7 @@ def _check_portable(directory: Path | dict[str, str]) -> None:
 
 def test_int8_rows_are_symmetric_per_output_channel_and_round_to_nearest() -> None:
     values = np.array([0.5, -1.27, 0.01, 0.0, 0.0, 2.0], dtype=np.float32)
-    scales, q = c.quantise_rows(values, np.array([0, 3, 5, 5, 6]))
+    scales, q = csr.quantise_rows(values, np.array([0, 3, 5, 5, 6]))
     assert scales.tolist() == pytest.approx([0.01, 1.0, 1.0, 2.0 / 127])  # all-zero and empty rows: scale 1
     assert q.tolist() == [50, -127, 1, 0, 0, 127]
 
@@ -115,9 +115,14 @@ def test_generated_sources_state_ram_and_flash_use_only_portable_headers_and_no_
     assert f"#define NDSNN_RAM_BYTES {sources.ram_bytes}" in header
     assert f"#define NDSNN_FLASH_BYTES {sources.flash_bytes}" in header
     nnz = sum(int(m.sum()) for m in masks.values())
-    # fp32 values + int16 columns + int32 row pointers + biases and the normalisation constants
+    # fp32 values + one gap byte per weight (90% sparse: no gap reaches 255) + int32 row pointers + biases
+    # and the normalisation constants; plain int16 columns cost 2 bytes per weight
     rows = 128 + 10
-    assert sources.flash_bytes == nnz * 6 + (rows + 2) * 4 + rows * 4 + 2 * 4
+    assert [layer["index"] for layer in sources.layers] == ["gaps-u8", "gaps-u8"]
+    assert sources.flash_bytes == nnz * 5 + (rows + 2) * 4 + rows * 4 + 2 * 4
+    plain = c.generate_sources(model, masks, contract=input_contract("mnist"), timesteps=5, num_classes=10,
+                               indices="plain")
+    assert plain.flash_bytes == nnz * 6 + (rows + 2) * 4 + rows * 4 + 2 * 4
     assert sources.layers[0]["input"] == "analog" and sources.layers[1]["input"] == "spikes"
     _check_portable(sources.files)
     with pytest.raises(UserError, match="fp32 or int8"):

@@ -20,6 +20,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ndsnn_cli.checkpoint import RUN_CHECKPOINT
+from ndsnn_cli.export import csr
 from ndsnn_cli.export.csr import JSON_KEYS, export_csr
 from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.train import train
@@ -31,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny 80%-sparse scnn (conv, BN, max-pool, linear; T = 2): checkpoint, CSR artefact, 4 raw images."""
+    """A tiny 80%-sparse scnn (conv, BN, max-pool, linear; T = 2): checkpoint, CSR artefacts (fp32 with plain
+    int16 column indices; int8 with gap-coded ones), 4 raw images."""
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("validate")
     recipe = Recipe().replace(
@@ -39,9 +41,10 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         data={"dataset": "synthetic", "train_limit": 64, "test_limit": 32, "batch_size": 32, "augment": False},
         train={"epochs": 1, "device": "cpu", "threads": 1}, sparsity={"method": "static", "final": 0.8})
     train(recipe, work / "run")
-    artefact, _ = export_csr(work / "run", work / "good.csr.safetensors")
+    artefact, _ = export_csr(work / "run", work / "good.csr.safetensors", indices="plain")
+    int8, _ = export_csr(work / "run", work / "good-int8.csr.safetensors", dtype="int8", indices="gaps")
     np.save(work / "images.npy", np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32))
-    return {"work": work, "checkpoint": work / "run" / RUN_CHECKPOINT, "artefact": artefact,
+    return {"work": work, "checkpoint": work / "run" / RUN_CHECKPOINT, "artefact": artefact, "int8": int8,
             "images": work / "images.npy"}
 
 
@@ -72,7 +75,7 @@ def _sparse_name(t: dict[str, torch.Tensor]) -> str:
 def _csr(part: str, edit: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]) -> Mutation:
     def mutate(t: dict[str, torch.Tensor], m: dict[str, Any]) -> None:
         name = _sparse_name(t)
-        parts = {p: t[f"{name}.{p}"] for p in ("crow_indices", "col_indices", "values", "shape")}
+        parts = {key.rpartition(".")[2]: v for key, v in t.items() if key.rpartition(".")[0] == name}
         t[f"{name}.{part}"] = edit(t[f"{name}.{part}"].clone(), parts)
     return mutate
 
@@ -191,6 +194,67 @@ ARTEFACT_CASES: list[tuple[str, Mutation, str]] = [
      "does not fit"),
 ]
 
+
+
+def _append(byte: int) -> Callable[[torch.Tensor, dict], torch.Tensor]:
+    return lambda x, p: torch.cat([x, torch.tensor([byte], dtype=x.dtype)])
+
+
+def _past_row_end(x: torch.Tensor, parts: dict) -> torch.Tensor:
+    """The gap stream re-encoded with the last weight of the first non-empty row moved to column `cols`."""
+    columns = csr.decoded(parts)["col_indices"].clone()
+    crow = parts["crow_indices"].to(torch.int64)
+    row = int((crow[1:] > crow[:-1]).nonzero()[0])
+    columns[int(crow[row + 1]) - 1] = math.prod(parts["shape"][1:].tolist())
+    return csr.encode_gaps(crow, columns)
+
+
+def _escape_at_row_end(x: torch.Tensor, parts: dict) -> torch.Tensor:
+    """The final byte of the first non-empty row's last gap turned into an escape (the row ends open)."""
+    crow = parts["crow_indices"].to(torch.int64)
+    row = int((crow[1:] > crow[:-1]).nonzero()[0])
+    final = (x != 255).nonzero().squeeze(1)[int(crow[row + 1]) - 1]
+    x[final] = 255
+    return x
+
+
+def _add_part(part: str, make: Callable[[dict[str, torch.Tensor], str], torch.Tensor]) -> Mutation:
+    def mutate(t: dict[str, torch.Tensor], m: dict[str, Any]) -> None:
+        name = _sparse_name(t)
+        t[f"{name}.{part}"] = make(t, name)
+    return mutate
+
+
+# The int8 artefact with gap-coded columns (version 3): the encoded stream is checked before it is decoded.
+INT8_GAP_CASES: list[tuple[str, Mutation, str]] = [
+    ("gaps_past_row_end", _csr("col_gaps", _past_row_end), ".col_gaps: gaps of row"),
+    ("gaps_escape_at_end", _csr("col_gaps", _append(255)), ".col_gaps: ends inside an escape"),
+    ("gaps_escape_at_row_end", _csr("col_gaps", _escape_at_row_end), ".col_gaps: encodes"),
+    ("gaps_byte_missing", _csr("col_gaps", lambda x, p: x[:-1]), ".col_gaps: encodes"),
+    ("gaps_byte_extra", _csr("col_gaps", _append(0)), ".col_gaps: encodes"),
+    ("gaps_empty", _csr("col_gaps", lambda x, p: x[:0]), ".col_gaps: encodes 0 gaps"),
+    ("gaps_int16", _csr("col_gaps", lambda x, p: x.to(torch.int16)), ".col_gaps: dtype torch.int16 must be"),
+    ("gaps_and_plain_columns", _add_part("col_indices", lambda t, n: csr.decoded(
+        {k.rpartition(".")[2]: v for k, v in t.items() if k.rpartition(".")[0] == n})["col_indices"].to(torch.int16)),
+     ".col_indices: a CSR parameter has exactly one of"),
+    ("int8_value_minus_128", _csr("values", _set(0, -128)), ".values: int8 values must be in [-127, 127]"),
+    ("int8_values_as_float", _csr("values", lambda x, p: x.float()), ".values: dtype torch.float32 must be"),
+    ("scales_nan", _csr("scales", lambda x, p: _nan_first(x)), ".scales: must be finite and > 0"),
+    ("scales_inf", _csr("scales", _set(0, float("inf"))), ".scales: must be finite and > 0"),
+    ("scales_zero", _csr("scales", _set(0, 0.0)), ".scales: must be finite and > 0"),
+    ("scales_negative", _csr("scales", _set(0, -0.5)), ".scales: must be finite and > 0"),
+    ("scales_short", _csr("scales", lambda x, p: x[:-1]), ".scales: must be float32 of length rows"),
+    ("scales_fp16", _csr("scales", lambda x, p: x.half()), ".scales: must be float32 of length rows"),
+    ("scales_missing", _drop(lambda t: f"{_sparse_name(t)}.scales"), ".scales: missing"),
+    ("int8_in_version_2", _meta("version", 2), "version: 2 has no int8 values"),
+    ("bias_int8", _tensor("body.6.bias", lambda x: x.to(torch.int8)), "body.6.bias: dtype torch.int8 must be"),
+]
+# Rules of version 3 broken in the plain fp32 artefact.
+FP32_V3_CASES: list[tuple[str, Mutation, str]] = [
+    ("scales_in_fp32_file", _add_part("scales", lambda t, n: torch.ones(int(t[f"{n}.shape"][0]))),
+     ".scales: only int8 artefacts have scales"),
+]
+
 RAW_CASES: list[tuple[str, Callable[[bytes], bytes], str]] = [
     ("truncated", lambda b: b[: len(b) // 2], "truncated or corrupt"),
     ("header_length_huge", lambda b: (2**60).to_bytes(8, "little") + b[8:], "not a readable safetensors"),
@@ -270,10 +334,11 @@ def test_crafted_corpus_is_one_line_exit_2_for_run_inspect_and_export(good: dict
     with one line naming the file and the rule; never a traceback, never a signal."""
     work = good["work"] / "crafted"
     work.mkdir()
-    data = good["artefact"].read_bytes()
+    data, int8 = good["artefact"].read_bytes(), good["int8"].read_bytes()
     files, jobs = {}, []
-    for case_id, mutate, expect in ARTEFACT_CASES:
-        tensors, metadata = decode(data)
+    cases = [(c, data) for c in ARTEFACT_CASES + FP32_V3_CASES] + [(c, int8) for c in INT8_GAP_CASES]
+    for (case_id, mutate, expect), source in cases:
+        tensors, metadata = decode(source)
         mutate(tensors, metadata)
         files[case_id] = (work / f"{case_id}.safetensors", expect)
         files[case_id][0].write_bytes(encode(tensors, metadata))
@@ -292,7 +357,10 @@ def test_crafted_corpus_is_one_line_exit_2_for_run_inspect_and_export(good: dict
                  "export": ["export", str(path), "--format", "csr", "-o", str(work / f"{case_id}.out")]}
         jobs += [{"id": f"ckpt_{case_id}@{c}", "argv": argvs[c]} for c in commands]
     assert len(files) >= 30
+    jobs.append({"id": "good-int8@run", "argv": ["run", str(good["int8"]), "--input", str(good["images"]), "--json"]})
     results, _ = run_cli_jobs(jobs, work, timeout=1200)
+    assert results["good-int8@run"]["code"] == 0, results["good-int8@run"]["stderr"]  # the unbroken file runs
+    jobs.pop()
     for job in jobs:
         case_id = job["id"].partition("@")[0]
         _expect_one_line(results[job["id"]], files[case_id][0], files[case_id][1])
@@ -360,18 +428,19 @@ CHECKPOINT_MUTATIONS = 200
 
 @pytest.mark.slow  # about 30 s on an idle 2-core machine; CI runs it
 def test_random_mutations_never_crash_or_hang(good: dict[str, Path]) -> None:
-    """500 random mutations (seed 0) of a good artefact (`ndsnn run`) and a good checkpoint (`ndsnn export`):
+    """500 random mutations (seed 0) of two good artefacts (fp32 plain columns, int8 gap-coded; `ndsnn run`) and a
+    good checkpoint (`ndsnn export`):
     each exits 0 with a result or 2 with one line; the child process never dies, never hangs."""
     rng = random.Random(0)
     work = good["work"] / "fuzz"
     work.mkdir()
-    artefact, checkpoint = good["artefact"].read_bytes(), good["checkpoint"].read_bytes()
+    artefacts = [good["artefact"].read_bytes(), good["int8"].read_bytes()]  # plain fp32; int8 with col_gaps
+    checkpoint = good["checkpoint"].read_bytes()
     jobs = []
     for i in range(ARTEFACT_MUTATIONS):
         kind = rng.choice(["bytes", "tensor", "tensor", "metadata"])
-        mutated = {"bytes": lambda: _mutate_bytes(rng, artefact),
-                   "tensor": lambda: _mutate_tensor_value(rng, artefact),
-                   "metadata": lambda: _mutate_metadata(rng, artefact)}[kind]()
+        mutate = {"bytes": _mutate_bytes, "tensor": _mutate_tensor_value, "metadata": _mutate_metadata}[kind]
+        mutated = mutate(rng, artefacts[i % 2])
         path = work / f"a{i:03d}_{kind}.safetensors"
         path.write_bytes(mutated)
         jobs.append({"id": path.name, "argv": ["run", str(path), "--input", str(good["images"]), "--json"]})

@@ -20,8 +20,9 @@ def export(
                                         help="csr (sparse safetensors), onnx, nir or c (C99 directory).")] = "csr",
     out: Annotated[Path | None, typer.Option("--out", "-o",
                                              help="Output file (default: <run>/export/last.<ext>).")] = None,
-    dtype: Annotated[str, typer.Option("--dtype",
-                                       help="Value dtype: fp32, fp16 or bf16 (csr); fp32 or int8 (c).")] = "fp32",
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="Value dtype: fp32, fp16, bf16 or int8 (csr; int8 with per-row scales); fp32 or int8 (c).")
+    ] = "fp32",
     fold_bn: Annotated[bool, typer.Option("--fold-bn",
                                           help="CSR: fold BatchNorm into the preceding conv/linear.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify",

@@ -5,7 +5,9 @@ package runs this file first.
 """
 
 CSR_FORMAT = "ndsnn-csr"
-CSR_VERSION = 2  # 2: metadata `input` (the input contract) that every reader applies; 1 is still read
+# 2: metadata `input` (the input contract) that every reader applies. 3: int8 values with per-row scales, and
+# uint8 gap-coded column indices (col_gaps) where they are smaller. 1 and 2 are still read.
+CSR_VERSION = 3
 
 
 def inspect_file(path: str) -> dict:
@@ -42,7 +44,9 @@ def inspect_file(path: str) -> dict:
             nnz = parts["values"].numel()
             layers.append({"name": name, "shape": shape, "storage": "csr", "nnz": nnz, "density": nnz / numel,
                            "bytes": sum(t.numel() * t.element_size() for t in parts.values()),
-                           "dtype": str(parts["values"].dtype).removeprefix("torch.")})
+                           "dtype": str(parts["values"].dtype).removeprefix("torch."),
+                           "indices": "gaps-u8" if "col_gaps" in parts else
+                           str(parts["col_indices"].dtype).removeprefix("torch.")})
         for name, tensor in plain.items():
             layers.append({"name": name, "shape": list(tensor.shape), "storage": "dense", "nnz": tensor.numel(),
                            "density": 1.0, "bytes": tensor.numel() * tensor.element_size(),

@@ -106,8 +106,8 @@ class _Program:
     """Emits one network's C: const arrays, static buffers and the statements of the run function."""
 
     def __init__(self, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], dtype: str,
-                 dense: bool) -> None:
-        self.weights, self.masks, self.dtype, self.dense = weights, masks, dtype, dense
+                 dense: bool, indices: str = "auto") -> None:
+        self.weights, self.masks, self.dtype, self.dense, self.indices = weights, masks, dtype, dense, indices
         self.arena = _Arena()
         self.consts: list[str] = []
         self.statics: list[str] = []
@@ -161,42 +161,32 @@ class _Program:
         rows = weight.shape[0]
         mask = self.masks.get(op.weight)
         keep = torch.ones_like(weight, dtype=torch.bool) if self.dense or mask is None else mask.bool()
-        parts = to_csr(weight, keep, torch.float32)  # the artefact's own encoder: same arrays, same index types
+        # the artefact's own encoder: same arrays, same index choice (plain or gap-coded), same int8 quantiser
+        parts = to_csr(weight, keep, torch.int8 if self.dtype == "int8" else torch.float32, self.indices)
         row_ptr = parts["crow_indices"].numpy().astype(np.int64)
-        cols, values = parts["col_indices"].numpy(), parts["values"].numpy()
         fields = {"rows": str(rows), "row_ptr": self.const_array("int32_t", f"{label}_row_ptr", row_ptr)}
-        col_type = "int16_t" if parts["col_indices"].dtype == torch.int16 else "int32_t"
-        fields["col16" if col_type == "int16_t" else "col32"] = self.const_array(col_type, f"{label}_col", cols)
-        if self.dtype == "int8":
-            scales, quantised = quantise_rows(values, row_ptr)
-            fields["qvalues"] = self.const_array("int8_t", f"{label}_q", quantised)
-            fields["scales"] = self.const_array("float", f"{label}_scale", scales)
+        if "col_gaps" in parts:
+            index = "gaps-u8"
+            fields["gaps"] = self.const_array("uint8_t", f"{label}_gaps", parts["col_gaps"].numpy())
         else:
-            fields["values"] = self.const_array("float", f"{label}_values", values)
+            index = "int16_t" if parts["col_indices"].dtype == torch.int16 else "int32_t"
+            fields["col16" if index == "int16_t" else "col32"] = self.const_array(
+                index, f"{label}_col", parts["col_indices"].numpy())
+        if self.dtype == "int8":
+            fields["qvalues"] = self.const_array("int8_t", f"{label}_q", parts["values"].numpy())
+            fields["scales"] = self.const_array("float", f"{label}_scale", parts["scales"].numpy())
+        else:
+            fields["values"] = self.const_array("float", f"{label}_values", parts["values"].numpy())
         if op.bias is not None:
             fields["bias"] = self.const_array("float", f"{label}_bias", self.weights[op.bias].detach().float().numpy())
         init = ", ".join(f".{key} = {value}" for key, value in fields.items())
         self.consts.append(f"static const ndsnn_csr {label} = {{{init}}};")
         info = {"name": op.weight, "shape": list(weight.shape), "nnz": int(keep.sum()),
-                "density": float(keep.float().mean()), "index": col_type}
+                "density": float(keep.float().mean()), "index": index}
         return label, info
 
 
 _CTYPE_BYTES = {"float": 4, "int32_t": 4, "int16_t": 2, "int8_t": 1, "uint8_t": 1}
-
-
-def quantise_rows(values: np.ndarray, row_ptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output row: scale = max|w| / 127 (1 for an empty or all-zero row), q = round(w / scale)."""
-    rows = len(row_ptr) - 1
-    scales = np.ones(rows, dtype=np.float32)
-    quantised = np.zeros(len(values), dtype=np.int8)
-    for row in range(rows):
-        part = values[row_ptr[row]:row_ptr[row + 1]]
-        peak = float(np.abs(part).max()) if len(part) else 0.0
-        if peak > 0:
-            scales[row] = np.float32(peak / 127.0)
-            quantised[row_ptr[row]:row_ptr[row + 1]] = np.clip(np.rint(part / scales[row]), -127, 127)
-    return scales, quantised
 
 
 class _Emitter:
@@ -298,19 +288,20 @@ def _float(value: float) -> str:
 
 
 def generate_sources(model: Any, masks: dict[str, torch.Tensor], *, contract: dict[str, Any], timesteps: int,
-                     num_classes: int, dtype: str = "fp32", dense: bool = False,
+                     num_classes: int, dtype: str = "fp32", dense: bool = False, indices: str = "auto",
                      description: str = "") -> CSources:
     """The C files of a BN-folded SpikingNet (`fold.fold_batchnorm`) and its masks.
 
     `contract` is `data.input_contract(dataset)`: the image shape and the normalisation done inside.
-    `dense` stores every weight position (the dense baseline build of the same generator).
+    `dense` stores every weight position (the dense baseline build of the same generator). `indices`:
+    column indices plain ("plain"), gap-coded uint8 ("gaps") or whichever is smaller per layer ("auto").
     """
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: the C target takes {' or '.join(DTYPES)}")
     shape = tuple(contract["shape"])
     ops = graph.network_graph(model, shape)
     cut = next(i for i, op in enumerate(ops) if isinstance(op, graph.RepeatTimesteps))
-    program = _Program(model.state_dict(), masks, dtype, dense)
+    program = _Program(model.state_dict(), masks, dtype, dense, indices)
     emitter = _Emitter(program)
     image = program.new_tensor(math.prod(shape), spikes=False)
     encoded = emitter.run(ops[:cut], image)

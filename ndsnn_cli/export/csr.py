@@ -1,10 +1,19 @@
 """The `ndsnn-csr` artefact: sparse weights as CSR arrays in a safetensors file, everything else plain.
 
 Per sparse parameter P (its 2-D view `[out, in*kh*kw]`): `P.crow_indices` (int32, int64 if nnz does
-not fit), `P.col_indices` (int16 when cols < 32768, else int32), `P.values`, `P.shape` (int64, the
-original shape). Positions come from the checkpoint's mask, so a grown weight that is exactly zero
-is kept. The arrays go unchanged into `scipy.sparse.csr_matrix((values, col, crow), shape)` or
-`torch.sparse_csr_tensor(crow, col, values, shape)`.
+not fit), the column indices, `P.values`, `P.shape` (int64, the original shape). Positions come from
+the checkpoint's mask, so a grown weight that is exactly zero is kept.
+
+Column indices are stored one of two ways, whichever is smaller for that parameter (version 3):
+`P.col_indices` (int16 when cols < 32768, else int32; the arrays then go unchanged into
+`scipy.sparse.csr_matrix((values, col, crow), shape)` or `torch.sparse_csr_tensor`), or `P.col_gaps`,
+a uint8 stream of within-row gaps decoded sequentially (`encode_gaps`): per stored weight, the gap
+`col - prev - 1` (prev = -1 at the start of each row) written as n bytes 255 ("add 255, read on")
+and one byte 0..254. `decoded(parts)` gives the plain arrays.
+
+Values are fp32, fp16, bf16, or int8 with `P.scales` (fp32, one per output row: `scale = max|w| / 127`,
+`q = round(w / scale)`, clipped to ±127; `quantise_rows`, shared with the C target). Readers
+dequantise once (`w = scale * q`).
 
 This module imports no training code: the runtime reads artefacts through it.
 """
@@ -16,6 +25,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ndsnn_cli.atomic import write_bytes
@@ -23,14 +33,18 @@ from ndsnn_cli.checkpoint import read_safetensors, save_safetensors_canonical
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import CSR_FORMAT, CSR_VERSION
 from ndsnn_cli.export.exporters import ExportOptions, ExportResult
-from ndsnn_cli.validate import VALUE_DTYPES, check_artefact, split_parameters
+from ndsnn_cli.validate import GAP_ESCAPE, VALUE_DTYPES, check_artefact, dense_dtype, gap_columns, split_parameters
 
 # Metadata values stored as JSON; the rest are plain strings.
 JSON_KEYS = ("version", "timesteps", "neuron", "dataset", "input", "sparsity", "graph", "bn_folded", "source")
 
 
-def to_csr(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """CSR arrays of `weight`'s 2-D view at the mask's positions (not at weight != 0)."""
+def to_csr(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype,
+           indices: str = "auto") -> dict[str, torch.Tensor]:
+    """CSR arrays of `weight`'s 2-D view at the mask's positions (not at weight != 0). `dtype` int8 adds
+    per-row `scales`; `indices` is "plain" (col_indices), "gaps" (col_gaps) or "auto" (the smaller)."""
+    if indices not in INDEX_ENCODINGS:
+        raise UserError(f"indices {indices!r}: must be one of {', '.join(INDEX_ENCODINGS)}")
     rows = weight.shape[0]
     mask2d = mask.reshape(rows, -1).to(torch.bool)
     cols = mask2d.shape[1]
@@ -39,36 +53,92 @@ def to_csr(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> dict
     crow = torch.zeros(rows + 1, dtype=torch.int64)
     crow[1:] = mask2d.sum(1).cumsum(0)
     col = mask2d.nonzero()[:, 1]  # row-major order: sorted by row, then column
-    return {
-        "crow_indices": crow.to(index_dtype),
-        "col_indices": col.to(torch.int16 if cols < 32768 else torch.int32),
-        "values": weight.detach().reshape(rows, -1)[mask2d].to(dtype).contiguous(),
-        "shape": torch.tensor(list(weight.shape), dtype=torch.int64),
-    }
+    parts = {"crow_indices": crow.to(index_dtype)}
+    plain = col.to(torch.int16 if cols < 32768 else torch.int32)
+    gaps = encode_gaps(crow, col) if indices != "plain" else None
+    if gaps is not None and (indices == "gaps" or gaps.nbytes < plain.nbytes):
+        parts["col_gaps"] = gaps
+    else:
+        parts["col_indices"] = plain
+    values = weight.detach().reshape(rows, -1)[mask2d]
+    if dtype == torch.int8:
+        scales, quantised = quantise_rows(values.float().numpy(), crow.numpy())
+        parts["values"], parts["scales"] = torch.from_numpy(quantised), torch.from_numpy(scales)
+    else:
+        parts["values"] = values.to(dtype).contiguous()
+    parts["shape"] = torch.tensor(list(weight.shape), dtype=torch.int64)
+    return parts
+
+
+INDEX_ENCODINGS = ("auto", "plain", "gaps")
+
+
+def encode_gaps(crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """The uint8 gap stream of sorted CSR columns: per entry, gap = col - prev - 1 (prev = -1 at each row
+    start) as gap // 255 bytes 255 and one byte gap % 255. A C loop decodes it with one pointer."""
+    crow, col = crow.to(torch.int64), col.to(torch.int64)
+    prev = torch.cat([torch.tensor([-1]), col[:-1]]) if col.numel() else col
+    starts = crow[:-1][crow[1:] > crow[:-1]]  # first entry of every non-empty row
+    prev[starts] = -1
+    gap = col - prev - 1
+    lengths = gap // GAP_ESCAPE + 1  # escape bytes + the final byte
+    stream = torch.full((int(lengths.sum()),), GAP_ESCAPE, dtype=torch.uint8)
+    stream[lengths.cumsum(0) - 1] = (gap % GAP_ESCAPE).to(torch.uint8)
+    return stream
+
+
+def quantise_rows(values: np.ndarray, row_ptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output row: scale = max|w| / 127 (1 for an empty or all-zero row), q = round(w / scale).
+    The one quantiser of every target (CSR artefact and C)."""
+    rows = len(row_ptr) - 1
+    scales = np.ones(rows, dtype=np.float32)
+    quantised = np.zeros(len(values), dtype=np.int8)
+    for row in range(rows):
+        part = values[row_ptr[row]:row_ptr[row + 1]]
+        peak = float(np.abs(part).max()) if len(part) else 0.0
+        if peak > 0:
+            scales[row] = np.float32(peak / 127.0)
+            quantised[row_ptr[row]:row_ptr[row + 1]] = np.clip(np.rint(part / scales[row]), -127, 127)
+    return scales, quantised
+
+
+def decoded(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Plain CSR arrays of validated parts: crow and col as int64, values as float32 (int8 dequantised once:
+    scale * q), shape. Only for parts `check_csr` accepted: the gap stream is trusted here."""
+    crow = parts["crow_indices"].to(torch.int64)
+    counts = crow[1:] - crow[:-1]
+    col = gap_columns(parts["col_gaps"], crow) if "col_gaps" in parts else parts["col_indices"].to(torch.int64)
+    values = parts["values"].float()
+    if "scales" in parts:
+        values = values * torch.repeat_interleave(parts["scales"], counts)
+    return {"crow_indices": crow, "col_indices": col, "values": values, "shape": parts["shape"]}
 
 
 def from_csr(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The dense tensor (original shape) of one parameter's CSR arrays."""
+    """The dense tensor (original shape) of one parameter's CSR arrays (int8 dequantised to float32)."""
     shape = [int(s) for s in parts["shape"]]
     rows = shape[0]
     cols = math.prod(shape[1:])
-    crow = parts["crow_indices"].to(torch.int64)
-    dense = torch.zeros(rows, cols, dtype=parts["values"].dtype)
+    plain = decoded(parts) if "col_gaps" in parts or "scales" in parts else parts
+    crow = plain["crow_indices"].to(torch.int64)
+    dense = torch.zeros(rows, cols, dtype=plain["values"].dtype)
     row_of = torch.repeat_interleave(torch.arange(rows), crow[1:] - crow[:-1])
-    dense[row_of, parts["col_indices"].to(torch.int64)] = parts["values"]
+    dense[row_of, plain["col_indices"].to(torch.int64)] = plain["values"]
     return dense.reshape(shape)
 
 
 def pack(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], metadata: dict[str, Any],
-         dtype: str = "fp32") -> bytes:
-    """The artefact's bytes: masked params as CSR, other floating tensors cast to `dtype`, all else as is."""
-    target = VALUE_DTYPES[dtype]
+         dtype: str = "fp32", indices: str = "auto") -> bytes:
+    """The artefact's bytes: masked params as CSR, other floating tensors cast to `dtype` (fp32 for int8),
+    all else as is."""
+    target, plain_target = VALUE_DTYPES[dtype], dense_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if name in masks:
-            tensors.update({f"{name}.{part}": t for part, t in to_csr(tensor, masks[name], target).items()})
+            parts = to_csr(tensor, masks[name], target, indices)
+            tensors.update({f"{name}.{part}": t for part, t in parts.items()})
         else:
-            tensors[name] = (tensor.to(target) if tensor.is_floating_point() else tensor).contiguous()
+            tensors[name] = (tensor.to(plain_target) if tensor.is_floating_point() else tensor).contiguous()
     header = {"format": CSR_FORMAT, "dtype": dtype, **metadata, "version": CSR_VERSION}
     strings = {k: json.dumps(v) if k in JSON_KEYS else str(v) for k, v in header.items()}
     return save_safetensors_canonical(tensors, strings)
@@ -118,8 +188,8 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def export_csr(source: str | Path, out: str | Path | None = None, *, dtype: str = "fp32",
-               fold_bn: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Checkpoint (or run dir) -> artefact file; returns (path, metadata)."""
+               fold_bn: bool = False, indices: str = "auto") -> tuple[Path, dict[str, Any]]:
+    """Checkpoint (or run dir) -> artefact file; returns (path, metadata). `indices` as in `to_csr`."""
     from ndsnn_cli.export.fold import fold_batchnorm, load_trained
 
     if dtype not in VALUE_DTYPES:
@@ -128,7 +198,7 @@ def export_csr(source: str | Path, out: str | Path | None = None, *, dtype: str 
     model = fold_batchnorm(trained.model) if fold_bn else trained.model
     metadata = artefact_metadata(trained, model, bn_folded=fold_bn)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    data = pack(state, trained.masks, metadata, dtype)
+    data = pack(state, trained.masks, metadata, dtype, indices)
     target = Path(out) if out is not None else default_output(trained.path, "csr.safetensors")
     return write_checked(target, data), {"format": CSR_FORMAT, "dtype": dtype, **metadata}
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import graph
-from ndsnn_cli.export.csr import load_raw, split_csr
+from ndsnn_cli.export.csr import decoded, load_raw, split_csr
 from ndsnn_cli.validate import check_artefact
 
 # A layer denser than this runs the dense kernel on its weight rebuilt at load time: above ~10%
@@ -51,16 +51,16 @@ class SparseNetwork:
         self.sparse: dict[str, tuple[torch.Tensor, list[int]]] = {}
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore")
-            for name, parts in sparse.items():
+            for name, stored in sparse.items():
+                parts = decoded(stored)  # gap-coded columns decoded, int8 dequantised: once, here
                 shape = [int(s) for s in parts["shape"]]
                 cols = 1
                 for s in shape[1:]:
                     cols *= s
                 # check_invariants=False only because check_artefact above proved them (crow monotone
                 # from 0 to nnz, 0 <= col < cols, sorted rows); torch's kernels read out of bounds otherwise
-                matrix = torch.sparse_csr_tensor(parts["crow_indices"].to(torch.int64),
-                                                 parts["col_indices"].to(torch.int64),
-                                                 parts["values"].float(), (shape[0], cols), check_invariants=False)
+                matrix = torch.sparse_csr_tensor(parts["crow_indices"], parts["col_indices"], parts["values"],
+                                                 (shape[0], cols), check_invariants=False)
                 if parts["values"].numel() > dense_above * shape[0] * cols:
                     self.dense[name] = matrix.to_dense().reshape(shape)
                 else:

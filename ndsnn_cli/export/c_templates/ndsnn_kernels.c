@@ -3,9 +3,36 @@
 
 #include <string.h>
 
-static int32_t column_at(const ndsnn_csr *w, int32_t k)
+/* The column indices of a weight, read in storage order (rows in order, weights in order within a row):
+ * plain ones at k, gap-coded ones decoded from a moving pointer (see ndsnn_csr). */
+typedef struct {
+    const ndsnn_csr *w;
+    const uint8_t *next; /* the gap stream's next byte */
+    int32_t col;         /* the row's last column so far; -1 at a row start */
+} column_cursor;
+
+static column_cursor columns_of(const ndsnn_csr *w)
 {
-    return w->col16 != NULL ? (int32_t)w->col16[k] : w->col32[k];
+    column_cursor cursor;
+    cursor.w = w;
+    cursor.next = w->gaps;
+    cursor.col = -1;
+    return cursor;
+}
+
+static int32_t next_column(column_cursor *c, int32_t k)
+{
+    int32_t gap = 0;
+    if (c->w->gaps == NULL) {
+        return c->w->col16 != NULL ? (int32_t)c->w->col16[k] : c->w->col32[k];
+    }
+    while (*c->next == 255u) { /* escape: 255 more, read on */
+        gap += 255;
+        ++c->next;
+    }
+    gap += *c->next++;
+    c->col += gap + 1;
+    return c->col;
 }
 
 static float bias_at(const ndsnn_csr *w, int32_t row)
@@ -30,10 +57,8 @@ static void valid_range(int32_t size, int32_t out_size, int32_t stride, int32_t 
 }
 
 /* Where weight k of a conv row reads: its input channel and kernel offsets (dilated). */
-static void conv_tap(const ndsnn_csr *w, const ndsnn_conv_geometry *g, int32_t k, int32_t *channel,
-                     int32_t *dy, int32_t *dx)
+static void conv_tap(const ndsnn_conv_geometry *g, int32_t col, int32_t *channel, int32_t *dy, int32_t *dx)
 {
-    int32_t col = column_at(w, k);
     int32_t taps = g->kernel_h * g->kernel_w;
     int32_t within = col % taps;
     *channel = col / taps;
@@ -67,16 +92,18 @@ void ndsnn_conv_analog(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const f
 {
     int32_t plane = g->out_h * g->out_w;
     int32_t o, k, i, oy, ox;
+    column_cursor cursor = columns_of(w);
     for (o = 0; o < g->out_c; ++o) {
         float *dst = out + o * plane;
         for (i = 0; i < plane; ++i) {
             dst[i] = 0.0f;
         }
+        cursor.col = -1;
         for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
             int32_t channel, dy, dx, y0, y1, x0, x1;
             float weight = w->qvalues != NULL ? (float)w->qvalues[k] : w->values[k];
             const float *src;
-            conv_tap(w, g, k, &channel, &dy, &dx);
+            conv_tap(g, next_column(&cursor, k), &channel, &dy, &dx);
             valid_range(g->in_h, g->out_h, g->stride_h, g->pad_h, dy, &y0, &y1);
             valid_range(g->in_w, g->out_w, g->stride_w, g->pad_w, dx, &x0, &x1);
             src = in + channel * g->in_h * g->in_w;
@@ -96,11 +123,13 @@ void ndsnn_conv_analog(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const f
 void ndsnn_linear_analog(const ndsnn_csr *w, const float *in, float *out)
 {
     int32_t o, k;
+    column_cursor cursor = columns_of(w);
     for (o = 0; o < w->rows; ++o) {
         float sum = 0.0f;
+        cursor.col = -1;
         for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
             float weight = w->qvalues != NULL ? (float)w->qvalues[k] : w->values[k];
-            sum += weight * in[column_at(w, k)];
+            sum += weight * in[next_column(&cursor, k)];
         }
         out[o] = (w->scales != NULL ? sum * w->scales[o] : sum) + bias_at(w, o);
     }
@@ -108,18 +137,20 @@ void ndsnn_linear_analog(const ndsnn_csr *w, const float *in, float *out)
 
 /* One spike-fed output channel: for every active weight (tap) of channel o, add the weight wherever its
  * shifted input fired -- no multiplies. fp32 weights add into the output plane itself; int8 weights add
- * into an int32 accumulator per output position, scaled once per position by the caller. C99 has no
- * templates, so the two variants are one macro (ACC_T: accumulator type; WEIGHT: the tap's value). */
+ * into an int32 accumulator per output position, scaled once per position by the caller. The cursor
+ * stands at row o's first column. C99 has no templates, so the two variants are one macro (ACC_T:
+ * accumulator type; WEIGHT: the tap's value). */
 #define NDSNN_DEFINE_CONV_SPIKES(NAME, ACC_T, WEIGHT)                                                     \
     static void NAME(const ndsnn_csr *w, const ndsnn_conv_geometry *g, int32_t o, const uint8_t *in,   \
-                     ACC_T *acc)                                                                        \
+                     ACC_T *acc, column_cursor *cursor)                                                 \
     {                                                                                                   \
         int32_t k, oy, ox;                                                                              \
+        cursor->col = -1;                                                                               \
         for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {                                           \
             int32_t channel, dy, dx, y0, y1, x0, x1;                                                    \
             const ACC_T weight = (ACC_T)(WEIGHT);                                                       \
             const uint8_t *src;                                                                         \
-            conv_tap(w, g, k, &channel, &dy, &dx);                                                      \
+            conv_tap(g, next_column(cursor, k), &channel, &dy, &dx);                                    \
             valid_range(g->in_h, g->out_h, g->stride_h, g->pad_h, dy, &y0, &y1);                        \
             valid_range(g->in_w, g->out_w, g->stride_w, g->pad_w, dx, &x0, &x1);                        \
             src = in + channel * g->in_h * g->in_w;                                                     \
@@ -143,18 +174,19 @@ void ndsnn_conv_spikes(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const u
 {
     int32_t plane = g->out_h * g->out_w;
     int32_t o, i;
+    column_cursor cursor = columns_of(w);
     for (o = 0; o < g->out_c; ++o) {
         float *dst = out + o * plane;
         float bias = bias_at(w, o);
         if (w->qvalues != NULL) {
             memset(acc, 0, (size_t)plane * sizeof *acc);
-            conv_spikes_int8(w, g, o, in, acc);
+            conv_spikes_int8(w, g, o, in, acc, &cursor);
             for (i = 0; i < plane; ++i) {
                 dst[i] = (float)acc[i] * w->scales[o] + bias;
             }
         } else {
             memset(dst, 0, (size_t)plane * sizeof *dst);
-            conv_spikes_fp32(w, g, o, in, dst);
+            conv_spikes_fp32(w, g, o, in, dst, &cursor);
             for (i = 0; i < plane; ++i) {
                 dst[i] += bias;
             }
@@ -165,11 +197,13 @@ void ndsnn_conv_spikes(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const u
 void ndsnn_linear_spikes(const ndsnn_csr *w, const uint8_t *in, float *out)
 {
     int32_t o, k;
+    column_cursor cursor = columns_of(w);
     for (o = 0; o < w->rows; ++o) {
+        cursor.col = -1;
         if (w->qvalues != NULL) {
             int32_t sum = 0;
             for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
-                if (in[column_at(w, k)]) {
+                if (in[next_column(&cursor, k)]) {
                     sum += w->qvalues[k];
                 }
             }
@@ -177,7 +211,7 @@ void ndsnn_linear_spikes(const ndsnn_csr *w, const uint8_t *in, float *out)
         } else {
             float sum = 0.0f;
             for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
-                if (in[column_at(w, k)]) {
+                if (in[next_column(&cursor, k)]) {
                     sum += w->values[k];
                 }
             }

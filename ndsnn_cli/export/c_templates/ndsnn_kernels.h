@@ -7,13 +7,16 @@
 #include <stdint.h>
 
 /* One sparse weight as CSR over its 2-D view [rows, in*kh*kw]: row r's weights are entries
- * row_ptr[r] .. row_ptr[r+1]-1; column indices are int16 (col16) when every column fits, else int32
- * (col32). Values are fp32 (values) or int8 (qvalues) with one symmetric scale per row (scales). */
+ * row_ptr[r] .. row_ptr[r+1]-1. Column indices are one of: int16 (col16) when every column fits, int32
+ * (col32), or a uint8 gap stream (gaps) where it is smaller, read sequentially row after row: per weight,
+ * n bytes 255 then one byte b < 255, gap = 255 n + b, col = prev + 1 + gap, prev = -1 at each row start.
+ * Values are fp32 (values) or int8 (qvalues) with one symmetric scale per row (scales). */
 typedef struct {
     int32_t rows;
     const int32_t *row_ptr;
     const int16_t *col16;
     const int32_t *col32;
+    const uint8_t *gaps;
     const float *values;
     const int8_t *qvalues;
     const float *scales;
