@@ -1,7 +1,5 @@
-/* ndsnn sparse spiking kernels (see ndsnn_kernels.h). Portable C99: <stdint.h>, <stddef.h>, <string.h>. */
+/* ndsnn sparse spiking kernels (see ndsnn_kernels.h). Freestanding C99: <stdint.h> and <stddef.h> only. */
 #include "ndsnn_kernels.h"
-
-#include <string.h>
 
 /* The column indices of a weight, read in storage order (rows in order, weights in order within a row):
  * plain ones at k, gap-coded ones decoded from a moving pointer (see ndsnn_csr). */
@@ -64,6 +62,14 @@ static void conv_tap(const ndsnn_conv_geometry *g, int32_t col, int32_t *channel
     *channel = col / taps;
     *dy = (within / g->kernel_w) * g->dilation_h;
     *dx = (within % g->kernel_w) * g->dilation_w;
+}
+
+void ndsnn_zero(float *x, int32_t count)
+{
+    int32_t i;
+    for (i = 0; i < count; ++i) {
+        x[i] = 0.0f;
+    }
 }
 
 void ndsnn_normalize(const float *image, const float *mean, const float *std, int32_t channels,
@@ -179,13 +185,15 @@ void ndsnn_conv_spikes(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const u
         float *dst = out + o * plane;
         float bias = bias_at(w, o);
         if (w->qvalues != NULL) {
-            memset(acc, 0, (size_t)plane * sizeof *acc);
+            for (i = 0; i < plane; ++i) {
+                acc[i] = 0;
+            }
             conv_spikes_int8(w, g, o, in, acc, &cursor);
             for (i = 0; i < plane; ++i) {
                 dst[i] = (float)acc[i] * w->scales[o] + bias;
             }
         } else {
-            memset(dst, 0, (size_t)plane * sizeof *dst);
+            ndsnn_zero(dst, plane);
             conv_spikes_fp32(w, g, o, in, dst, &cursor);
             for (i = 0; i < plane; ++i) {
                 dst[i] += bias;

@@ -1,4 +1,4 @@
-/* ndsnn sparse spiking kernels: portable C99, no heap, no libc beyond <stdint.h>/<stddef.h>/<string.h>.
+/* ndsnn sparse spiking kernels: portable C99, no heap, no libc: only the freestanding <stdint.h>/<stddef.h>.
  * Generated alongside ndsnn_model.c by `ndsnn export --format c`; the same file for every model. */
 #ifndef NDSNN_KERNELS_H
 #define NDSNN_KERNELS_H
@@ -33,6 +33,9 @@ typedef struct {
 typedef struct {
     int32_t channels, in_h, in_w, out_h, out_w, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w;
 } ndsnn_pool_geometry;
+
+/* x[0 .. count-1] = 0 (no <string.h>: the code builds without a C library, e.g. bare arm-none-eabi-gcc). */
+void ndsnn_zero(float *x, int32_t count);
 
 /* (x - mean[c]) / std[c] over a CHW image. */
 void ndsnn_normalize(const float *image, const float *mean, const float *std, int32_t channels,
