@@ -8,6 +8,11 @@ trained run. Sizes: file bytes of the CSR artefact (fp32, fp16, fp16 with BN fol
 safetensors file of the same state_dict. Latency: batch-1 forward, reference runtime on the
 BN-folded fp32 artefact vs the dense PyTorch model in eval mode, both timed in this process, runs
 interleaved (median of `--repeats` runs after warm-up). Writes benchmarks/export_sizes.md.
+
+Sizes (artefact version 3): fp32 with plain int16 column indices (the version-2 layout), then fp32,
+fp16 and int8 with the column encoding chosen per parameter (uint8 gaps where smaller), with and
+without BN folded. `--sizes-only` measures sizes alone (they are deterministic) and replaces only the
+Sizes section of an existing export_sizes.md, keeping its latency tables and notes.
 """
 
 from __future__ import annotations
@@ -61,10 +66,11 @@ def size_breakdown(path: Path) -> dict[str, int]:
     """Bytes of CSR values, column and row indices, dense tensors and the JSON header of an artefact."""
     tensors, _ = load_raw(path)
     sparse, plain = split_csr(tensors)
-    out = {"values": 0, "col_indices": 0, "crow_indices": 0, "shape": 0}
+    out = {"values": 0, "col_indices": 0, "col_gaps": 0, "crow_indices": 0, "scales": 0, "shape": 0}
     for parts in sparse.values():
         for part, tensor in parts.items():
             out[part] += tensor.nbytes
+    out["columns"] = out["col_indices"] + out["col_gaps"]
     out["dense_params"] = sum(t.nbytes for t in plain.values())
     out["header"] = 8 + int.from_bytes(path.read_bytes()[:8], "little")
     return out
@@ -83,21 +89,29 @@ def paired_ms(dense: Any, runtime: Any, images: torch.Tensor, repeats: int) -> t
     return dense_ms, runtime_ms
 
 
-def measure(arch: str, sparsity: float, workdir: Path, repeats: int) -> dict[str, Any]:
+# (label, dtype, BN folded, column indices) of each artefact whose size is measured
+VARIANTS = (("fp32_plain", "fp32", False, "plain"), ("fp32", "fp32", False, "auto"), ("fp16", "fp16", False, "auto"),
+            ("fp16_fold", "fp16", True, "auto"), ("int8", "int8", False, "auto"), ("int8_fold", "int8", True, "auto"),
+            ("fp32_fold", "fp32", True, "auto"))
+
+
+def measure(arch: str, sparsity: float, workdir: Path, repeats: int, latency: bool = True) -> dict[str, Any]:
     ckpt = workdir / f"{arch}-{sparsity}.safetensors"
     model, recipe = sparse_checkpoint(arch, sparsity, ckpt)
     state = {k: v for k, v in model.state_dict().items()}
     dense_bytes = len(save_safetensors({k: v.contiguous() for k, v in state.items()}))
     files = {}
-    for label, dtype, fold in (("fp32", "fp32", False), ("fp16", "fp16", False), ("fp16_fold", "fp16", True),
-                               ("fp32_fold", "fp32", True)):
-        path, meta = export_csr(ckpt, workdir / f"{arch}-{sparsity}-{label}.safetensors", dtype=dtype, fold_bn=fold)
+    for label, dtype, fold, indices in VARIANTS:
+        path, meta = export_csr(ckpt, workdir / f"{arch}-{sparsity}-{label}.safetensors", dtype=dtype, fold_bn=fold,
+                                indices=indices)
         files[label] = path
     row: dict[str, Any] = {"arch": arch, "sparsity": sparsity, "timesteps": recipe.model.timesteps,
                            "realised_sparsity": meta["sparsity"]["sparsity"], "dense_bytes": dense_bytes,
                            **{f"{k}_bytes": p.stat().st_size for k, p in files.items()},
-                           "breakdown_fp32": size_breakdown(files["fp32"]),
-                           "breakdown_fp16_fold": size_breakdown(files["fp16_fold"])}
+                           "breakdown_fp32_plain": size_breakdown(files["fp32_plain"]),
+                           "breakdown_int8_fold": size_breakdown(files["int8_fold"])}
+    if not latency:
+        return row
     net = load_network(files["fp32_fold"])
     images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -128,6 +142,45 @@ def profile(arch: str, sparsity: float, workdir: Path) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
 
 
+SIZE_COLUMNS = (("fp32_plain", "CSR fp32, int16 cols (v2 layout)"), ("fp32", "CSR fp32"), ("fp16", "CSR fp16"),
+                ("fp16_fold", "CSR fp16 + BN fold"), ("int8", "CSR int8"), ("int8_fold", "CSR int8 + BN fold"))
+
+
+def sizes_section(rows: list[dict[str, Any]]) -> list[str]:
+    """The `## Sizes` section: file bytes per variant and % of dense, then where the bytes go."""
+    lines = ["## Sizes", "",
+             "Column indices: `int16` = plain `col_indices`; the other CSR columns choose per parameter the "
+             "smaller of plain and uint8 gaps (`col_gaps`, version 3). int8: one fp32 scale per output row.", "",
+             "| model | sparsity | dense fp32 bytes | " + " | ".join(f"{title} | %" for _, title in SIZE_COLUMNS)
+             + " | int8 target <= 0.6% at 99% |",
+             "|---|---|---|" + "---|---|" * len(SIZE_COLUMNS) + "---|"]
+    for r in rows:
+        pct = {k: 100 * r[f"{k}_bytes"] / r["dense_bytes"] for k, _ in SIZE_COLUMNS}
+        target = (f"int8 {'met' if pct['int8'] <= 0.6 else 'NOT met'}, int8+fold "
+                  f"{'met' if pct['int8_fold'] <= 0.6 else 'NOT met'}") if r["sparsity"] == 0.99 else ""
+        cells = " | ".join(f"{r[f'{k}_bytes']:,} | {pct[k]:.2f}%" for k, _ in SIZE_COLUMNS)
+        lines.append(f"| {r['arch']} | {r['sparsity']:.2f} | {r['dense_bytes']:,} | {cells} | {target} |")
+    lines += ["", "Where the bytes go (CSR fp32 with int16 columns, no folding / int8 with BN folded and the "
+              "column encoding chosen per parameter):", "",
+              "| model | sparsity | values | column indices | crow_indices (int32) | scales | dense params | header |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a, b = r["breakdown_fp32_plain"], r["breakdown_int8_fold"]
+        lines.append(f"| {r['arch']} | {r['sparsity']:.2f} | {a['values']:,} / {b['values']:,} | "
+                     f"{a['columns']:,} / {b['columns']:,} ({b['col_gaps']:,} as gaps) | {a['crow_indices']:,} | "
+                     f"{b['scales']:,} | {a['dense_params']:,} / {b['dense_params']:,} | "
+                     f"{a['header']:,} / {b['header']:,} |")
+    return lines
+
+
+def splice_sizes(old: str, rows: list[dict[str, Any]], note: str) -> str:
+    """`old` (a full export_sizes.md) with its Sizes section replaced and `note` after its title block."""
+    head, rest = old.split("## Sizes", 1)
+    head = "\n".join(line for line in head.splitlines() if not line.startswith("Sizes regenerated by"))
+    tail = rest[rest.index("## Batch-1 CPU latency"):]
+    return head.rstrip() + "\n\n" + note + "\n\n" + "\n".join(sizes_section(rows)) + "\n\n" + tail
+
+
 def markdown(rows: list[dict[str, Any]], context: dict[str, str], profiles: dict[str, str]) -> str:
     lines = ["# Export: CSR artefact size and reference-runtime latency", "",
              "Generated by `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python -m benchmarks.export_sizes` "
@@ -138,25 +191,7 @@ def markdown(rows: list[dict[str, Any]], context: dict[str, str], profiles: dict
              f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}",
              "- models: freshly built (untrained), random ERK masks, CIFAR-10 shapes (3x32x32, 10 classes), "
              "T from the paper recipes; dense = safetensors of the full fp32 state_dict (incl. BN running stats)",
-             "", "## Sizes", "",
-             "| model | sparsity | dense fp32 bytes | CSR fp32 | % dense | CSR fp16 | % dense | CSR fp16 + BN fold "
-             "| % dense | target <= 1.6% at 99% |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        pct = {k: 100 * r[f"{k}_bytes"] / r["dense_bytes"] for k in ("fp32", "fp16", "fp16_fold")}
-        target = ", ".join(f"{k.replace('_fold', '+fold')} {'met' if v <= 1.6 else 'NOT met'}" for k, v in pct.items()
-                           ) if r["sparsity"] == 0.99 else ""
-        lines.append(f"| {r['arch']} | {r['sparsity']:.2f} | {r['dense_bytes']:,} | {r['fp32_bytes']:,} | "
-                     f"{pct['fp32']:.2f}% | {r['fp16_bytes']:,} | {pct['fp16']:.2f}% | {r['fp16_fold_bytes']:,} | "
-                     f"{pct['fp16_fold']:.2f}% | {target} |")
-    lines += ["", "Where the bytes go (CSR fp32, no folding / fp16 with BN folded):", "",
-              "| model | sparsity | values | col_indices (int16) | crow_indices (int32) | dense params | header |",
-              "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        a, b = r["breakdown_fp32"], r["breakdown_fp16_fold"]
-        lines.append(f"| {r['arch']} | {r['sparsity']:.2f} | {a['values']:,} / {b['values']:,} | "
-                     f"{a['col_indices']:,} | {a['crow_indices']:,} | {a['dense_params']:,} / {b['dense_params']:,} | "
-                     f"{a['header']:,} / {b['header']:,} |")
+             "", *sizes_section(rows)]
     lines += ["", "## Batch-1 CPU latency", "",
               "Reference runtime (BN-folded fp32 artefact) vs the dense PyTorch model (eval mode, same masked "
               f"weights), {context['repeats']} runs each after {WARMUP} warm-up runs, same process, dense and runtime "
@@ -186,6 +221,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="append torch.profiler tables at 99%%")
+    parser.add_argument("--sizes-only", action="store_true",
+                        help="measure sizes only; replace only the Sizes section of an existing --out")
     parser.add_argument("--out", type=Path, default=OUT_MD)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -198,8 +235,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.models.split(","):
             for sparsity in (float(s) for s in args.sparsities.split(",")):
-                row = measure(arch, sparsity, Path(tmp), args.repeats)
+                row = measure(arch, sparsity, Path(tmp), args.repeats, latency=not args.sizes_only)
                 rows.append(row)
+                if args.sizes_only:
+                    print(f"{arch} s={sparsity}: " + ", ".join(f"{k} {row[f'{k}_bytes']:,} B "
+                          f"({100 * row[f'{k}_bytes'] / row['dense_bytes']:.2f}%)" for k, _ in SIZE_COLUMNS),
+                          flush=True)
+                    continue
                 print(f"{arch} s={sparsity}: dense {row['dense_bytes']:,} B, csr fp32 {row['fp32_bytes']:,} B "
                       f"({100 * row['fp32_bytes'] / row['dense_bytes']:.2f}%), fp16 {row['fp16_bytes']:,} B "
                       f"({100 * row['fp16_bytes'] / row['dense_bytes']:.2f}%), fp16+fold {row['fp16_fold_bytes']:,} B "
@@ -209,6 +251,12 @@ def main() -> None:
             if args.profile:
                 profiles[f"{arch} at 0.99"] = profile(arch, 0.99, Path(tmp))
                 print(profiles[f"{arch} at 0.99"], flush=True)
+    if args.sizes_only:
+        note = (f"Sizes regenerated by `python -m benchmarks.export_sizes --sizes-only` ({context['args']}); "
+                "the latency tables below are from the last full run.")
+        write_text(args.out, splice_sizes(args.out.read_text(), rows, note))
+        print(f"wrote {args.out} (Sizes section)")
+        return
     context["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     text = markdown(rows, context, profiles)
     if args.out.exists() and NOTES_MARKER in args.out.read_text():  # keep the hand-written analysis
