@@ -209,7 +209,10 @@ def export_result(source: str | Path, out: str | Path | None, options: ExportOpt
     sparsity, nnz = meta["sparsity"]["sparsity"], meta["sparsity"]["nnz"]
     details = {"bytes": path.stat().st_size, "dtype": options.dtype, "bn_folded": options.fold_bn,
                "sparsity": sparsity, "nnz": nnz, "recipe_sha256": meta["recipe_sha256"]}
-    return ExportResult(path, meta["format"], details,
+    notes = []
+    if options.dtype == "int8" and not meta["sparsity"]["layers"]:  # int8 is a value dtype of CSR parameters
+        notes.append("int8 applies to sparse (masked) parameters; this run has none, so every tensor stays fp32")
+    return ExportResult(path, meta["format"], details, notes=notes,
                         summary=[f"sparsity {sparsity:.4f}, {nnz:,} stored weights, values {options.dtype}"])
 
 
