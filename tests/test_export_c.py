@@ -200,6 +200,35 @@ def test_resnet_and_vgg_shaped_ops_match_the_reference_on_200_images_and_run_cle
     assert bool((expected_logits.std(0) > 0).any())  # the logits depend on the image through the spikes
 
 
+@needs_cc
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_gap_escapes_decode_in_c_as_the_reference_reads_them_under_sanitizers(tmp_path: Path, dtype: str) -> None:
+    """An mlp at 0.5% density (784 columns, ~4 weights per row): most gaps need escape bytes (255). The
+    sanitized C build decodes them (analog layer; the spike-fed one has 128 columns) as the int16 build reads
+    its columns: same predictions and logits; fp32 also matches the reference runtime."""
+    torch.manual_seed(0)
+    mlp = create_model("mlp", num_classes=10, in_channels=1, image_size=28, neuron=NeuronConfig(timesteps=3))
+    model, masks = _random_sparse(mlp, 0.005, (1, 28, 28), seed=1)
+    gaps = csr.to_csr(model.state_dict()["encoder.1.weight"], masks["encoder.1.weight"], torch.float32, "gaps")
+    assert int((gaps["col_gaps"] == 255).sum()) > 50  # escapes, not only one-byte gaps
+    contract = input_contract("mnist")
+    sources = c.generate_sources(model, masks, contract=contract, timesteps=3, num_classes=10, dtype=dtype,
+                                 indices="gaps")
+    assert all(layer["index"] == "gaps-u8" for layer in sources.layers)
+    pixels = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    sanitized = c.compile_demo(sources, tmp_path / "asan", COMPILER,
+                               ("-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"))
+    predictions, logits = c.run_demo(sanitized, pixels)
+    if dtype == "fp32":  # the reference runtime's predictions and logits
+        report = c.verify_sources(sources, model, masks, 3, contract, {"random": (pixels, None)}, COMPILER)
+        assert report["passed"] and report["images"]["random"]["same_predictions"] == 64
+    reference = c.generate_sources(model, masks, contract=contract, timesteps=3, num_classes=10, dtype=dtype,
+                                   indices="plain")  # the same weights with int16 columns: the same logits
+    expected = c.run_demo(c.compile_demo(reference, tmp_path / "plain", COMPILER), pixels)
+    assert torch.equal(predictions, expected[0]) and torch.equal(logits, expected[1])
+    assert bool((logits.std(0) > 0).any())
+
+
 def _spike_rates(model: SpikingNet, pixels: torch.Tensor, contract: dict) -> list[float]:
     """Mean spike rate of each LIF layer of the PyTorch model on these pixels."""
     rates: list[float] = []

@@ -3,7 +3,8 @@
 The network is rebuilt from the artefact's metadata (`graph`: an ordered op list, `timesteps`,
 neuron constants). Linear layers run a CSR x dense product (`torch.addmm`) on the CSR weight;
 convolutions run im2col (one strided copy of the whole `[T*B]` batch per layer) followed by the
-same product. Layers denser than `DENSE_ABOVE` run the dense kernels instead. The LIF arithmetic
+same product. Layers denser than `DENSE_ABOVE` run the dense kernels instead. Gap-coded column indices
+and int8 values (version 3) are decoded and dequantised once, at load (`csr.decoded`). The LIF arithmetic
 matches the training neuron exactly: `h = v + (x - v) / tau`, spike `h >= v_th`, hard reset
 `v = h * (1 - s)` (same rounding, fewer kernels).
 """
