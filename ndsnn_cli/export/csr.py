@@ -33,10 +33,19 @@ from ndsnn_cli.checkpoint import read_safetensors, save_safetensors_canonical
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import CSR_FORMAT, CSR_VERSION
 from ndsnn_cli.export.exporters import ExportOptions, ExportResult
-from ndsnn_cli.validate import GAP_ESCAPE, VALUE_DTYPES, check_artefact, dense_dtype, gap_columns, split_parameters
+from ndsnn_cli.validate import (
+    COL_INT16_BELOW,
+    GAP_ESCAPE,
+    VALUE_DTYPES,
+    check_artefact,
+    dense_dtype,
+    gap_columns,
+    split_parameters,
+)
 
 # Metadata values stored as JSON; the rest are plain strings.
 JSON_KEYS = ("version", "timesteps", "neuron", "dataset", "input", "sparsity", "graph", "bn_folded", "source")
+INDEX_ENCODINGS = ("auto", "plain", "gaps")  # column indices: the smaller of the two, int16/int32, uint8 gaps
 
 
 def to_csr(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype,
@@ -54,7 +63,7 @@ def to_csr(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype,
     crow[1:] = mask2d.sum(1).cumsum(0)
     col = mask2d.nonzero()[:, 1]  # row-major order: sorted by row, then column
     parts = {"crow_indices": crow.to(index_dtype)}
-    plain = col.to(torch.int16 if cols < 32768 else torch.int32)
+    plain = col.to(torch.int16 if cols < COL_INT16_BELOW else torch.int32)
     gaps = encode_gaps(crow, col) if indices != "plain" else None
     if gaps is not None and (indices == "gaps" or gaps.nbytes < plain.nbytes):
         parts["col_gaps"] = gaps
@@ -68,9 +77,6 @@ def to_csr(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype,
         parts["values"] = values.to(dtype).contiguous()
     parts["shape"] = torch.tensor(list(weight.shape), dtype=torch.int64)
     return parts
-
-
-INDEX_ENCODINGS = ("auto", "plain", "gaps")
 
 
 def encode_gaps(crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
