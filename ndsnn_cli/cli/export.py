@@ -93,11 +93,11 @@ def inspect(
     recipe = info.get("recipe") or {}
     title = f"{info['file']}: {info['kind']} {info['format']} (version {info['version']}), {info['bytes']:,} bytes"
     table = Table(title=title)
-    for column in ("layer", "shape", "storage", "dtype", "nnz", "density", "bytes"):
+    for column in ("layer", "shape", "storage", "dtype", "columns", "nnz", "density", "bytes"):
         table.add_column(column, justify="right" if column in ("nnz", "density", "bytes") else "left")
-    for layer in info["layers"]:
+    for layer in info["layers"]:  # columns: a CSR layer's index encoding (int16, int32 or gaps-u8)
         table.add_row(layer["name"], "x".join(map(str, layer["shape"])), layer["storage"], layer["dtype"],
-                      f"{layer['nnz']:,}", f"{layer['density']:.4f}", f"{layer['bytes']:,}")
+                      layer.get("indices", ""), f"{layer['nnz']:,}", f"{layer['density']:.4f}", f"{layer['bytes']:,}")
     console = Console()
     console.print(table)
     if recipe:
