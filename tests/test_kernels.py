@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -244,6 +247,24 @@ def test_layout_transposes_round_trip_bit_exactly(layout) -> None:
         spikes = mark_spikes((x > 0).float())
         spikes_bl = to_batch_last(spikes, kernel)
     assert spikes_bl.dtype == torch.uint8 and torch.equal(spikes_bl, (expected > 0).to(torch.uint8))
+
+
+@pytest.mark.skipif("numba" not in KERNEL_NAMES, reason="numba not installed")
+def test_creating_the_numba_kernel_keeps_torchs_thread_count() -> None:
+    """A fresh process set to 1 torch thread still has 1 after the numba kernel starts its thread pool
+    (which shares libgomp with torch and used to raise torch to every core: runs then differed in bits
+    from one that had started numba earlier)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from ndsnn_cli.kernels.execution import create_kernel, to_batch_last\n"
+            "kernel = create_kernel('numba'); to_batch_last(torch.rand(4, 3, 5, 5), kernel)\n"
+            "print(torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split()[-1] == "1"
 
 
 def _spiking_model_step(model: nn.Module, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor,

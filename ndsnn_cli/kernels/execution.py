@@ -28,7 +28,12 @@ def create_kernel(name: str) -> Any:
     if name == "numba":
         from ndsnn_cli.kernels.numba_cpu import NumbaKernel, set_threads
 
-        set_threads(torch.get_num_threads())
+        threads = torch.get_num_threads()
+        set_threads(threads)
+        # numba's OpenMP pool shares libgomp with torch: launching it sets the process's OpenMP thread
+        # count to NUMBA_NUM_THREADS (all cores), which torch then uses too. Give torch its count back, or
+        # a run set to 1 thread trains on 2 from its first sparse layer on (other sums, other bits).
+        torch.set_num_threads(threads)
         return NumbaKernel()
     if name == "torch-sparse":
         from ndsnn_cli.kernels.torch_sparse import TorchSparseKernel
