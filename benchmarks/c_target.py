@@ -11,7 +11,8 @@ onnxruntime on the dense ONNX export (`ndsnn export --format onnx`), each batch 
 turn for ROUNDS rounds (one pass over the images each; medians, and the median per-round ratio to the C
 sparse fp32 build, so that a shared machine's load changes hit every side alike). Dense C
 builds of large models are counted, not compiled (`--compile-dense` compiles them). `--accuracy` runs the
-sparse fp32 and int8 C builds on the whole test set and prints the run's summary.json accuracy beside them.
+sparse fp32 and int8 C builds on the run's test set (its recipe's test_limit, the images its summary.json
+accuracy was measured on; all 10,000 for the quickstart) and prints that accuracy beside them.
 
 Cortex-M4 cross-compile (Debian `gcc-arm-none-eabi`): when `arm-none-eabi-gcc` is on PATH each compiled
 build's objects are also built with
@@ -228,14 +229,15 @@ def random_checkpoint(arch: str, dataset: str, sparsity: float, timesteps: int, 
 
 
 def test_images(checkpoint: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The recipe's whole test set as [0, 1] pixels with labels, or None when the data set is not here."""
+    """The run's test set (its recipe's `test_limit`: what summary.json's accuracy was measured on) as
+    [0, 1] pixels with labels, or None when the data set is not here."""
     from ndsnn_cli.data.loading import raw_test_set
     from ndsnn_cli.errors import UserError
     from ndsnn_cli.export.fold import load_trained
 
     recipe = load_trained(checkpoint).recipe
     try:
-        test = raw_test_set(recipe.replace(data={"train_limit": 1, "test_limit": 0}).data)
+        test = raw_test_set(recipe.replace(data={"train_limit": 1}).data)
     except UserError:
         return None
     pairs = [test[i] for i in range(len(test))]
@@ -250,7 +252,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.99)
     parser.add_argument("--timesteps", type=int, default=5)
     parser.add_argument("--images", type=int, default=50, help="images timed per build (batch 1 each)")
-    parser.add_argument("--accuracy", action="store_true", help="C builds on the whole test set (--run only)")
+    parser.add_argument("--accuracy", action="store_true", help="C builds on the run's test set (--run only)")
     parser.add_argument("--compile-dense", action="store_true")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
