@@ -121,16 +121,9 @@ def onnx_session(checkpoint: Path, workdir: Path) -> Any:
 def spike_rates(model: Any, pixels: torch.Tensor, contract: dict[str, Any]) -> list[float]:
     """Mean spike rate of each LIF layer on the timed images: the C spike-fed layers' work scales with it
     (an untrained model whose layers never fire would time as trivially fast)."""
-    from ndsnn_cli.snn.neuron import LIF
+    from ndsnn_cli.train import spike_rates as lif_rates
 
-    rates: list[float] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: rates.append(round(float(out.float().mean()), 4)))
-             for m in model.modules() if isinstance(m, LIF)]
-    with torch.no_grad():
-        model(c.normalise(pixels, contract))
-    for hook in hooks:
-        hook.remove()
-    return rates
+    return [round(rate, 4) for rate in lif_rates(model, c.normalise(pixels, contract)).values()]
 
 
 def c_accuracy(demo: Path, images: torch.Tensor, labels: torch.Tensor) -> float:

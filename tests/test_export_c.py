@@ -22,9 +22,8 @@ from ndsnn_cli.export import c, csr
 from ndsnn_cli.export.fold import fold_batchnorm
 from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.snn.models import BasicBlock, NeuronConfig, SpikingNet, SpikingSequential, create_model
-from ndsnn_cli.snn.neuron import LIF
 from ndsnn_cli.sparse.masks import scale_to_active_fan_in
-from ndsnn_cli.train import train
+from ndsnn_cli.train import spike_rates, train
 
 COMPILER = c.find_compiler()
 needs_cc = pytest.mark.skipif(COMPILER is None, reason="no C compiler (cc, gcc or clang) on this machine")
@@ -184,7 +183,7 @@ def test_resnet_and_vgg_shaped_ops_match_the_reference_on_200_images_and_run_cle
     neuron = NeuronConfig(timesteps=3)
     pixels = torch.rand(200, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     model, masks = _random_sparse(_small_resnet_vgg(neuron), 0.3, (3, 32, 32))
-    rates = _spike_rates(model, pixels, input_contract("cifar10"))
+    rates = list(spike_rates(model, c.normalise(pixels, input_contract("cifar10"))).values())
     assert all(0.01 < rate < 0.9 for rate in rates), rates  # every spiking layer fires, none saturates
     contract = input_contract("cifar10")
     sources = c.generate_sources(model, masks, contract=contract, timesteps=3, num_classes=10)
@@ -227,18 +226,6 @@ def test_gap_escapes_decode_in_c_as_the_reference_reads_them_under_sanitizers(tm
     expected = c.run_demo(c.compile_demo(reference, tmp_path / "plain", COMPILER), pixels)
     assert torch.equal(predictions, expected[0]) and torch.equal(logits, expected[1])
     assert bool((logits.std(0) > 0).any())
-
-
-def _spike_rates(model: SpikingNet, pixels: torch.Tensor, contract: dict) -> list[float]:
-    """Mean spike rate of each LIF layer of the PyTorch model on these pixels."""
-    rates: list[float] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: rates.append(float(out.float().mean())))
-             for m in model.modules() if isinstance(m, LIF)]
-    with torch.no_grad():
-        model(c.normalise(pixels, contract))
-    for hook in hooks:
-        hook.remove()
-    return rates
 
 
 @needs_cc
