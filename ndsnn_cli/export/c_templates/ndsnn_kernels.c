@@ -252,48 +252,32 @@ static void window(int32_t o, int32_t size, int32_t kernel, int32_t stride, int3
     }
 }
 
-void ndsnn_maxpool_analog(const ndsnn_pool_geometry *g, const float *in, float *out)
-{
-    int32_t c, oy, ox, iy, ix, y0, y1, x0, x1;
-    for (c = 0; c < g->channels; ++c) {
-        const float *src = in + c * g->in_h * g->in_w;
-        for (oy = 0; oy < g->out_h; ++oy) {
-            window(oy, g->in_h, g->kernel_h, g->stride_h, g->pad_h, &y0, &y1);
-            for (ox = 0; ox < g->out_w; ++ox) {
-                float best;
-                window(ox, g->in_w, g->kernel_w, g->stride_w, g->pad_w, &x0, &x1);
-                best = src[y0 * g->in_w + x0];
-                for (iy = y0; iy < y1; ++iy) {
-                    for (ix = x0; ix < x1; ++ix) {
-                        best = src[iy * g->in_w + ix] > best ? src[iy * g->in_w + ix] : best;
-                    }
-                }
-                out[(c * g->out_h + oy) * g->out_w + ox] = best;
-            }
-        }
+/* Max-pooling of a [C, H, W] map of ELEM_T. On spike bytes (0/1) the maximum is the OR of the window. */
+#define NDSNN_DEFINE_MAXPOOL(NAME, ELEM_T)                                                             \
+    void NAME(const ndsnn_pool_geometry *g, const ELEM_T *in, ELEM_T *out)                             \
+    {                                                                                                  \
+        int32_t c, oy, ox, iy, ix, y0, y1, x0, x1;                                                     \
+        for (c = 0; c < g->channels; ++c) {                                                            \
+            const ELEM_T *src = in + c * g->in_h * g->in_w;                                            \
+            for (oy = 0; oy < g->out_h; ++oy) {                                                        \
+                window(oy, g->in_h, g->kernel_h, g->stride_h, g->pad_h, &y0, &y1);                     \
+                for (ox = 0; ox < g->out_w; ++ox) {                                                    \
+                    ELEM_T best;                                                                       \
+                    window(ox, g->in_w, g->kernel_w, g->stride_w, g->pad_w, &x0, &x1);                 \
+                    best = src[y0 * g->in_w + x0];                                                     \
+                    for (iy = y0; iy < y1; ++iy) {                                                     \
+                        for (ix = x0; ix < x1; ++ix) {                                                 \
+                            best = src[iy * g->in_w + ix] > best ? src[iy * g->in_w + ix] : best;      \
+                        }                                                                              \
+                    }                                                                                  \
+                    out[(c * g->out_h + oy) * g->out_w + ox] = best;                                   \
+                }                                                                                      \
+            }                                                                                          \
+        }                                                                                              \
     }
-}
 
-void ndsnn_maxpool_spikes(const ndsnn_pool_geometry *g, const uint8_t *in, uint8_t *out)
-{
-    int32_t c, oy, ox, iy, ix, y0, y1, x0, x1;
-    for (c = 0; c < g->channels; ++c) {
-        const uint8_t *src = in + c * g->in_h * g->in_w;
-        for (oy = 0; oy < g->out_h; ++oy) {
-            window(oy, g->in_h, g->kernel_h, g->stride_h, g->pad_h, &y0, &y1);
-            for (ox = 0; ox < g->out_w; ++ox) {
-                uint8_t any = 0;
-                window(ox, g->in_w, g->kernel_w, g->stride_w, g->pad_w, &x0, &x1);
-                for (iy = y0; iy < y1; ++iy) {
-                    for (ix = x0; ix < x1; ++ix) {
-                        any |= src[iy * g->in_w + ix];
-                    }
-                }
-                out[(c * g->out_h + oy) * g->out_w + ox] = any;
-            }
-        }
-    }
-}
+NDSNN_DEFINE_MAXPOOL(ndsnn_maxpool_analog, float)
+NDSNN_DEFINE_MAXPOOL(ndsnn_maxpool_spikes, uint8_t)
 
 void ndsnn_avgpool_analog(const float *in, int32_t channels, int32_t plane, float *out)
 {
