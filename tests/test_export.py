@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.sparse
 import torch
+from conftest import train_export_source
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from typer.testing import CliRunner
@@ -20,11 +21,9 @@ from ndsnn_cli.data.loading import build_datasets
 from ndsnn_cli.export import csr
 from ndsnn_cli.export.fold import fold_batchnorm, inference_graph, load_trained
 from ndsnn_cli.export.runtime import SparseNetwork, load_network
-from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.snn.models import NeuronConfig, create_model
 from ndsnn_cli.sparse.budget import active_count
 from ndsnn_cli.sparse.masks import random_mask
-from ndsnn_cli.train import train
 from ndsnn_cli.validate import gap_columns
 
 NDSNN = str(Path(sys.executable).parent / "ndsnn")
@@ -34,15 +33,7 @@ LOGIT_TOL = 1e-4  # runtime vs PyTorch: same fp32 weights, only summation order 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny NDSNN-trained scnn (T=2, 90% sparse, synthetic data): ~2 s on one core."""
-    torch.set_num_threads(1)
-    recipe = Recipe().replace(
-        name="export-test", model={"arch": "scnn", "timesteps": 2},
-        data={"dataset": "synthetic", "train_limit": 512, "test_limit": 128, "batch_size": 32, "augment": False},
-        train={"epochs": 1, "device": "cpu", "optimizer": "adam", "lr": 0.02, "weight_decay": 0.0},
-        sparsity={"method": "ndsnn", "final": 0.9, "initial": 0.5, "update_every_steps": 4})
-    out = tmp_path_factory.mktemp("export") / "run"
-    train(recipe, out)
-    return out
+    return train_export_source(tmp_path_factory.mktemp("export") / "run", name="export-test")
 
 
 @pytest.fixture(scope="module")

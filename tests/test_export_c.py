@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import train_export_source
 from torch import nn
 
 from ndsnn_cli.data import input_contract
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import c, csr
 from ndsnn_cli.export.fold import fold_batchnorm
-from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.snn.models import BasicBlock, NeuronConfig, SpikingNet, SpikingSequential, create_model
 from ndsnn_cli.sparse.masks import scale_to_active_fan_in
 from ndsnn_cli.train import spike_rates, train
@@ -33,15 +33,7 @@ ALLOWED_INCLUDES = {"stdint.h", "stddef.h", "ndsnn_model.h", "ndsnn_kernels.h"} 
 @pytest.fixture(scope="module")
 def scnn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny NDSNN-trained scnn (T=2, 90% sparse, synthetic data, 256 test images)."""
-    torch.set_num_threads(1)
-    recipe = Recipe().replace(
-        name="c-test", model={"arch": "scnn", "timesteps": 2},
-        data={"dataset": "synthetic", "train_limit": 512, "test_limit": 256, "batch_size": 32, "augment": False},
-        train={"epochs": 1, "device": "cpu", "optimizer": "adam", "lr": 0.02, "weight_decay": 0.0},
-        sparsity={"method": "ndsnn", "final": 0.9, "initial": 0.5, "update_every_steps": 4})
-    out = tmp_path_factory.mktemp("c") / "run"
-    train(recipe, out)
-    return out
+    return train_export_source(tmp_path_factory.mktemp("c") / "run", name="c-test", test_limit=256)
 
 
 def _random_sparse(model: SpikingNet, density: float, image_shape: tuple[int, ...],

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import train_export_source
 
 from ndsnn_cli.checkpoint import save_checkpoint
 from ndsnn_cli.data.loading import build_datasets
@@ -16,7 +17,7 @@ from ndsnn_cli.export.fold import fold_batchnorm, load_trained
 from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.sparse.budget import active_count
 from ndsnn_cli.sparse.masks import random_mask, sparse_parameter_names
-from ndsnn_cli.train import build_model, train
+from ndsnn_cli.train import build_model
 
 nir = pytest.importorskip("nir")
 LOGIT_TOL = 1e-4  # numpy float32 simulation vs PyTorch: same weights, summation order differs
@@ -25,15 +26,8 @@ LOGIT_TOL = 1e-4  # numpy float32 simulation vs PyTorch: same weights, summation
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny NDSNN-trained spiking MLP (T=2, 90% sparse, synthetic data, 1 epoch): about a second."""
-    torch.set_num_threads(1)
-    recipe = Recipe().replace(
-        name="nir-test", model={"arch": "mlp", "timesteps": 2},
-        data={"dataset": "synthetic", "train_limit": 256, "test_limit": 64, "batch_size": 32, "augment": False},
-        train={"epochs": 1, "device": "cpu", "optimizer": "adam", "lr": 0.02, "weight_decay": 0.0},
-        sparsity={"method": "ndsnn", "final": 0.9, "initial": 0.5, "update_every_steps": 2})
-    out = tmp_path_factory.mktemp("nir") / "run"
-    train(recipe, out)
-    return out
+    return train_export_source(tmp_path_factory.mktemp("nir") / "run", name="nir-test", arch="mlp",
+                               train_limit=256, test_limit=64, update_every_steps=2)
 
 
 
