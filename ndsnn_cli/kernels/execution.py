@@ -93,17 +93,25 @@ def to_batch_last(x: torch.Tensor, kernel: Any, spikes: bool | None = None) -> t
     return y
 
 
-def _result_like(like: torch.Tensor, channels: int, height: int, width: int, batch: int) -> torch.Tensor:
-    """An empty layer result `[N, C, H, W]` in the memory format of `like` (`[N, C]` for a linear layer)."""
-    if like.dim() == 2:
+def memory_format_of(t: torch.Tensor) -> torch.memory_format | None:
+    """What a layer result copies from its input: channels-last or contiguous for [N, C, H, W], None for [N, F]."""
+    if t.dim() == 2:
+        return None
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+def _empty_result(fmt: torch.memory_format | None, channels: int, height: int, width: int,
+                  batch: int) -> torch.Tensor:
+    """An empty layer result `[N, C, H, W]` in `fmt` (`[N, C]` for a linear layer: fmt None)."""
+    if fmt is None:
         return torch.empty(batch, channels)
-    fmt = torch.channels_last if like.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     return torch.empty(batch, channels, height, width, memory_format=fmt)
 
 
-def from_batch_last(y: torch.Tensor, like: torch.Tensor, kernel: Any) -> torch.Tensor:
-    """Inverse of `to_batch_last` for a result, in the memory format of `like` (the layer's input)."""
-    out = _result_like(like, *y.shape)
+def from_batch_last(y: torch.Tensor, like: torch.Tensor | torch.memory_format | None, kernel: Any) -> torch.Tensor:
+    """Inverse of `to_batch_last` for a result, in the memory format of `like` (the layer's input, or its
+    `memory_format_of`)."""
+    out = _empty_result(memory_format_of(like) if isinstance(like, torch.Tensor) else like, *y.shape)
     kernel.copy(y.view(y.shape[0], y.shape[1] * y.shape[2], y.shape[3]), _as_cpn(out))
     return out
 
@@ -134,7 +142,7 @@ def _sparse_inference(layer: SparseLayer, x: torch.Tensor, bias: torch.Tensor | 
         out_bl = _forward_batch_last(layer, to_batch_last(x[start:start + INFERENCE_CHUNK], layer.kernel, spikes),
                                      values, bias)
         if out is None:
-            out = _result_like(x, *out_bl.shape[:3], x.shape[0])
+            out = _empty_result(memory_format_of(x), *out_bl.shape[:3], x.shape[0])
         layer.kernel.copy(out_bl.view(out_bl.shape[0], -1, out_bl.shape[3]),
                           _as_cpn(out[start:start + out_bl.shape[3]]))
     return out
@@ -153,7 +161,7 @@ class _SparseLayerFunction(torch.autograd.Function):
         values = layer.layout.values(weight)
         out = _forward_batch_last(layer, x_bl, values, bias)                     # (Co, Ho, Wo, N)
         ctx.save_for_backward(x_bl, values)
-        ctx.layer, ctx.x_meta = layer, (x.dim(), x.is_contiguous(memory_format=torch.channels_last))
+        ctx.layer, ctx.x_format = layer, memory_format_of(x)
         ctx.weight_meta, ctx.has_bias = weight, bias is not None
         out = from_batch_last(out, x, layer.kernel)
         layer.sparse_s += time.perf_counter() - started
@@ -182,7 +190,7 @@ class _SparseLayerFunction(torch.autograd.Function):
             grad_bl = torch.empty(x_bl.shape, dtype=torch.float32)
             layer.kernel.input_grad(gy, values, layout, layer.stride, layer.pad, grad_bl)
             del gy
-            grad_x = from_batch_last(grad_bl, _like(ctx.x_meta), layer.kernel)
+            grad_x = from_batch_last(grad_bl, ctx.x_format, layer.kernel)
         layer.sparse_s += time.perf_counter() - started
         return grad_x, grad_w, grad_b, None
 
@@ -219,15 +227,6 @@ def _timed_dense_forward(layer: SparseLayer, x: torch.Tensor) -> torch.Tensor:
     out = _BackwardClock.apply(out, layer, True)
     layer.dense_s += time.perf_counter() - started
     return out
-
-
-def _like(meta: tuple[int, bool]) -> torch.Tensor:
-    """A 1-element stand-in with the input's rank and memory format (for `from_batch_last`)."""
-    dim, channels_last = meta
-    if dim == 2:
-        return torch.empty(1, 1)
-    return torch.empty(1, 1, 1, 1).contiguous(memory_format=torch.channels_last if channels_last
-                                               else torch.contiguous_format)
 
 
 def _dense_weight_grad(layer: SparseLayer, grad_output: torch.Tensor, x_bl: torch.Tensor,
