@@ -22,9 +22,7 @@ from ndsnn_cli.errors import UserError
 from ndsnn_cli.kernels import SPARSE_KERNEL_MODES
 from ndsnn_cli.loggers import LOGGER_NAMES
 from ndsnn_cli.snn import LIF_BACKENDS, SURROGATE_NAMES
-from ndsnn_cli.sparse.schedules import METHOD_SCHEDULES, sparse_epochs
-
-METHODS = tuple(METHOD_SCHEDULES)  # registered in sparse/schedules.py, in the order shown to users
+from ndsnn_cli.sparse import METHODS
 
 
 class RecipeError(UserError):
@@ -266,41 +264,68 @@ def _check_range(source: str, table: str, key: str, value: Any, spec: Any) -> No
 
 def _check_cross_fields(recipe: Recipe) -> None:
     """Rules that involve several keys; defaults that depend on other keys stay as written (-1)."""
-    src, sp, train = recipe.source, recipe.sparsity, recipe.train
+    train = recipe.train
     if "jsonl" not in train.loggers:
-        raise RecipeError(src, "train", "loggers", f"= {_show(train.loggers)} must include \"jsonl\": metrics.jsonl is "
-                                                   "the run's record that resume, cost and prune-compare read")
-    err = lambda key, msg: RecipeError(src, "sparsity", key, msg)  # noqa: E731
+        raise RecipeError(recipe.source, "train", "loggers",
+                          f"= {_show(train.loggers)} must include \"jsonl\": metrics.jsonl is "
+                          "the run's record that resume, cost and prune-compare read")
+    _check_schedule(recipe)
+    _check_lth(recipe)
+
+
+def _check_schedule(recipe: Recipe) -> None:
+    """The drop fraction's range and the ramp's epochs: t0 < t1 <= t_end <= epochs."""
+    src, sp, train = recipe.source, recipe.sparsity, recipe.train
     if sp.method == "ndsnn" and sp.initial > sp.final:
-        raise err("initial", f"= {_num(sp.initial)} must be <= final ({_num(sp.final)}): "
-                             "NDSNN ramps sparsity up from initial to final")
+        raise RecipeError(src, "sparsity", "initial", f"= {_num(sp.initial)} must be <= final ({_num(sp.final)}): "
+                                                      "NDSNN ramps sparsity up from initial to final")
     if sp.drop_fraction_min > sp.drop_fraction:
-        raise err("drop_fraction_min", f"= {_num(sp.drop_fraction_min)} must be <= drop_fraction "
-                                       f"({_num(sp.drop_fraction)})")
+        raise RecipeError(src, "sparsity", "drop_fraction_min", f"= {_num(sp.drop_fraction_min)} must be <= "
+                                                                f"drop_fraction ({_num(sp.drop_fraction)})")
     t0, t1, t_end = sparse_epochs(recipe)
     if sp.update_end_epoch != -1 and not 0 < sp.update_end_epoch <= train.epochs:
-        raise err("update_end_epoch", f"= {_num(sp.update_end_epoch)} must be in (0, train.epochs = {train.epochs}]")
+        raise RecipeError(src, "sparsity", "update_end_epoch",
+                          f"= {_num(sp.update_end_epoch)} must be in (0, train.epochs = {train.epochs}]")
     if sp.ramp_end_epoch != -1 and sp.ramp_end_epoch < 0:
-        raise err("ramp_end_epoch", f"= {_num(sp.ramp_end_epoch)} must be >= 0 (or -1 for the default)")
+        raise RecipeError(src, "sparsity", "ramp_end_epoch",
+                          f"= {_num(sp.ramp_end_epoch)} must be >= 0 (or -1 for the default)")
     if sp.method in ("ndsnn", "gmp"):
         if t1 > t_end:
-            raise err("ramp_end_epoch", f"= {_num(t1)} must be <= update_end_epoch ({_num(t_end)})")
+            raise RecipeError(src, "sparsity", "ramp_end_epoch", f"= {_num(t1)} must be <= update_end_epoch "
+                                                                 f"({_num(t_end)})")
         if t0 >= t1:
-            raise err("ramp_start_epoch", f"= {_num(t0)} must be < ramp_end_epoch ({_num(t1)})")
-    if sp.method == "lth":
-        if sp.prune_rate == -1:
-            raise err("prune_rate", "is required for method = \"lth\" (e.g. 0.25: prune 25% of the "
-                                    "remaining weights per round)")
-        if not 0 < sp.prune_rate < 1:
-            raise err("prune_rate", f"= {_num(sp.prune_rate)} must be in (0, 1)")
-        epochs = sp.round_epochs or train.epochs
-        if sp.rewind_epoch == -1:
-            raise err("rewind_epoch", "is required for method = \"lth\" (0 = rewind to initialisation)")
-        if not 0 <= sp.rewind_epoch < epochs:
-            raise err("rewind_epoch", f"= {sp.rewind_epoch} must be in [0, {epochs}) (the epochs of a round)")
-    elif sp.prune_rate != -1 or sp.rewind_epoch != -1:
-        key = "prune_rate" if sp.prune_rate != -1 else "rewind_epoch"
-        raise err(key, f"only applies to method = \"lth\" (method is \"{sp.method}\")")
+            raise RecipeError(src, "sparsity", "ramp_start_epoch", f"= {_num(t0)} must be < ramp_end_epoch "
+                                                                   f"({_num(t1)})")
+
+
+def _check_lth(recipe: Recipe) -> None:
+    """LTH needs its prune rate and rewind epoch (in range); every other method must not set them."""
+    src, sp = recipe.source, recipe.sparsity
+    if sp.method != "lth":
+        if sp.prune_rate != -1 or sp.rewind_epoch != -1:
+            key = "prune_rate" if sp.prune_rate != -1 else "rewind_epoch"
+            raise RecipeError(src, "sparsity", key, f"only applies to method = \"lth\" (method is \"{sp.method}\")")
+        return
+    if sp.prune_rate == -1:
+        raise RecipeError(src, "sparsity", "prune_rate", "is required for method = \"lth\" (e.g. 0.25: prune 25% "
+                                                         "of the remaining weights per round)")
+    if not 0 < sp.prune_rate < 1:
+        raise RecipeError(src, "sparsity", "prune_rate", f"= {_num(sp.prune_rate)} must be in (0, 1)")
+    epochs = sp.round_epochs or recipe.train.epochs
+    if sp.rewind_epoch == -1:
+        raise RecipeError(src, "sparsity", "rewind_epoch", "is required for method = \"lth\" "
+                                                           "(0 = rewind to initialisation)")
+    if not 0 <= sp.rewind_epoch < epochs:
+        raise RecipeError(src, "sparsity", "rewind_epoch",
+                          f"= {sp.rewind_epoch} must be in [0, {epochs}) (the epochs of a round)")
+
+
+def sparse_epochs(recipe: Recipe) -> tuple[float, float, float]:
+    """(t0, t1, t_end) in epochs with the defaults resolved: t_end 75% of training, t1 75% of t_end."""
+    sp = recipe.sparsity
+    t_end = sp.update_end_epoch if sp.update_end_epoch != -1 else 0.75 * recipe.train.epochs
+    t1 = sp.ramp_end_epoch if sp.ramp_end_epoch != -1 else 0.75 * t_end
+    return sp.ramp_start_epoch, t1, t_end
 
 
 LTH_PRUNE_RATE = 0.25  # LTH-SNN: prune 25% of the remaining weights per round

@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # recipe.py takes its method names from this module's registry, so no runtime import
-    from ndsnn_cli.recipe import Recipe
+from ndsnn_cli.recipe import Recipe, sparse_epochs
+from ndsnn_cli.sparse import METHODS
 
 
 @dataclass(frozen=True)
@@ -103,23 +102,19 @@ def static_schedule(sparsity: float) -> SparseSchedule:
 # Each method as a schedule (DESIGN §4)
 
 ScheduleBuilder = Callable[["Recipe", int], SparseSchedule | None]
-# The registry of methods: recipe choices (recipe.METHODS), prune-compare and `ndsnn cost` derive from it.
+# The registry of methods, one schedule per name of `sparse.METHODS` (recipe choices, prune-compare and
+# `ndsnn cost` take the names from there; tests/test_registries.py checks that the two agree).
 METHOD_SCHEDULES: dict[str, ScheduleBuilder] = {}
 
 
 def register_schedule(name: str) -> Callable[[ScheduleBuilder], ScheduleBuilder]:
+    if name not in METHODS:
+        raise ValueError(f"schedule {name!r} is not a method of ndsnn_cli.sparse.METHODS")
+
     def add(builder: ScheduleBuilder) -> ScheduleBuilder:
         METHOD_SCHEDULES[name] = builder
         return builder
     return add
-
-
-def sparse_epochs(recipe: Recipe) -> tuple[float, float, float]:
-    """(t0, t1, t_end) in epochs with the defaults resolved: t_end 75% of training, t1 75% of t_end."""
-    sp = recipe.sparsity
-    t_end = sp.update_end_epoch if sp.update_end_epoch != -1 else 0.75 * recipe.train.epochs
-    t1 = sp.ramp_end_epoch if sp.ramp_end_epoch != -1 else 0.75 * t_end
-    return sp.ramp_start_epoch, t1, t_end
 
 
 def _steps(recipe: Recipe, steps_per_epoch: int) -> tuple[int, int, int]:
