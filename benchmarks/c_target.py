@@ -121,7 +121,7 @@ def onnx_session(checkpoint: Path, workdir: Path) -> Any:
 def spike_rates(model: Any, pixels: torch.Tensor, contract: dict[str, Any]) -> list[float]:
     """Mean spike rate of each LIF layer on the timed images: the C spike-fed layers' work scales with it
     (an untrained model whose layers never fire would time as trivially fast)."""
-    from ndsnn_cli.train import spike_rates as lif_rates
+    from ndsnn_cli.evaluation import spike_rates as lif_rates
 
     return [round(rate, 4) for rate in lif_rates(model, c.normalise(pixels, contract)).values()]
 
@@ -199,10 +199,10 @@ def measure(checkpoint: Path, pixels: torch.Tensor, compile_dense: bool, workdir
 def random_checkpoint(arch: str, dataset: str, sparsity: float, timesteps: int, path: Path) -> Path:
     """An untrained registry model with uniform random masks (weights rescaled to their active fan-in),
     saved as an ndsnn checkpoint so that every exporter reads it as a trained run."""
+    from ndsnn_cli.build import build_model
     from ndsnn_cli.checkpoint import save_checkpoint
     from ndsnn_cli.recipe import Recipe
     from ndsnn_cli.sparse.masks import scale_to_active_fan_in
-    from ndsnn_cli.train import build_model
 
     recipe = Recipe().replace(name=f"random-{arch}", model={"arch": arch, "timesteps": timesteps},
                               data={"dataset": dataset}, train={"device": "cpu"},

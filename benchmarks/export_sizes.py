@@ -30,12 +30,12 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from ndsnn_cli.atomic import write_text
+from ndsnn_cli.build import build_model
 from ndsnn_cli.checkpoint import save_checkpoint
 from ndsnn_cli.export.csr import export_csr, load_raw, split_csr
 from ndsnn_cli.export.runtime import load_network
 from ndsnn_cli.recipe import load_recipe
 from ndsnn_cli.sparse.masks import layer_counts, random_mask, sparse_parameter_names
-from ndsnn_cli.train import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_MD = REPO / "benchmarks" / "export_sizes.md"

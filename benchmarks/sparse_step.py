@@ -103,7 +103,7 @@ def _step_setup(arch: str, batch: int, timesteps: int, sparsity: float):  # noqa
 
 
 def step_ratio(arch: str, batch: int, timesteps: int, steps: int, sparsity: float) -> float:
-    from ndsnn_cli.train import spiking_loss
+    from ndsnn_cli.evaluation import spiking_loss
 
     model, masks, optimizer, images, labels, execution = _step_setup(arch, batch, timesteps, sparsity)
     started = time.perf_counter()
@@ -136,7 +136,7 @@ def step_ratio(arch: str, batch: int, timesteps: int, steps: int, sparsity: floa
 
 def memory_side(arch: str, mode: str, batch: int, timesteps: int, sparsity: float) -> None:
     """Child process: 3 training steps on one side; prints the peak RSS (MiB) and the RSS before them."""
-    from ndsnn_cli.train import spiking_loss
+    from ndsnn_cli.evaluation import spiking_loss
 
     model, masks, optimizer, images, labels, execution = _step_setup(arch, batch, timesteps, sparsity)
     execution.mode = mode

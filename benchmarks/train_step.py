@@ -65,7 +65,7 @@ def _models(model_name: str, batch: int, timesteps: int, side: str) -> tuple[Any
     """(model, recipe, reset): ndsnn's model, or its SpikingJelly twin with ndsnn's initial weights."""
     import torch
 
-    from ndsnn_cli.train import build_training_model
+    from ndsnn_cli.build import build_training_model
 
     recipe = _recipe(model_name, batch, timesteps)
     torch.manual_seed(recipe.seed)
@@ -83,8 +83,9 @@ def run_side(model_name: str, side: str, batch: int, timesteps: int, steps: int,
     """Measure one side in this process: median step seconds, peak RSS, page faults per step."""
     import torch
 
+    from ndsnn_cli.evaluation import spiking_loss
     from ndsnn_cli.sparse.methods import build_method
-    from ndsnn_cli.train import build_optimizer, spiking_loss
+    from ndsnn_cli.trainer import build_optimizer
 
     torch.set_num_threads(threads)
     model, recipe, reset = _models(model_name, batch, timesteps, side)
@@ -143,8 +144,9 @@ def check_equivalence(model_name: str, batch: int, timesteps: int, threads: int)
     from spikingjelly.activation_based import neuron as sj_neuron
 
     from benchmarks.sj_models import record_spikes, sj_twin
+    from ndsnn_cli.build import build_model
+    from ndsnn_cli.evaluation import spiking_loss
     from ndsnn_cli.snn.neuron import LIF
-    from ndsnn_cli.train import build_model, spiking_loss
 
     torch.set_num_threads(threads)
     recipe = _recipe(model_name, batch, timesteps)
@@ -172,7 +174,8 @@ def paired_times(model_name: str, batch: int, timesteps: int, steps: int, thread
     """
     import torch
 
-    from ndsnn_cli.train import build_optimizer, spiking_loss
+    from ndsnn_cli.evaluation import spiking_loss
+    from ndsnn_cli.trainer import build_optimizer
 
     torch.set_num_threads(threads)
     ours, recipe, _ = _models(model_name, batch, timesteps, "dense")
@@ -209,7 +212,8 @@ def profile_side(model_name: str, side: str, batch: int, timesteps: int, threads
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ndsnn_cli.train import build_optimizer, spiking_loss
+    from ndsnn_cli.evaluation import spiking_loss
+    from ndsnn_cli.trainer import build_optimizer
 
     torch.set_num_threads(threads)
     model, recipe, reset = _models(model_name, batch, timesteps, side)

@@ -169,8 +169,8 @@ def published_recipe(recipe: Recipe, first_layer: str) -> tuple[Recipe, list[str
 
 def first_sparse_layer(recipe: Recipe) -> str:
     """The model's first conv/linear weight (RigL and SET keep it dense at their published settings)."""
+    from ndsnn_cli.build import build_model
     from ndsnn_cli.sparse.masks import sparse_parameter_names
-    from ndsnn_cli.train import build_model
 
     return sparse_parameter_names(build_model(recipe))[0]
 

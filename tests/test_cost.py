@@ -184,7 +184,8 @@ def test_run_directory_realised_cost_and_energy(tmp_path):
 
 def test_run_directory_cost_starts_from_the_recorded_initial_masks(tmp_path):
     """A global split ranks the initial weights, so only the run knows its initial per-layer counts."""
-    from ndsnn_cli.train import read_metrics, train
+    from ndsnn_cli.rundir import read_metrics
+    from ndsnn_cli.train import train
 
     torch.set_num_threads(1)
     recipe = Recipe().replace(

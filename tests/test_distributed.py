@@ -15,7 +15,7 @@ from conftest import tiny_toml
 from ndsnn_cli import distributed
 from ndsnn_cli.checkpoint import load_checkpoint
 from ndsnn_cli.errors import UserError
-from ndsnn_cli.train import CHECKPOINT, read_metrics
+from ndsnn_cli.rundir import CHECKPOINT, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

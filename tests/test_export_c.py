@@ -19,11 +19,12 @@ from torch import nn
 
 from ndsnn_cli.data import input_contract
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.evaluation import spike_rates
 from ndsnn_cli.export import c, csr
 from ndsnn_cli.export.fold import fold_batchnorm
 from ndsnn_cli.snn.models import BasicBlock, NeuronConfig, SpikingNet, SpikingSequential, create_model
 from ndsnn_cli.sparse.masks import scale_to_active_fan_in
-from ndsnn_cli.train import spike_rates, train
+from ndsnn_cli.train import train
 
 COMPILER = c.find_compiler()
 needs_cc = pytest.mark.skipif(COMPILER is None, reason="no C compiler (cc, gcc or clang) on this machine")

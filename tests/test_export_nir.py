@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import train_export_source
 
+from ndsnn_cli.build import build_model
 from ndsnn_cli.checkpoint import save_checkpoint
 from ndsnn_cli.data.loading import build_datasets
 from ndsnn_cli.export.fold import fold_batchnorm, load_trained
 from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.sparse.budget import active_count
 from ndsnn_cli.sparse.masks import random_mask, sparse_parameter_names
-from ndsnn_cli.train import build_model
 
 nir = pytest.importorskip("nir")
 LOGIT_TOL = 1e-4  # numpy float32 simulation vs PyTorch: same weights, summation order differs

@@ -316,7 +316,8 @@ def test_ndsnn_run_on_sparse_kernels_matches_the_dense_run(tiny_recipe, tmp_path
     """The same masks after the updates (drop-and-grow ranks the dense gradient at update steps; near-ties
     aside) and loss curves within 1e-4, with the numba kernel on every sparse layer."""
     from ndsnn_cli.checkpoint import load_checkpoint
-    from ndsnn_cli.train import CHECKPOINT, read_metrics, train
+    from ndsnn_cli.rundir import CHECKPOINT, read_metrics
+    from ndsnn_cli.train import train
 
     # updates after steps 2 and 4 (dense weight gradients there), sampled weight gradients at 1, 3, 5-8
     sparsity = {"method": "ndsnn", "initial": 0.5, "final": 0.9, "update_every_steps": 2,

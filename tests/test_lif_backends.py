@@ -12,9 +12,9 @@ pytest.importorskip("spikingjelly")
 from spikingjelly.activation_based import neuron as sj_neuron  # noqa: E402
 
 from benchmarks.sj_models import record_spikes, sj_twin  # noqa: E402
+from ndsnn_cli.evaluation import spiking_loss  # noqa: E402
 from ndsnn_cli.snn.models import NeuronConfig, create_model  # noqa: E402
 from ndsnn_cli.snn.neuron import LIF  # noqa: E402
-from ndsnn_cli.train import spiking_loss  # noqa: E402
 
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])

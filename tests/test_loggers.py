@@ -13,7 +13,9 @@ import pytest
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.loggers import LOGGERS, TB_DIR
 from ndsnn_cli.recipe import Recipe, RecipeError, TrainConfig, parse_recipe
-from ndsnn_cli.train import TrainCallbacks, learning_rate, read_metrics, train
+from ndsnn_cli.rundir import read_metrics
+from ndsnn_cli.train import train
+from ndsnn_cli.trainer import TrainCallbacks, learning_rate
 
 # tiny recipe: 4 steps per epoch, 2 epochs; NDSNN updates masks after steps 1 to 5
 NDSNN = {"method": "ndsnn", "initial": 0.5, "final": 0.9, "update_every_steps": 1,

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from ndsnn_cli.evaluation import spiking_loss
 from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.snn.models import NeuronConfig, create_model
 from ndsnn_cli.sparse.masks import layer_counts
 from ndsnn_cli.sparse.methods import MaskUpdate, SparseMethod, build_method, drop_and_grow
 from ndsnn_cli.sparse.schedules import SparseSchedule
-from ndsnn_cli.train import spiking_loss
 
 STEPS_PER_EPOCH = 10
 TOTAL_STEPS = 30

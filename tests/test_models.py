@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
+from ndsnn_cli.build import build_training_model
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.recipe import parse_recipe
 from ndsnn_cli.snn.models import MODELS, NeuronConfig, create_model
 from ndsnn_cli.snn.neuron import LIF
-from ndsnn_cli.train import build_training_model
 
 # Counted once from this code for CIFAR-10 (3x32x32, 10 classes), all parameters incl. BN and biases.
 # Plausible against the published layouts: VGG-16 (conv biases, one 512->10 classifier) ~14.7 M,

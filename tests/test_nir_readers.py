@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ndsnn_cli.build import build_model
 from ndsnn_cli.checkpoint import save_checkpoint
 from ndsnn_cli.data.loading import build_datasets
 from ndsnn_cli.export.fold import fold_batchnorm, load_trained
@@ -28,7 +29,7 @@ from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.snn.neuron import LIF
 from ndsnn_cli.sparse.budget import active_count
 from ndsnn_cli.sparse.masks import random_mask, sparse_parameter_names
-from ndsnn_cli.train import build_model, train
+from ndsnn_cli.train import train
 
 nir = pytest.importorskip("nir")
 LOGIT_TOL = 1e-4

@@ -22,14 +22,9 @@ from conftest import tiny_toml
 
 from ndsnn_cli.checkpoint import load_checkpoint
 from ndsnn_cli.recipe import parse_recipe
-from ndsnn_cli.train import (
-    CHECKPOINT,
-    TrainingDiverged,
-    _check_weights_finite,
-    _truncate_metrics,
-    read_metrics,
-    train,
-)
+from ndsnn_cli.rundir import CHECKPOINT, read_metrics, truncate_metrics
+from ndsnn_cli.train import train
+from ndsnn_cli.trainer import TrainingDiverged, check_weights_finite
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = Path(__file__).parent / "bad_inputs"
@@ -147,7 +142,7 @@ def test_epoch_record_after_a_last_batch_checkpoint_is_not_duplicated_on_resume(
     train(recipe, run)  # 4 steps/epoch: the step-4 checkpoint is on epoch 1's last batch, epoch not yet done
     records = read_metrics(run)
     assert [r["step"] for r in records if r["kind"] == "epoch"] == [4, 8]
-    _truncate_metrics(run / "metrics.jsonl", step=4, epoch=0)
+    truncate_metrics(run / "metrics.jsonl", step=4, epoch=0)
     kept = read_metrics(run)
     assert all(r["kind"] != "epoch" for r in kept)
     masks = [r["step"] for r in records if r["kind"] in ("mask_init", "mask_update") and r["step"] <= 4]
@@ -192,7 +187,7 @@ def test_weight_check_names_the_layer() -> None:
     with torch.no_grad():
         model[1].weight[0, 1] = float("inf")
     with pytest.raises(TrainingDiverged, match=r"^weight 1\.weight holds NaN/inf after step 7;"):
-        _check_weights_finite(model, 7, Path("x"))
+        check_weights_finite(model, 7, Path("x"))
 
 
 # ---------------------------------------------------------------------------------------------

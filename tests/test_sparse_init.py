@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from ndsnn_cli.build import build_model
 from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.snn.neuron import LIF
 from ndsnn_cli.sparse.masks import scale_to_active_fan_in
 from ndsnn_cli.sparse.methods import build_method
-from ndsnn_cli.train import build_model
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

@@ -13,10 +13,13 @@ from safetensors.torch import save_file
 
 from ndsnn_cli.checkpoint import load_checkpoint
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.lth import prune_global_magnitude
 from ndsnn_cli.recipe import Recipe
+from ndsnn_cli.rundir import CHECKPOINT, read_metrics
 from ndsnn_cli.sparse.budget import active_count
 from ndsnn_cli.sparse.schedules import lth_round_sparsities
-from ndsnn_cli.train import CHECKPOINT, TrainCallbacks, prune_global_magnitude, read_metrics, train
+from ndsnn_cli.train import train
+from ndsnn_cli.trainer import TrainCallbacks
 
 # tiny recipe: 256 images / batch 64 = 4 steps per epoch, 2 epochs. NDSNN updates after every step
 # from step 1 to 5 (ramp ends at step 4, masks freeze at step 6).
@@ -219,7 +222,7 @@ def test_amp_bf16_on_cpu_trains(tiny_recipe: Callable[..., Recipe], tmp_path: Pa
 
 def test_gradient_clipping_measures_only_the_active_weights() -> None:
     from ndsnn_cli.sparse.masks import Masks
-    from ndsnn_cli.train import clip_active_gradients
+    from ndsnn_cli.trainer import clip_active_gradients
 
     layer = torch.nn.Linear(4, 2, bias=False)
     layer.weight.grad = torch.tensor([[3.0, 100.0, 0.0, 0.0], [4.0, 100.0, 0.0, 0.0]])

@@ -48,7 +48,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_trained(path: str | Path) -> TrainedModel:
     """Rebuild the checkpoint's model from its recipe and load weights; bad files are one-line UserErrors."""
-    from ndsnn_cli.train import build_model
+    from ndsnn_cli.build import build_model
 
     path = resolve_checkpoint(path)
     checkpoint = load_checkpoint(path)
