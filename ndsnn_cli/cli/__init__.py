@@ -8,41 +8,15 @@ A `UserError` from anywhere becomes one line on stderr and exit code 2; no trace
 from __future__ import annotations
 
 import sys
-from typing import Annotated
 
 import typer
 
-from ndsnn_cli import __version__
+from ndsnn_cli.cli import compare as _compare_cmd  # noqa: F401  (registers the command)
+from ndsnn_cli.cli import cost as _cost_cmd  # noqa: F401  (registers the command)
+from ndsnn_cli.cli import export as _export_cmd  # noqa: F401  (registers export, inspect, run)
+from ndsnn_cli.cli import train as _train_cmd  # noqa: F401  (registers the command)
+from ndsnn_cli.cli.app import app
 from ndsnn_cli.errors import UserError
-
-app = typer.Typer(
-    name="ndsnn",
-    help="Train sparse spiking neural networks from scratch (NDSNN, RigL, SET, LTH, ...) and ship them.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # click's plain help: typer's rich help imports rich.markdown (+0.17 s per --help)
-)
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"ndsnn {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
-) -> None:
-    """ndsnn: sparse spiking neural network training (NDSNN, DAC 2023) and export."""
-
-
-from ndsnn_cli.cli import compare as _compare_cmd  # noqa: E402,F401  (registers the command)
-from ndsnn_cli.cli import cost as _cost_cmd  # noqa: E402,F401  (registers the command)
-from ndsnn_cli.cli import export as _export_cmd  # noqa: E402,F401  (registers export, inspect, run)
-from ndsnn_cli.cli import train as _train_cmd  # noqa: E402,F401  (registers the command)
 
 
 def main() -> None:

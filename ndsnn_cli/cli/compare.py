@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ndsnn_cli import limits as L
-from ndsnn_cli.cli import app
+from ndsnn_cli.cli.app import app
 
 if TYPE_CHECKING:
     from ndsnn_cli.compare import Plan

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ndsnn_cli import limits as L
-from ndsnn_cli.cli import app
+from ndsnn_cli.cli.app import app
 from ndsnn_cli.errors import UserError
 
 if TYPE_CHECKING:
