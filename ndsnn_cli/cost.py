@@ -511,7 +511,7 @@ class RunCost:
 
 def run_cost(run_dir: str | Path) -> RunCost:
     """Realised training FLOPs from metrics.jsonl mask updates, synaptic ops and energy from summary.json."""
-    from ndsnn_cli.train import read_metrics
+    from ndsnn_cli.rundir import read_metrics
     from ndsnn_cli.validate import check_mask_records, check_summary
 
     run_dir = Path(run_dir)
@@ -588,6 +588,20 @@ def run_cost(run_dir: str | Path) -> RunCost:
                     "spike_rates": "summary.json spike_rates (LIF output rate on a 64-image test probe); a max-pooled "
                                    "spike map is charged the rate of the LIF before it (a lower bound)",
                     "mask_updates": len(records)})
+
+
+def cost_beside_baselines(run_dir: str | Path) -> dict[str, Any]:
+    """A finished run's training FLOPs beside the same recipe trained dense and with LTH (the `cost` model):
+    what `ndsnn train` prints under its table. Realised FLOPs from the run's masks; LTH runs: the model's."""
+    run_dir = Path(run_dir)
+    recipe = parse_recipe((run_dir / "recipe.toml").read_text(encoding="utf-8"), str(run_dir / "recipe.toml"))
+    train_size = recipe_train_size(recipe.data)
+    layers = model_layers(recipe)
+    baselines = ("dense",) if recipe.sparsity.method == "dense" else ("dense", "lth")
+    flops = {m: method_cost(recipe, m, layers, train_size).train_flops for m in baselines}
+    own = flops.get("lth") if recipe.sparsity.method == "lth" else run_cost(run_dir).train_flops
+    return {"method": recipe.sparsity.method, "train_flops": own, "baselines": flops,
+            "relative": {m: own / f if f else None for m, f in flops.items()}}
 
 
 if __name__ == "__main__":  # `python -m ndsnn_cli.cost` (make layer-tables): after changing snn/models.py

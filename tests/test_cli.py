@@ -92,3 +92,52 @@ def test_tiny_train_json_reports_the_target_sparsity(tmp_path: Path, tiny_recipe
     assert {n: layer["nnz"] for n, layer in layers.items()} == layer_counts(zeros, 0.2, recipe.sparsity.distribution)
     assert (tmp_path / "run" / "summary.json").exists()
     assert parse_recipe((tmp_path / "run" / "recipe.toml").read_text()) == recipe
+
+
+def test_an_epoch_line_fits_80_columns_at_three_digit_epochs_and_full_accuracy() -> None:
+    from ndsnn_cli.cli.train import epoch_line
+
+    record = {"epoch": 300, "train_loss": 12.3456, "train_accuracy": 1.0, "test_loss": 10.5, "test_accuracy": 1.0,
+              "sparsity": 0.99}
+    line = epoch_line(record)
+    assert len(line) <= 80, line
+    assert line == "epoch 300  train loss 12.346 100.00%  test loss 10.500 100.00%  sparsity 0.9900"
+
+
+@pytest.mark.slow
+def test_train_prints_in_80_columns_the_sparsity_reached_the_flops_and_what_to_run_next(
+        tmp_path: Path, run_main, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main job's screen: epoch lines and the summary fit an 80-column terminal; the table shows the
+    sparsity reached and the run's training FLOPs relative to dense and LTH training of the same recipe
+    (the `ndsnn cost` model); the next commands are printed and the first of them runs."""
+    from conftest import tiny_toml
+
+    from ndsnn_cli.cost import method_cost, model_layers, run_cost
+    from ndsnn_cli.data import train_size
+    from ndsnn_cli.recipe import load_recipe
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.chdir(tmp_path)
+    Path("tiny.toml").write_text(tiny_toml(sparsity={"method": "ndsnn", "initial": 0.5, "final": 0.9,
+                                                     "update_every_steps": 2}))
+    code, out, err = run_main("train", "tiny.toml", "--out", "run")
+    assert code == 0, err
+    assert all(len(line) <= 80 for line in (out + err).splitlines()), [ln for ln in (out + err).splitlines()
+                                                                        if len(ln) > 80]
+    epochs = [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and epochs[-1].endswith("sparsity 0.9000"), epochs
+    summary = json.loads(Path("run/summary.json").read_text())
+    assert f"{summary['sparsity']['sparsity']:.4f}" in out and "0.9000" in out
+    recipe = load_recipe("run/recipe.toml")
+    layers, images = model_layers(recipe), train_size(recipe.data)
+    realised = run_cost("run").train_flops
+    for baseline, label in (("dense", "dense"), ("lth", "LTH")):
+        ratio = realised / method_cost(recipe, baseline, layers, images).train_flops
+        row = next(line for line in out.splitlines() if f"training FLOPs vs {label}" in line)
+        assert f"{ratio:.2%}" in row, row
+    assert realised / method_cost(recipe, "dense", layers, images).train_flops < 1  # sparse training costs less
+    commands = out[out.index("next:"):].splitlines()[1:]
+    assert commands[0].strip() == "ndsnn export run --format csr -o run.safetensors"
+    assert commands[-2].strip().startswith("ndsnn prune-compare run/recipe.toml")
+    code, _, err = run_main(*commands[0].split()[1:])
+    assert code == 0 and Path("run.safetensors").is_file(), err

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ndsnn_cli import limits as L
-from ndsnn_cli.cli import app
+from ndsnn_cli.cli.app import app
 
 if TYPE_CHECKING:
     from ndsnn_cli.recipe import Recipe
@@ -43,7 +43,7 @@ def train(
 
     recipe = load_recipe(recipe_path)  # before the torch import, so a bad recipe fails instantly
 
-    from ndsnn_cli.train import default_run_dir
+    from ndsnn_cli.rundir import default_run_dir
     from ndsnn_cli.train import train as run_training
 
     run_dir = out or default_run_dir(recipe)
@@ -121,19 +121,20 @@ class RichTrainProgress:
     def on_epoch_end(self, record: dict[str, Any]) -> None:
         self.progress.update(self.steps_task, completed=record["step"])
         if self.enabled:
-            self.progress.console.print(
-                f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.2%}"
-                f"  test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.2%}"
-                f"  sparsity {record['sparsity']:.4f}")
+            self.progress.console.print(epoch_line(record), highlight=False, markup=False)
 
     def on_mask_update(self, update: MaskUpdate) -> None:
         pass
 
     def on_kernels(self, step: int, layers: dict[str, str]) -> None:
         if self.enabled:
-            sparse = {name: kernel for name, kernel in layers.items() if kernel != "dense"}
-            names = ", ".join(f"{name} ({kernel})" for name, kernel in sparse.items()) or "none"
-            self.progress.console.print(f"step {step}: sparse kernels on {len(sparse)}/{len(layers)} layers: {names}",
+            by_kernel: dict[str, list[str]] = {}
+            for name, kernel in layers.items():
+                if kernel != "dense":
+                    by_kernel.setdefault(kernel, []).append(name.removesuffix(".weight"))
+            sparse = sum(len(names) for names in by_kernel.values())
+            where = "; ".join(f"{kernel}: {', '.join(names)}" for kernel, names in by_kernel.items()) or "none"
+            self.progress.console.print(f"step {step}: sparse kernels on {sparse}/{len(layers)} layers ({where})",
                                         highlight=False, markup=False)
 
     def on_warning(self, message: str) -> None:
@@ -144,6 +145,42 @@ class RichTrainProgress:
     def on_round_start(self, index: int, rounds: int, sparsity: float) -> None:
         if self.enabled:
             self.progress.console.print(f"[bold]LTH round {index + 1}/{rounds}[/bold]: sparsity {sparsity:.4f}")
+
+
+def epoch_line(record: dict[str, Any]) -> str:
+    """One line per epoch that fits an 80-column terminal (79 characters at 3-digit epochs and a loss above 10)."""
+    return (f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.3f} {record['train_accuracy']:6.2%}"
+            f"  test loss {record['test_loss']:.3f} {record['test_accuracy']:6.2%}"
+            f"  sparsity {record['sparsity']:.4f}")
+
+
+def next_commands(run_dir: Path, summary: dict[str, Any]) -> list[str]:
+    """What to try after a run: deploy it, run the artefact, count its cost, compare methods on the task;
+    shell lines (a long one continued with a backslash) that fit 80 columns for the usual run paths."""
+    run, artefact = str(run_dir), f"{run_dir.name}.safetensors"
+    commands = [f"ndsnn export {run} --format csr -o {artefact}", f"ndsnn run {artefact} --dataset-test",
+                f"ndsnn cost {run}"]
+    if summary["method"] != "lth":
+        commands += [f"ndsnn prune-compare {run}/recipe.toml \\",
+                     "    --methods ndsnn,rigl,set,lth,dense --sparsities 0.9,0.99"]
+    return commands
+
+
+def _flops_rows(run_dir: Path) -> list[tuple[str, str]]:
+    """Training FLOPs of the run relative to dense / LTH training of the same recipe; none where the cost
+    model cannot say (it names its reason in `ndsnn cost RUN`)."""
+    from ndsnn_cli.cost import cost_beside_baselines
+    from ndsnn_cli.errors import UserError
+
+    try:
+        cost = cost_beside_baselines(run_dir)
+    except UserError:
+        return []
+    rows = [("training FLOPs", f"{cost['train_flops']:.3g}")]
+    for baseline, ratio in cost["relative"].items():
+        if ratio is not None:
+            rows.append((f"training FLOPs vs {'LTH' if baseline == 'lth' else baseline}", f"{ratio:.2%}"))
+    return rows
 
 
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
@@ -159,6 +196,12 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     table.add_row("non-zero weights", f"{summary['sparsity']['nnz']:,} / {summary['sparsity']['numel']:,}")
     if "rounds" in summary:
         table.add_row("LTH rounds", f"{len(summary['rounds'])} x {summary['round_epochs']} epochs")
+    for metric, value in _flops_rows(run_dir):
+        table.add_row(metric, value)
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
     table.add_row("run directory", str(run_dir))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print("next:", highlight=False)
+    for command in next_commands(run_dir, summary):
+        console.print(f"  {command}", highlight=False, markup=False, soft_wrap=True)
