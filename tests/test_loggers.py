@@ -122,9 +122,18 @@ def test_a_resumed_run_shows_each_step_once(tiny_recipe: Callable[..., Recipe], 
 
 def test_only_rank_0_writes_logs(tiny_recipe: Callable[..., Recipe], tmp_path: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-zero rank trains the whole run and writes nothing; rank 0, on the same recipe, writes both logs
+    (so the first half cannot pass by a run that never got as far as logging)."""
     from ndsnn_cli import distributed
 
-    monkeypatch.setattr(distributed, "is_main", lambda: False)  # this process plays rank 1
-    train(tiny_recipe(train=WITH_TB), tmp_path / "run")
-    assert not (tmp_path / "run" / TB_DIR).exists()
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    recipe = tiny_recipe(train=WITH_TB)
+    with monkeypatch.context() as patch:
+        patch.setattr(distributed, "is_main", lambda: False)  # this process plays rank 1
+        summary = train(recipe, tmp_path / "rank1")
+    assert summary["steps"] == 8 and summary["epochs"] == 2  # it trained to the end
+    assert not (tmp_path / "rank1" / TB_DIR).exists()
+    assert not (tmp_path / "rank1" / "metrics.jsonl").exists()
+    assert not (tmp_path / "rank1" / "summary.json").exists()
+    train(recipe, tmp_path / "rank0")
+    assert (tmp_path / "rank0" / TB_DIR).is_dir()
+    assert [r["step"] for r in read_metrics(tmp_path / "rank0") if r["kind"] == "epoch"] == [4, 8]

@@ -327,8 +327,12 @@ def test_weights_active_before_and_after_an_update_keep_their_value_and_momentum
 
 @pytest.mark.parametrize("method_name", ["set", "rigl", "ndsnn", "gmp"])
 def test_update_records_count_only_positions_that_left_or_entered_the_mask(method_name: str) -> None:
-    _, history = run(method_name)
-    for h in (h for h in history if h.update):
+    method, history = run(method_name)
+    updates = [h for h in history if h.update]
+    assert [h.step for h in updates] == [s for s in method.schedule.update_steps() if s <= len(history)]
+    assert sum(h.update.dropped for h in updates) > 0  # the records below describe real mask changes
+    assert (sum(h.update.grown for h in updates) > 0) == (method_name != "gmp")
+    for h in updates:
         for name, layer in h.update.layers.items():
             assert layer["dropped"] == int((h.before[name] & ~h.after[name]).sum())
             assert layer["grown"] == int((h.after[name] & ~h.before[name]).sum())
