@@ -37,11 +37,18 @@ threads = 1
 """
 
 
-def tiny_toml(**tables: Any) -> str:
-    """The tiny recipe with some keys changed, as recipe-file text (`tiny_toml(seed=3, data={...})`)."""
+def tiny_run_recipe(**tables: Any) -> Recipe:
+    """The tiny recipe with some keys changed (`tiny_run_recipe(name="x", data={...})`): the one base every
+    test's training run starts from (synthetic data, CPU, one thread, seconds per run)."""
     from ndsnn_cli.recipe import parse_recipe
 
-    return parse_recipe(TINY_RECIPE, "tiny.toml").replace(**tables).to_toml()
+    base = parse_recipe(TINY_RECIPE, "tiny.toml")
+    return base.replace(**tables) if tables else base
+
+
+def tiny_toml(**tables: Any) -> str:
+    """The tiny recipe with some keys changed, as recipe-file text (`tiny_toml(seed=3, data={...})`)."""
+    return tiny_run_recipe(**tables).to_toml()
 
 
 def train_export_source(out: Any, *, name: str, arch: str = "scnn", train_limit: int = 512, test_limit: int = 128,
@@ -70,14 +77,7 @@ def tiny_recipe_toml() -> str:
 @pytest.fixture
 def tiny_recipe() -> Callable[..., Recipe]:
     """`tiny_recipe(sparsity={...}, train={...})`: a 4-steps-per-epoch MLP on synthetic data."""
-    from ndsnn_cli.recipe import parse_recipe
-
-    base = parse_recipe(TINY_RECIPE, "tiny.toml")
-
-    def make(**tables: Any) -> Recipe:
-        return base.replace(**tables) if tables else base
-
-    return make
+    return tiny_run_recipe
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_run_recipe
 from torch.utils.flop_counter import FlopCounterMode
 
 from ndsnn_cli.cost import ENERGY_AC_PJ, ENERGY_MAC_PJ, layer_flops, method_cost, run_cost, training_cost
@@ -159,11 +160,8 @@ def test_run_directory_realised_cost_and_energy(tmp_path):
     from ndsnn_cli.train import train
 
     torch.set_num_threads(1)
-    recipe = Recipe().replace(
-        name="cost-run", model={"arch": "mlp", "timesteps": 2},
-        data={"dataset": "synthetic", "batch_size": 64, "train_limit": 512, "test_limit": 128, "augment": False},
-        train={"epochs": 1, "lr": 0.05},
-        sparsity={"method": "ndsnn", "final": 0.9, "initial": 0.5, "update_every_steps": 2})
+    recipe = tiny_run_recipe(name="cost-run", data={"train_limit": 512}, train={"epochs": 1},
+                             sparsity={"method": "ndsnn", "final": 0.9, "initial": 0.5, "update_every_steps": 2})
     run_dir = tmp_path / "run"
     train(recipe, run_dir)
     result = run_cost(run_dir)
@@ -188,10 +186,8 @@ def test_run_directory_cost_starts_from_the_recorded_initial_masks(tmp_path):
     from ndsnn_cli.train import train
 
     torch.set_num_threads(1)
-    recipe = Recipe().replace(
-        name="cost-global", model={"arch": "mlp", "timesteps": 2},
-        data={"dataset": "synthetic", "batch_size": 64, "train_limit": 256, "test_limit": 64, "augment": False},
-        train={"epochs": 1}, sparsity={"method": "static", "final": 0.9, "distribution": "global"})
+    recipe = tiny_run_recipe(name="cost-global", data={"test_limit": 64}, train={"epochs": 1},
+                             sparsity={"method": "static", "final": 0.9, "distribution": "global"})
     run_dir = tmp_path / "run"
     train(recipe, run_dir)
     init = [r for r in read_metrics(run_dir) if r["kind"] == "mask_init"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_run_recipe
 
 from ndsnn_cli.atomic import current_umask, write_bytes
 from ndsnn_cli.checkpoint import RUN_CHECKPOINT
@@ -121,10 +122,9 @@ print(hashlib.sha256(result.path.read_bytes()).hexdigest())
 
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    recipe = Recipe().replace(
-        name="repro", model={"arch": "scnn", "timesteps": 2},
-        data={"dataset": "synthetic", "train_limit": 64, "test_limit": 32, "batch_size": 32, "augment": False},
-        train={"epochs": 1, "device": "cpu", "threads": 1}, sparsity={"method": "static", "final": 0.8})
+    recipe = tiny_run_recipe(name="repro", model={"arch": "scnn"},
+                             data={"train_limit": 64, "test_limit": 32, "batch_size": 32}, train={"epochs": 1},
+                             sparsity={"method": "static", "final": 0.8})
     out = tmp_path_factory.mktemp("repro") / "run"
     train(recipe, out)
     return out
@@ -184,10 +184,8 @@ def test_every_kind_of_file_is_0644_under_umask_022(synthetic_run: Path, tmp_pat
                                                    run_main, monkeypatch: pytest.MonkeyPatch) -> None:
     """Checkpoints, recipe.toml, summary.json, metrics.jsonl (a fresh run), CSR/ONNX/NIR artefacts,
     prune-compare reports and the cost plot: every file ndsnn writes is rw-r--r-- under umask 022."""
-    recipe = Recipe().replace(
-        name="modes", model={"arch": "mlp", "timesteps": 1},
-        data={"dataset": "synthetic", "train_limit": 32, "test_limit": 16, "batch_size": 16, "augment": False},
-        train={"epochs": 1, "device": "cpu", "threads": 1})
+    recipe = tiny_run_recipe(name="modes", model={"timesteps": 1},
+                             data={"train_limit": 32, "test_limit": 16, "batch_size": 16}, train={"epochs": 1})
     run = tmp_path / "run"
     train(recipe, run)
     written = [run / RUN_CHECKPOINT, run / "recipe.toml", run / "summary.json", run / "metrics.jsonl"]

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BAD = Path(__file__).parent / "bad_inputs"
 CASES = tomllib.loads((BAD / "cases.toml").read_text())["case"]
 
-def tiny_recipe(tmp: Path, *, epochs: int = 2, train_limit: int = 256, every: int = 2) -> Path:
+def tiny_recipe_file(tmp: Path, *, epochs: int = 2, train_limit: int = 256, every: int = 2) -> Path:
     path = tmp / "tiny.toml"
     path.write_text(tiny_toml(seed=3, data={"batch_size": 32, "train_limit": train_limit, "test_limit": 64},
                               train={"epochs": epochs, "checkpoint_every_steps": every, "log_every_steps": 1},
@@ -87,7 +87,7 @@ def _kill_when(run_dir: Path, proc: subprocess.Popen[bytes], moment: str, rng: r
 
 @pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    recipe_path = tiny_recipe(tmp_path, epochs=3, train_limit=1024, every=2)
+    recipe_path = tiny_recipe_file(tmp_path, epochs=3, train_limit=1024, every=2)
     recipe = parse_recipe(recipe_path.read_text(), "tiny.toml")
     reference = tmp_path / "reference"
     torch.set_num_threads(1)
@@ -122,7 +122,7 @@ def test_kill_9_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_pa
 
 def test_resume_after_a_kill_before_the_first_checkpoint_starts_clean(tmp_path: Path) -> None:
     """recipe.toml, a stale temp file and a torn metrics line, but no checkpoint: --resume trains from step 0."""
-    recipe = parse_recipe(tiny_recipe(tmp_path, epochs=1, train_limit=128).read_text(), "tiny.toml")
+    recipe = parse_recipe(tiny_recipe_file(tmp_path, epochs=1, train_limit=128).read_text(), "tiny.toml")
     train(recipe, tmp_path / "ref")
     run = tmp_path / "run"
     run.mkdir()
@@ -137,7 +137,7 @@ def test_resume_after_a_kill_before_the_first_checkpoint_starts_clean(tmp_path: 
 
 def test_epoch_record_after_a_last_batch_checkpoint_is_not_duplicated_on_resume(tmp_path: Path) -> None:
     """Killed between the epoch record and the epoch-end checkpoint: the record is rewritten once, not twice."""
-    recipe = parse_recipe(tiny_recipe(tmp_path, epochs=2, train_limit=128, every=2).read_text(), "tiny.toml")
+    recipe = parse_recipe(tiny_recipe_file(tmp_path, epochs=2, train_limit=128, every=2).read_text(), "tiny.toml")
     run = tmp_path / "run"
     train(recipe, run)  # 4 steps/epoch: the step-4 checkpoint is on epoch 1's last batch, epoch not yet done
     records = read_metrics(run)
@@ -154,7 +154,7 @@ def test_epoch_record_after_a_last_batch_checkpoint_is_not_duplicated_on_resume(
 
 
 def test_nan_weights_stop_the_run_naming_layer_and_step_and_keep_the_last_good_checkpoint(tmp_path: Path) -> None:
-    recipe = parse_recipe(tiny_recipe(tmp_path, epochs=1).read_text(), "tiny.toml")
+    recipe = parse_recipe(tiny_recipe_file(tmp_path, epochs=1).read_text(), "tiny.toml")
     recipe = recipe.replace(train={"lr": 1e30, "momentum": 0.0, "checkpoint_every_steps": 1})
     with pytest.raises(TrainingDiverged) as info:
         train(recipe, tmp_path / "run")
@@ -170,7 +170,7 @@ def test_nan_loss_exits_2_with_one_line_naming_the_step(tmp_path: Path, capsys: 
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from ndsnn_cli.cli import main
 
-    recipe_path = tiny_recipe(tmp_path, epochs=1, every=0)
+    recipe_path = tiny_recipe_file(tmp_path, epochs=1, every=0)
     text = recipe_path.read_text().replace("lr = 0.05", "lr = 1e30")
     recipe_path.write_text(text)
     monkeypatch.setattr(sys, "argv", ["ndsnn", "train", str(recipe_path), "--out", str(tmp_path / "run"), "-q"])
@@ -227,7 +227,7 @@ def corpus_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[s
     """Run every case once: all in one CLI process (main() in a loop), a few also as real subprocesses."""
     work = tmp_path_factory.mktemp("bad_inputs")
     base_run = work / "run"
-    recipe = parse_recipe(tiny_recipe(work, epochs=1, train_limit=64).read_text(), "tiny.toml")
+    recipe = parse_recipe(tiny_recipe_file(work, epochs=1, train_limit=64).read_text(), "tiny.toml")
     train(recipe, base_run)
     commands = _commands()
     jobs = [_job(c, base_run, work) for c in CASES if c.get("command", "train") in commands]
