@@ -511,10 +511,43 @@ class RunCost:
 
 def run_cost(run_dir: str | Path) -> RunCost:
     """Realised training FLOPs from metrics.jsonl mask updates, synaptic ops and energy from summary.json."""
-    from ndsnn_cli.rundir import read_metrics
-    from ndsnn_cli.validate import check_mask_records, check_summary
-
     run_dir = Path(run_dir)
+    recipe, summary = _finished_run(run_dir)
+    train_size = recipe_train_size(recipe.data)
+    layers = model_layers(recipe)
+    steps_per_epoch = batches_per_epoch(train_size, recipe.data.batch_size)[0]
+    samples = _samples_per_step(train_size, recipe.data.batch_size, summary["epochs"])[: summary["steps"]]
+    predicted, _, _ = schedule_segments(recipe, layers, steps_per_epoch, len(samples))
+    schedule = method_schedule(recipe, steps_per_epoch)
+    segments, records = _recorded_segments(run_dir, summary, predicted[0].counts, len(samples))
+    final_nnz = {n: int(v["nnz"]) for n, v in summary["sparsity"]["layers"].items()}
+    if schedule is not None and final_nnz != segments[-1].counts:
+        raise UserError(f"{run_dir}: summary.json sparsity.layers disagrees with the last mask update in metrics.jsonl")
+    grow_updates = [r["step"] for r in records] if schedule is not None and schedule.grow == "gradient" else []
+    per_layer, density_samples, _, _ = integrate(layers, segments, samples, grow_updates, 0.0, steps_per_epoch)
+    predicted_flops, _, _, _ = integrate(layers, predicted, samples,
+                                         list(schedule.update_steps()) if grow_updates else [], 0.0, steps_per_epoch)
+    rates = {k: float(v) for k, v in summary.get("spike_rates", {}).items()}
+    rows, synaptic_ops = _synaptic_ops(layers, final_nnz, rates, per_layer)
+    numel_sparse = sum(lay.numel for lay in layers if lay.sparse) or 1
+    return RunCost(str(run_dir), recipe.sparsity.method, sum(per_layer.values()), sum(predicted_flops.values()),
+                   density_samples / float(samples.sum()), sum(final_nnz.values()) / numel_sparse,
+                   rows, rates, synaptic_ops,
+                   {"snn": synaptic_ops["ac"] * ENERGY_AC_PJ + synaptic_ops["mac"] * ENERGY_MAC_PJ,
+                    "dense_ann": synaptic_ops["dense_mac"] * ENERGY_MAC_PJ},
+                   {"train_size": train_size, "epochs": summary["epochs"], "steps": summary["steps"],
+                    "batch_size": recipe.data.batch_size, "timesteps": recipe.model.timesteps,
+                    "energy_ac_pj": ENERGY_AC_PJ, "energy_mac_pj": ENERGY_MAC_PJ,
+                    "energy_source": "Horowitz, ISSCC 2014, 45 nm, 32-bit float",
+                    "spike_rates": "summary.json spike_rates (LIF output rate on a 64-image test probe); a max-pooled "
+                                   "spike map is charged the rate of the LIF before it (a lower bound)",
+                    "mask_updates": len(records)})
+
+
+def _finished_run(run_dir: Path) -> tuple[Recipe, dict[str, Any]]:
+    """The run's recipe and validated summary.json; one-line errors for what `cost RUN` cannot read."""
+    from ndsnn_cli.validate import check_summary
+
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir}: not a run directory (no summary.json or metrics.jsonl)")
     recipe_path = run_dir / "recipe.toml"
@@ -528,37 +561,39 @@ def run_cost(run_dir: str | Path) -> RunCost:
     if not summary_path.is_file():
         raise UserError(f"{run_dir}: run has no summary.json yet (unfinished run)")
     try:
-        summary = check_summary(summary_path, json.loads(summary_path.read_text(encoding="utf-8")))
+        return recipe, check_summary(summary_path, json.loads(summary_path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise UserError(f"{summary_path}: not a readable JSON file") from None
-    train_size = recipe_train_size(recipe.data)
-    layers = model_layers(recipe)
-    steps_per_epoch = batches_per_epoch(train_size, recipe.data.batch_size)[0]
-    samples = _samples_per_step(train_size, recipe.data.batch_size, summary["epochs"])[: summary["steps"]]
-    predicted, _, _ = schedule_segments(recipe, layers, steps_per_epoch, len(samples))
-    schedule = method_schedule(recipe, steps_per_epoch)
+
+
+def _recorded_segments(run_dir: Path, summary: dict[str, Any], scheduled_start: dict[str, int],
+                       steps: int) -> tuple[list[Segment], list[dict[str, Any]]]:
+    """The run's mask history as constant-count segments, and its validated mask-update records.
+
+    Initial masks as set up (the `mask_init` record; runs written before it existed: the schedule's counts,
+    which a `global` split only approximates), then each recorded update that changed a count.
+    """
+    from ndsnn_cli.rundir import read_metrics
+    from ndsnn_cli.validate import check_mask_records
+
     metrics = check_mask_records(run_dir / "metrics.jsonl", read_metrics(run_dir), summary["steps"])
     records = [r for r in metrics if r.get("kind") == "mask_update"]
-    # Initial masks as set up (the `mask_init` record; runs written before it existed: the schedule's
-    # counts, which a `global` split only approximates), then each recorded update.
     init = next((r for r in metrics if r.get("kind") == "mask_init"), None)
-    current = {n: int(v) for n, v in init["layers"].items()} if init else dict(predicted[0].counts)
+    current = {n: int(v) for n, v in init["layers"].items()} if init else dict(scheduled_start)
     segments, start = [], 0
     for record in records:
         new = {n: int(v["active"]) for n, v in record["layers"].items()}
         if new != current:
             segments.append(Segment(start, record["step"], current))
             current, start = new, record["step"]
-    segments.append(Segment(start, len(samples), current))
-    final_layers = summary["sparsity"]["layers"]
-    final_nnz = {n: int(v["nnz"]) for n, v in final_layers.items()}
-    if schedule is not None and final_nnz != current:
-        raise UserError(f"{run_dir}: summary.json sparsity.layers disagrees with the last mask update in metrics.jsonl")
-    grow_updates = [r["step"] for r in records] if schedule is not None and schedule.grow == "gradient" else []
-    per_layer, density_samples, _, _ = integrate(layers, segments, samples, grow_updates, 0.0, steps_per_epoch)
-    predicted_flops, _, _, _ = integrate(layers, predicted, samples,
-                                         list(schedule.update_steps()) if grow_updates else [], 0.0, steps_per_epoch)
-    rates = {k: float(v) for k, v in summary.get("spike_rates", {}).items()}
+    segments.append(Segment(start, steps, current))
+    return segments, records
+
+
+def _synaptic_ops(layers: list[LayerFlops], final_nnz: dict[str, int], rates: dict[str, float],
+                  train_flops: dict[str, float]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Per layer, the final model's operations per sample: accumulates where spikes feed it (scaled by the
+    feeding LIF's rate), multiply-accumulates where analog values do; and the totals beside a dense ANN's."""
     ac = mac = dense_mac = 0.0
     rows = []
     for lay in layers:
@@ -575,19 +610,8 @@ def run_cost(run_dir: str | Path) -> RunCost:
             mac += ops
         rows.append({"name": lay.name, "input": lay.input_source, "input_spike_rate": rate,
                      "density": density, "nnz": int(round(density * lay.numel)), "numel": lay.numel,
-                     "ops": ops, "op": kind, "train_flops": per_layer[lay.name]})
-    numel_sparse = sum(lay.numel for lay in layers if lay.sparse) or 1
-    return RunCost(str(run_dir), recipe.sparsity.method, sum(per_layer.values()), sum(predicted_flops.values()),
-                   density_samples / float(samples.sum()), sum(final_nnz.get(n, 0) for n in final_nnz) / numel_sparse,
-                   rows, rates, {"ac": ac, "mac": mac, "dense_mac": dense_mac},
-                   {"snn": ac * ENERGY_AC_PJ + mac * ENERGY_MAC_PJ, "dense_ann": dense_mac * ENERGY_MAC_PJ},
-                   {"train_size": train_size, "epochs": summary["epochs"], "steps": summary["steps"],
-                    "batch_size": recipe.data.batch_size, "timesteps": recipe.model.timesteps,
-                    "energy_ac_pj": ENERGY_AC_PJ, "energy_mac_pj": ENERGY_MAC_PJ,
-                    "energy_source": "Horowitz, ISSCC 2014, 45 nm, 32-bit float",
-                    "spike_rates": "summary.json spike_rates (LIF output rate on a 64-image test probe); a max-pooled "
-                                   "spike map is charged the rate of the LIF before it (a lower bound)",
-                    "mask_updates": len(records)})
+                     "ops": ops, "op": kind, "train_flops": train_flops[lay.name]})
+    return rows, {"ac": ac, "mac": mac, "dense_mac": dense_mac}
 
 
 def cost_beside_baselines(run_dir: str | Path) -> dict[str, Any]:
