@@ -1,8 +1,7 @@
 """Checkpoints: one safetensors file (weights, masks, optimizer state, RNG) + JSON metadata. No pickle.
 
-Tensor keys: `model::<name>`, `mask::<param>` (bool), `optim::<param index>::<state key>`,
-`method::generator`, `rng::torch`, `rng::cuda::<i>`. Metadata key `ndsnn` holds JSON with the format,
-version, recipe TOML, step/epoch and the optimizer's non-tensor state.
+The format (name, version, tensor keys) is `ndsnn_cli.formats.checkpoint`; every rule a file must keep
+is `ndsnn_cli.validate.check_checkpoint`, which `load_checkpoint` runs before returning anything.
 """
 
 from __future__ import annotations
@@ -20,10 +19,9 @@ from safetensors.torch import save as save_safetensors
 from ndsnn_cli import __version__
 from ndsnn_cli.atomic import write_bytes
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.formats.checkpoint import FORMAT, METADATA_KEY, VERSION
 from ndsnn_cli.validate import check_checkpoint
 
-FORMAT = "ndsnn-checkpoint"
-VERSION = 1
 RUN_CHECKPOINT = Path("checkpoints") / "last.safetensors"  # a run directory's latest checkpoint
 
 
@@ -84,7 +82,7 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
         optim_tensors, optim_meta = optimizer_to_tensors(optimizer)
         tensors.update(optim_tensors)
         full_meta["optimizer"] = optim_meta
-    data = save_safetensors_canonical(tensors, {"ndsnn": json.dumps(full_meta)})
+    data = save_safetensors_canonical(tensors, {METADATA_KEY: json.dumps(full_meta)})
     return write_bytes(path, data)
 
 
@@ -105,17 +103,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     inconsistent file is a one-line UserError."""
     tensors, strings = read_safetensors(path, "checkpoint")
     try:
-        meta = json.loads(strings.get("ndsnn", "{}"))
+        meta = json.loads(strings.get(METADATA_KEY, "{}"))
     except (json.JSONDecodeError, RecursionError):
         raise UserError(f"{path}: corrupt checkpoint metadata") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        shown = meta.get("format") if isinstance(meta, dict) else None
-        raise UserError(f"{path}: not an ndsnn checkpoint (format is {shown!r:.40}, expected {FORMAT!r})")
-    version = meta.get("version", 0)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise UserError(f"{path}: version: must be an integer")
-    if version > VERSION:
-        raise UserError(f"{path}: checkpoint version {meta['version']} is newer than this ndsnn ({VERSION})")
     check_checkpoint(path, tensors, meta)
     return Checkpoint(tensors, meta)
 
@@ -144,7 +134,7 @@ def read_metadata(path: str | Path, raw: bytes | None = None) -> dict[str, Any]:
     try:
         header_len = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8:8 + header_len])
-        return json.loads(header.get("__metadata__", {}).get("ndsnn", "{}"))
+        return json.loads(header.get("__metadata__", {}).get(METADATA_KEY, "{}"))
     except (ValueError, UnicodeDecodeError, AttributeError):
         raise UserError(f"{path}: not a readable safetensors file (bad header)") from None
 

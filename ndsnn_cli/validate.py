@@ -12,7 +12,6 @@ Rules are listed in docs/reliability.md with the tests that prove them (tests/te
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -21,35 +20,22 @@ import torch
 
 from ndsnn_cli import limits as L
 from ndsnn_cli.errors import UserError
-from ndsnn_cli.export import CSR_FORMAT, CSR_VERSION, graph
-
-# The parts of one sparse parameter: crow_indices, values, shape, one of col_indices / col_gaps (version 3),
-# and scales for int8 values.
-CSR_PARTS = ("crow_indices", "col_indices", "col_gaps", "values", "scales", "shape")
-VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
-CROW_DTYPES = (torch.int32, torch.int64)
-COL_INT16_BELOW = 32768  # col_indices are int16 when a matrix has fewer columns, else int32
-GAP_ESCAPE = 255  # in col_gaps: "add 255 and read the next byte"; any other byte ends one entry's gap
-INT8_MAX = 127  # int8 values are symmetric: -128 never occurs
-GAPS_SINCE_VERSION = 3  # col_gaps and int8 values
-
-
-def dense_dtype(dtype: str) -> torch.dtype:
-    """The dtype of an artefact's plain floating tensors (biases, BN): its value dtype, fp32 for int8."""
-    return torch.float32 if dtype == "int8" else VALUE_DTYPES[dtype]
-
-
-def gap_columns(gaps: torch.Tensor, crow: torch.Tensor) -> torch.Tensor:
-    """int64 column indices of a `col_gaps` stream that `check_csr` accepted (see `csr.encode_gaps`)."""
-    ends = (gaps != GAP_ESCAPE).nonzero().squeeze(1)  # each entry's final byte
-    if not ends.numel():
-        return ends
-    begins = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
-    step = (ends - begins) * GAP_ESCAPE + gaps[ends].to(torch.int64) + 1  # col - prev, prev = -1 at a row start
-    total = step.cumsum(0)
-    crow = crow.to(torch.int64)
-    before = torch.cat([total.new_zeros(1), total])[crow[:-1]]  # the running sum where each row starts
-    return total - torch.repeat_interleave(before, crow[1:] - crow[:-1]) - 1
+from ndsnn_cli.formats import checkpoint as ckpt_format
+from ndsnn_cli.formats import graph
+from ndsnn_cli.formats.csr import (
+    COL_INT16_BELOW,
+    CROW_DTYPES,
+    CSR_FORMAT,
+    CSR_PARTS,
+    CSR_VERSION,
+    GAP_ESCAPE,
+    GAPS_SINCE_VERSION,
+    INT8_MAX,
+    VALUE_DTYPES,
+    dense_dtype,
+    gap_columns,
+    split_parameters,
+)
 
 
 class InvalidFile(UserError):
@@ -100,19 +86,37 @@ def _finite(path: str | Path, name: str, tensor: torch.Tensor) -> None:
 
 
 def check_csr(path: str | Path, name: str, parts: Mapping[str, torch.Tensor], value_dtype: torch.dtype) -> list[int]:
-    """The CSR invariants of one parameter; returns its original shape. One branch per rule of the format
-    (hence the length), in an order where each rule reads only what the previous ones made safe:
-    presence, dtypes and lengths before indexing, index ranges before use."""
+    """The CSR invariants of one parameter; returns its original shape. The named checks run in an order
+    where each reads only what the previous ones made safe: presence, shape, dtypes and lengths before
+    indexing, index ranges before use."""
+    gapped = _csr_parts_present(path, name, parts)
+    shape = _csr_shape(path, name, parts["shape"])
+    rows, cols = shape[0], math.prod(shape[1:])
+    _csr_dtypes(path, name, parts, cols, value_dtype)
+    crow64 = _csr_row_pointers(path, name, parts["crow_indices"], parts["values"], rows, shape)
+    if gapped:
+        col64 = _check_gaps(path, f"{name}.col_gaps", parts["col_gaps"], crow64, cols)
+    else:
+        col64 = _csr_plain_columns(path, name, parts["col_indices"], crow64, parts["values"])
+    _csr_columns_in_rows(path, f"{name}.{'col_gaps' if gapped else 'col_indices'}", col64, crow64, rows, cols)
+    _finite(path, f"{name}.values", parts["values"])
+    _check_scales(path, name, parts, rows, value_dtype)
+    return shape
+
+
+def _csr_parts_present(path: str | Path, name: str, parts: Mapping[str, torch.Tensor]) -> bool:
+    """crow_indices, values, shape and exactly one of col_indices / col_gaps; returns whether gap-coded."""
     for part in ("crow_indices", "values", "shape"):
         if part not in parts:
             _fail(path, f"{name}.{part}", "missing (a CSR parameter has crow_indices, col_indices or col_gaps, "
                                           "values, shape)")
     if ("col_indices" in parts) == ("col_gaps" in parts):
         _fail(path, f"{name}.col_indices", "a CSR parameter has exactly one of col_indices and col_gaps")
-    gapped = "col_gaps" in parts
-    shape_t, crow, values = parts["shape"], parts["crow_indices"], parts["values"]
-    col = parts["col_gaps" if gapped else "col_indices"]
-    col_name = f"{name}.{'col_gaps' if gapped else 'col_indices'}"
+    return "col_gaps" in parts
+
+
+def _csr_shape(path: str | Path, name: str, shape_t: torch.Tensor) -> list[int]:
+    """int64, 2 to 5 positive sizes, at most `MAX_TENSOR_NUMEL` elements when rebuilt dense."""
     if shape_t.dtype != torch.int64 or shape_t.dim() != 1 or not 2 <= shape_t.numel() <= 5:
         _fail(path, f"{name}.shape", f"must be int64 of length 2 to 5 (got {shape_t.dtype}, {list(shape_t.shape)})")
     shape = [int(s) for s in shape_t]
@@ -121,44 +125,64 @@ def check_csr(path: str | Path, name: str, parts: Mapping[str, torch.Tensor], va
     rows, cols = shape[0], math.prod(shape[1:])
     if rows * cols > L.MAX_TENSOR_NUMEL:
         _fail(path, f"{name}.shape", f"= {shape}: {rows * cols:,} elements exceed {L.MAX_TENSOR_NUMEL:,}")
+    return shape
+
+
+def _csr_dtypes(path: str | Path, name: str, parts: Mapping[str, torch.Tensor], cols: int,
+                value_dtype: torch.dtype) -> None:
+    """Every part 1-D; crow int32/int64; columns int16/int32 by width (uint8 gaps); values the file's dtype."""
     for part, tensor in parts.items():
         if part in CSR_PARTS and part != "shape" and tensor.dim() != 1:
             _fail(path, f"{name}.{part}", f"must be 1-D (got shape {list(tensor.shape)})")
-    if crow.dtype not in CROW_DTYPES:
-        _fail(path, f"{name}.crow_indices", f"dtype {crow.dtype} must be int32 or int64")
+    if parts["crow_indices"].dtype not in CROW_DTYPES:
+        _fail(path, f"{name}.crow_indices", f"dtype {parts['crow_indices'].dtype} must be int32 or int64")
+    gapped = "col_gaps" in parts
+    col = parts["col_gaps" if gapped else "col_indices"]
     col_dtype = torch.uint8 if gapped else torch.int16 if cols < COL_INT16_BELOW else torch.int32
     if col.dtype != col_dtype:
-        _fail(path, col_name, f"dtype {col.dtype} must be {col_dtype} for {cols} columns")
-    if values.dtype != value_dtype:
-        _fail(path, f"{name}.values", f"dtype {values.dtype} must be the artefact's dtype {value_dtype}")
+        _fail(path, f"{name}.{'col_gaps' if gapped else 'col_indices'}",
+              f"dtype {col.dtype} must be {col_dtype} for {cols} columns")
+    if parts["values"].dtype != value_dtype:
+        _fail(path, f"{name}.values", f"dtype {parts['values'].dtype} must be the artefact's dtype {value_dtype}")
+
+
+def _csr_row_pointers(path: str | Path, name: str, crow: torch.Tensor, values: torch.Tensor, rows: int,
+                      shape: list[int]) -> torch.Tensor:
+    """rows + 1 pointers from 0, non-decreasing, ending at len(values); returns them as int64."""
+    where = f"{name}.crow_indices"
     if crow.numel() != rows + 1:
-        _fail(path, f"{name}.crow_indices", f"length {crow.numel()} must be rows + 1 = {rows + 1} (shape {shape})")
+        _fail(path, where, f"length {crow.numel()} must be rows + 1 = {rows + 1} (shape {shape})")
     crow64 = crow.to(torch.int64)
     if int(crow64[0]) != 0:
-        _fail(path, f"{name}.crow_indices", f"crow[0] = {int(crow64[0])} must be 0")
+        _fail(path, where, f"crow[0] = {int(crow64[0])} must be 0")
     counts = crow64[1:] - crow64[:-1]
     if bool((counts < 0).any()):
         row = int((counts < 0).nonzero()[0])
-        _fail(path, f"{name}.crow_indices", f"must be non-decreasing (crow[{row + 1}] < crow[{row}])")
+        _fail(path, where, f"must be non-decreasing (crow[{row + 1}] < crow[{row}])")
     if not int(crow64[-1]) == values.numel():
-        _fail(path, f"{name}.crow_indices", f"crow[-1] = {int(crow64[-1])} must equal len(values) = {values.numel()}")
-    if gapped:
-        col64 = _check_gaps(path, col_name, col, crow64, cols)
-    else:
-        if col.numel() != values.numel():
-            _fail(path, f"{name}.crow_indices", f"crow[-1] = {int(crow64[-1])} must equal len(col_indices) = "
-                                                f"{col.numel()} and len(values) = {values.numel()}")
-        col64 = col.to(torch.int64)
-    if col.numel() and (int(col64.min()) < 0 or int(col64.max()) >= cols):
-        _fail(path, col_name, f"must be in [0, {cols}) (found {int(col64.min())}..{int(col64.max())})")
-    row_of = torch.repeat_interleave(torch.arange(rows), counts)
+        _fail(path, where, f"crow[-1] = {int(crow64[-1])} must equal len(values) = {values.numel()}")
+    return crow64
+
+
+def _csr_plain_columns(path: str | Path, name: str, col: torch.Tensor, crow: torch.Tensor,
+                       values: torch.Tensor) -> torch.Tensor:
+    """One column index per stored value; returns them as int64."""
+    if col.numel() != values.numel():
+        _fail(path, f"{name}.crow_indices", f"crow[-1] = {int(crow[-1])} must equal len(col_indices) = "
+                                            f"{col.numel()} and len(values) = {values.numel()}")
+    return col.to(torch.int64)
+
+
+def _csr_columns_in_rows(path: str | Path, where: str, col64: torch.Tensor, crow: torch.Tensor, rows: int,
+                         cols: int) -> None:
+    """0 <= col < cols, strictly increasing within each row (so no duplicates)."""
+    if col64.numel() and (int(col64.min()) < 0 or int(col64.max()) >= cols):
+        _fail(path, where, f"must be in [0, {cols}) (found {int(col64.min())}..{int(col64.max())})")
+    row_of = torch.repeat_interleave(torch.arange(rows), crow[1:] - crow[:-1])
     same_row = row_of[1:] == row_of[:-1]
     if bool((same_row & (col64[1:] <= col64[:-1])).any()):
         row = int(row_of[1:][same_row & (col64[1:] <= col64[:-1])][0])
-        _fail(path, col_name, f"must be strictly increasing within each row (row {row})")
-    _finite(path, f"{name}.values", values)
-    _check_scales(path, name, parts, rows, value_dtype)
-    return shape
+        _fail(path, where, f"must be strictly increasing within each row (row {row})")
 
 
 def _check_gaps(path: str | Path, where: str, gaps: torch.Tensor, crow: torch.Tensor, cols: int) -> torch.Tensor:
@@ -196,21 +220,6 @@ def _check_scales(path: str | Path, name: str, parts: Mapping[str, torch.Tensor]
                                       f"{scales.numel()})")
     if not bool((torch.isfinite(scales) & (scales > 0)).all()):
         _fail(path, f"{name}.scales", "must be finite and > 0")
-
-
-def split_parameters(
-        tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """(sparse params: name -> CSR parts, plain tensors). A name with any CSR part is sparse, so a
-    parameter that lost one part is reported missing instead of passing as plain tensors."""
-    sparse: dict[str, dict[str, torch.Tensor]] = {}
-    plain: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        name, _, part = key.rpartition(".")
-        if part in CSR_PARTS and name:
-            sparse.setdefault(name, {})[part] = tensor
-        else:
-            plain[key] = tensor
-    return sparse, plain
 
 
 # --------------------------------------------------------------------------------------- artefact
@@ -433,15 +442,36 @@ class _ShapeWalker:
 
 # ------------------------------------------------------------------------------------- checkpoint
 
-_OPTIM_KEY = re.compile(r"optim::(\d{1,6})::(\w+)")
 _META_INTS = {"step": L.MAX_STEPS, "epoch": L.MAX_EPOCHS, "batch_in_epoch": L.MAX_STEPS,
               "correct": L.MAX_STEPS * L.MAX_BATCH_SIZE, "seen": L.MAX_STEPS * L.MAX_BATCH_SIZE}
 
 
-def check_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """A checkpoint's own consistency: bounded counters, masks over existing weights (0/1, same shape),
-    finite weights, well-formed optimizer and RNG entries. Whether it fits a recipe's model is
-    `check_checkpoint_fits`."""
+def check_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Any) -> None:
+    """A checkpoint's own consistency: its format and version, bounded counters, masks over existing
+    weights (0/1, same shape), finite weights, well-formed optimizer and RNG entries. Whether it fits a
+    recipe's model is `check_checkpoint_fits`."""
+    check_checkpoint_format(path, meta)
+    _checkpoint_counters(path, meta)
+    _checkpoint_weights_and_masks(path, tensors)
+    _checkpoint_state_keys(path, tensors)
+    if "optimizer" in meta:
+        _checkpoint_optimizer_meta(path, meta["optimizer"])
+
+
+def check_checkpoint_format(path: str | Path, meta: Any) -> None:
+    """The one check of a checkpoint's format name and version (a missing version reads as 0)."""
+    if not isinstance(meta, dict) or meta.get("format") != ckpt_format.FORMAT:
+        shown = meta.get("format") if isinstance(meta, dict) else None
+        raise InvalidFile(f"{path}: not an ndsnn checkpoint (format is {shown!r:.40}, "
+                          f"expected {ckpt_format.FORMAT!r})")
+    version = meta.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        _fail(path, "version", "must be an integer")
+    if version > ckpt_format.VERSION:
+        raise InvalidFile(f"{path}: checkpoint version {version} is newer than this ndsnn ({ckpt_format.VERSION})")
+
+
+def _checkpoint_counters(path: str | Path, meta: dict[str, Any]) -> None:
     for key, hi in _META_INTS.items():
         if key in meta:
             _int(path, key, meta[key], 0, hi)
@@ -450,29 +480,40 @@ def check_checkpoint(path: str | Path, tensors: Mapping[str, torch.Tensor], meta
             _number(path, key, meta[key])
     if "recipe" in meta and not isinstance(meta["recipe"], str):
         _fail(path, "recipe", "must be the recipe's TOML text")
-    model = {k.removeprefix("model::"): v for k, v in tensors.items() if k.startswith("model::")}
+
+
+def _checkpoint_weights_and_masks(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Finite weights; every mask over a weight of its shape, bool or uint8 0/1."""
+    model = {k.removeprefix(ckpt_format.MODEL): v for k, v in tensors.items() if k.startswith(ckpt_format.MODEL)}
     for name, tensor in model.items():
-        _finite(path, f"model::{name}", tensor)
+        _finite(path, f"{ckpt_format.MODEL}{name}", tensor)
     for key, mask in tensors.items():
-        if not key.startswith("mask::"):
+        if not key.startswith(ckpt_format.MASK):
             continue
-        name = key.removeprefix("mask::")
+        name = key.removeprefix(ckpt_format.MASK)
         if name not in model or model[name].shape != mask.shape:
             _fail(path, key, "matches no model weight of its shape")
         if mask.dtype not in (torch.bool, torch.uint8) or (mask.dtype == torch.uint8 and bool((mask > 1).any())):
             _fail(path, key, f"must be bool or uint8 0/1 (got {mask.dtype})")
+
+
+def _checkpoint_state_keys(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Optimizer entries named optim::<index>::<state>; RNG states 1-D uint8."""
     for key, tensor in tensors.items():
-        if key.startswith("optim::") and not _OPTIM_KEY.fullmatch(key):
+        if key.startswith(ckpt_format.OPTIM) and not ckpt_format.OPTIM_KEY.fullmatch(key):
             _fail(path, key, "optimizer entries are named optim::<parameter index>::<state name>")
-        if key.startswith(("rng::", "method::generator")) and (tensor.dtype != torch.uint8 or tensor.dim() != 1):
+        is_rng = key.startswith((ckpt_format.RNG, ckpt_format.METHOD_GENERATOR))
+        if is_rng and (tensor.dtype != torch.uint8 or tensor.dim() != 1):
             _fail(path, key, f"an RNG state must be a 1-D uint8 tensor (got {tensor.dtype}, {list(tensor.shape)})")
-    if "optimizer" in meta:
-        optimizer = _dict(path, "optimizer", meta["optimizer"])
-        if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("scalars"), dict):
-            _fail(path, "optimizer", "must hold param_groups (a list) and scalars (an object)")
-        for key in optimizer["scalars"]:
-            if not re.fullmatch(r"\d{1,6}::\w+", key):
-                _fail(path, f"optimizer.scalars.{key:.40}", "keys are <parameter index>::<state name>")
+
+
+def _checkpoint_optimizer_meta(path: str | Path, optimizer: Any) -> None:
+    optimizer = _dict(path, "optimizer", optimizer)
+    if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("scalars"), dict):
+        _fail(path, "optimizer", "must hold param_groups (a list) and scalars (an object)")
+    for key in optimizer["scalars"]:
+        if not ckpt_format.OPTIM_SCALAR_KEY.fullmatch(key):
+            _fail(path, f"optimizer.scalars.{key:.40}", "keys are <parameter index>::<state name>")
 
 
 def check_checkpoint_fits(path: str | Path, tensors: Mapping[str, torch.Tensor], model: torch.nn.Module,
@@ -480,35 +521,45 @@ def check_checkpoint_fits(path: str | Path, tensors: Mapping[str, torch.Tensor],
     """The checkpoint's weights are exactly the model's (names and shapes); for a resume (`resume_meta`:
     the checkpoint's metadata) also the training state, the optimizer buffers (per parameter, each the
     parameter's shape or a scalar) and the RNG state sizes."""
+    _fits_model_tensors(path, tensors, model)
+    if resume_meta is not None:
+        _fits_resume_state(path, tensors, model, resume_meta)
+
+
+def _fits_model_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
     expected = {name: list(t.shape) for name, t in model.state_dict().items()}
-    stored = {k.removeprefix("model::"): list(v.shape) for k, v in tensors.items() if k.startswith("model::")}
+    stored = {k.removeprefix(ckpt_format.MODEL): list(v.shape) for k, v in tensors.items()
+              if k.startswith(ckpt_format.MODEL)}
     for name in sorted(expected.keys() | stored.keys()):
         if name not in stored:
-            _fail(path, f"model::{name}", "missing (the recipe's model has it)")
+            _fail(path, f"{ckpt_format.MODEL}{name}", "missing (the recipe's model has it)")
         if name not in expected:
-            _fail(path, f"model::{name}", "is not a tensor of the recipe's model")
+            _fail(path, f"{ckpt_format.MODEL}{name}", "is not a tensor of the recipe's model")
         if stored[name] != expected[name]:
-            _fail(path, f"model::{name}", f"shape {stored[name]} must be the model's {expected[name]}")
-    if resume_meta is None:
-        return
+            _fail(path, f"{ckpt_format.MODEL}{name}", f"shape {stored[name]} must be the model's {expected[name]}")
+
+
+def _fits_resume_state(path: str | Path, tensors: Mapping[str, torch.Tensor], model: torch.nn.Module,
+                       meta: dict[str, Any]) -> None:
     for key in (*_META_INTS, "loss_sum", "best_accuracy", "optimizer"):
-        if key not in resume_meta:
+        if key not in meta:
             _fail(path, key, "missing (a resumable checkpoint records the training state)")
     params = [list(p.shape) for p in model.parameters()]
     for key, tensor in tensors.items():
-        match = _OPTIM_KEY.fullmatch(key)
+        match = ckpt_format.OPTIM_KEY.fullmatch(key)
         if match:
             index = int(match.group(1))
             if index >= len(params):
                 _fail(path, key, f"parameter index {index} is beyond the model's {len(params)} parameters")
             if tensor.numel() > 1 and list(tensor.shape) != params[index]:
                 _fail(path, key, f"shape {list(tensor.shape)} must be its parameter's {params[index]}")
-    sizes = {"rng::torch": torch.get_rng_state().numel(), "method::generator": torch.Generator().get_state().numel()}
+    sizes = {ckpt_format.RNG_TORCH: torch.get_rng_state().numel(),
+             ckpt_format.METHOD_GENERATOR: torch.Generator().get_state().numel()}
     for key, size in sizes.items():
         if key in tensors and tensors[key].numel() != size:
             _fail(path, key, f"holds {tensors[key].numel()} bytes; a torch RNG state has {size}")
-    if "rng::torch" not in tensors:
-        _fail(path, "rng::torch", "missing (a resumable checkpoint stores the RNG state)")
+    if ckpt_format.RNG_TORCH not in tensors:
+        _fail(path, ckpt_format.RNG_TORCH, "missing (a resumable checkpoint stores the RNG state)")
 
 
 # ----------------------------------------------------------------------------------------- run dir

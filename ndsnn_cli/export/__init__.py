@@ -4,11 +4,6 @@ Kept import-light on purpose: `runtime` must load without the training code, and
 package runs this file first.
 """
 
-CSR_FORMAT = "ndsnn-csr"
-# 2: metadata `input` (the input contract) that every reader applies. 3: int8 values with per-row scales, and
-# uint8 gap-coded column indices (col_gaps) where they are smaller. 1 and 2 are still read.
-CSR_VERSION = 3
-
 
 def inspect_file(path: str) -> dict:
     """What a checkpoint, CSR artefact, ONNX or NIR file holds: kind, format, per-layer shape/density/nnz/bytes."""
@@ -32,6 +27,7 @@ def inspect_file(path: str) -> dict:
         return inspect_nir(file)
     from ndsnn_cli.checkpoint import load_checkpoint, read_metadata
     from ndsnn_cli.export.csr import load_raw, split_csr
+    from ndsnn_cli.formats.csr import CSR_FORMAT
 
     header_format = _safetensors_format(file)
     if header_format == CSR_FORMAT:

@@ -31,21 +31,20 @@ import torch
 from ndsnn_cli.atomic import write_bytes
 from ndsnn_cli.checkpoint import read_safetensors, save_safetensors_canonical
 from ndsnn_cli.errors import UserError
-from ndsnn_cli.export import CSR_FORMAT, CSR_VERSION
 from ndsnn_cli.export.exporters import ExportOptions, ExportResult
-from ndsnn_cli.validate import (
+from ndsnn_cli.formats.csr import (
     COL_INT16_BELOW,
+    CSR_FORMAT,
+    CSR_VERSION,
     GAP_ESCAPE,
+    INDEX_ENCODINGS,
+    JSON_KEYS,
     VALUE_DTYPES,
-    check_artefact,
     dense_dtype,
     gap_columns,
     split_parameters,
 )
-
-# Metadata values stored as JSON; the rest are plain strings.
-JSON_KEYS = ("version", "timesteps", "neuron", "dataset", "input", "sparsity", "graph", "bn_folded", "source")
-INDEX_ENCODINGS = ("auto", "plain", "gaps")  # column indices: the smaller of the two, int16/int32, uint8 gaps
+from ndsnn_cli.validate import check_artefact
 
 
 def to_csr(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype,
