@@ -249,7 +249,7 @@ def main() -> None:
     parser.add_argument("--compile-dense", action="store_true")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
-    from ndsnn_cli.checkpoint import RUN_CHECKPOINT
+    from ndsnn_cli.rundir import RUN_CHECKPOINT
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.run:

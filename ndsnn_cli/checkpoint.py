@@ -22,8 +22,6 @@ from ndsnn_cli.errors import UserError
 from ndsnn_cli.formats.checkpoint import FORMAT, METADATA_KEY, VERSION
 from ndsnn_cli.validate import check_checkpoint
 
-RUN_CHECKPOINT = Path("checkpoints") / "last.safetensors"  # a run directory's latest checkpoint
-
 
 @dataclass
 class Checkpoint:

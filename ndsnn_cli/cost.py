@@ -30,6 +30,7 @@ from ndsnn_cli.data import train_size as recipe_train_size
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.limits import MAX_COST_STEPS
 from ndsnn_cli.recipe import METHODS, Recipe, parse_recipe, sparse_epochs, with_method
+from ndsnn_cli.rundir import read_metrics
 from ndsnn_cli.sparse.budget import check_dense_entries, is_kept_dense, shape_counts, target_counts
 from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities, method_schedule
 
@@ -573,7 +574,6 @@ def _recorded_segments(run_dir: Path, summary: dict[str, Any], scheduled_start: 
     Initial masks as set up (the `mask_init` record; runs written before it existed: the schedule's counts,
     which a `global` split only approximates), then each recorded update that changed a count.
     """
-    from ndsnn_cli.rundir import read_metrics
     from ndsnn_cli.validate import check_mask_records
 
     metrics = check_mask_records(run_dir / "metrics.jsonl", read_metrics(run_dir), summary["steps"])

@@ -14,7 +14,7 @@ import torch
 from ndsnn_cli.atomic import write_bytes, write_json
 from ndsnn_cli.checkpoint import load_checkpoint
 from ndsnn_cli.recipe import Recipe
-from ndsnn_cli.rundir import CHECKPOINT
+from ndsnn_cli.rundir import RUN_CHECKPOINT
 from ndsnn_cli.sparse.budget import active_count
 from ndsnn_cli.sparse.masks import global_magnitude_masks
 from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities
@@ -46,7 +46,7 @@ def train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallb
             summary = json.loads(done.read_text())
         else:
             round_dir.mkdir(parents=True, exist_ok=True)
-            round_resume = resume and (round_dir / CHECKPOINT).exists()
+            round_resume = resume and (round_dir / RUN_CHECKPOINT).exists()
             if index == 0:
                 start = RoundStart(epochs=epochs, rewind=(sp.rewind_epoch, rewind_path))
             else:
@@ -56,7 +56,7 @@ def train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallb
         rounds.append({"round": index, "target_sparsity": sparsity, "sparsity": summary["sparsity"]["sparsity"],
                        "test_accuracy": summary["test_accuracy"], "epochs": round_epochs[index]})
         if index + 1 < len(sparsities):
-            final = load_checkpoint(round_dir / CHECKPOINT)
+            final = load_checkpoint(round_dir / RUN_CHECKPOINT)
             names = list(summary["sparsity"]["layers"])
             weights = {n: final.model_state[n] for n in names}
             previous = {n: final.masks[n] for n in names} if final.masks else None
@@ -65,6 +65,6 @@ def train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallb
     summary.update({"method": "lth", "rounds": rounds, "round_epochs": epochs,
                     "total_epochs": sum(round_epochs), "wall_time_s": time.perf_counter() - started})
     # The final round's checkpoint is the run's: `ndsnn export/inspect/cost RUN` find it where they look.
-    write_bytes(run_dir / CHECKPOINT, (run_dir / f"round_{len(sparsities) - 1:02d}" / CHECKPOINT).read_bytes())
+    write_bytes(run_dir / RUN_CHECKPOINT, (run_dir / f"round_{len(sparsities) - 1:02d}" / RUN_CHECKPOINT).read_bytes())
     write_json(run_dir / "summary.json", summary)
     return summary

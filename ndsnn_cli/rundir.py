@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ndsnn_cli.atomic import write_text
-from ndsnn_cli.checkpoint import RUN_CHECKPOINT
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.loggers import METRICS
 from ndsnn_cli.recipe import Recipe, parse_recipe
 
-CHECKPOINT = RUN_CHECKPOINT  # the one definition lives in checkpoint.py; kept importable from here
+RUN_CHECKPOINT = Path("checkpoints") / "last.safetensors"  # a run directory's latest checkpoint
 
 
 @contextlib.contextmanager
@@ -51,7 +50,7 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, resume: bool) -> None:
         if previous.to_toml() != recipe.to_toml():
             raise UserError(f"{run_dir}: --resume with a recipe that differs from the run's recipe.toml")
         # Temp files of a write killed mid-way (atomic.write_bytes); we hold the lock, so no writer is live.
-        for stale in [*run_dir.glob(".*.tmp"), *(run_dir / CHECKPOINT.parent).glob(".*.tmp")]:
+        for stale in [*run_dir.glob(".*.tmp"), *(run_dir / RUN_CHECKPOINT.parent).glob(".*.tmp")]:
             stale.unlink(missing_ok=True)
     else:
         write_text(existing, recipe.to_toml())

@@ -32,7 +32,7 @@ from ndsnn_cli.evaluation import dead_layers, evaluate, predict, probe, spike_ra
 from ndsnn_cli.kernels.execution import SparseExecution
 from ndsnn_cli.loggers import METRICS, Loggers
 from ndsnn_cli.recipe import Recipe
-from ndsnn_cli.rundir import CHECKPOINT, read_metrics, truncate_metrics
+from ndsnn_cli.rundir import RUN_CHECKPOINT, read_metrics, truncate_metrics
 from ndsnn_cli.snn.models import SpikingNet
 from ndsnn_cli.sparse.masks import Masks, sparse_parameter_names
 from ndsnn_cli.sparse.methods import MaskUpdate, SparseMethod, build_method
@@ -142,7 +142,7 @@ class Run:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.run_dir / CHECKPOINT
+        return self.run_dir / RUN_CHECKPOINT
 
     def checkpoint(self) -> None:
         """Save everything a resume needs (rank 0); never overwrite a good checkpoint with NaN weights."""

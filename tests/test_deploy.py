@@ -17,10 +17,10 @@ import torch
 from conftest import tiny_run_recipe
 
 from ndsnn_cli.atomic import current_umask, write_bytes
-from ndsnn_cli.checkpoint import RUN_CHECKPOINT
 from ndsnn_cli.data import input_contract
 from ndsnn_cli.data.loading import DEBIAN_FASHION_MNIST, raw_test_set
 from ndsnn_cli.recipe import Recipe
+from ndsnn_cli.rundir import RUN_CHECKPOINT
 from ndsnn_cli.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

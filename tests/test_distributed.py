@@ -15,7 +15,7 @@ from conftest import tiny_toml
 from ndsnn_cli import distributed
 from ndsnn_cli.checkpoint import load_checkpoint
 from ndsnn_cli.errors import UserError
-from ndsnn_cli.rundir import CHECKPOINT, read_metrics
+from ndsnn_cli.rundir import RUN_CHECKPOINT, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_two_gloo_ranks_stay_in_sync_learn_and_resume(tmp_path: Path) -> None:
     assert len(epochs) == 2 and epochs[1]["train_loss"] < epochs[0]["train_loss"]
     updates = [r for r in read_metrics(run) if r["kind"] == "mask_update"]
     assert updates and all(r["sparsity"] == pytest.approx(0.9, abs=1e-3) for r in updates)
-    masks = load_checkpoint(run / CHECKPOINT).masks
+    masks = load_checkpoint(run / RUN_CHECKPOINT).masks
     assert masks and 1 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()) \
         == pytest.approx(summary["sparsity"]["sparsity"], abs=0)
     # resuming a finished run through torchrun again: nothing retrained, ranks still agree

@@ -316,7 +316,7 @@ def test_ndsnn_run_on_sparse_kernels_matches_the_dense_run(tiny_recipe, tmp_path
     """The same masks after the updates (drop-and-grow ranks the dense gradient at update steps; near-ties
     aside) and loss curves within 1e-4, with the numba kernel on every sparse layer."""
     from ndsnn_cli.checkpoint import load_checkpoint
-    from ndsnn_cli.rundir import CHECKPOINT, read_metrics
+    from ndsnn_cli.rundir import RUN_CHECKPOINT, read_metrics
     from ndsnn_cli.train import train
 
     # updates after steps 2 and 4 (dense weight gradients there), sampled weight gradients at 1, 3, 5-8
@@ -326,7 +326,7 @@ def test_ndsnn_run_on_sparse_kernels_matches_the_dense_run(tiny_recipe, tmp_path
     for mode in ("off", "on"):
         recipe = tiny_recipe(model={"arch": "scnn"}, sparsity=sparsity, train={"sparse_kernels": mode})
         summary = train(recipe, tmp_path / mode)
-        runs[mode] = (summary, read_metrics(tmp_path / mode), load_checkpoint(tmp_path / mode / CHECKPOINT))
+        runs[mode] = (summary, read_metrics(tmp_path / mode), load_checkpoint(tmp_path / mode / RUN_CHECKPOINT))
     (s_off, m_off, c_off), (s_on, m_on, c_on) = runs["off"], runs["on"]
     assert s_off["sparse_kernels"]["sparse_layers"] == 0
     assert s_on["sparse_kernels"]["sparse_layers"] == 4 and s_on["sparse_kernels"]["rebuilds"] == 3

@@ -22,7 +22,7 @@ from conftest import tiny_toml
 
 from ndsnn_cli.checkpoint import load_checkpoint
 from ndsnn_cli.recipe import parse_recipe
-from ndsnn_cli.rundir import CHECKPOINT, read_metrics, truncate_metrics
+from ndsnn_cli.rundir import RUN_CHECKPOINT, read_metrics, truncate_metrics
 from ndsnn_cli.train import train
 from ndsnn_cli.trainer import TrainingDiverged, check_weights_finite
 
@@ -58,12 +58,12 @@ def _metrics_lines_whole(run_dir: Path) -> None:
 
 def _kill_when(run_dir: Path, proc: subprocess.Popen[bytes], moment: str, rng: random.Random) -> str:
     """SIGKILL `proc` at `moment`; returns what was seen when it died."""
-    checkpoints = run_dir / CHECKPOINT.parent
+    checkpoints = run_dir / RUN_CHECKPOINT.parent
     deadline = time.monotonic() + 60
     seen = "timeout"
     start_mtime = None
     while time.monotonic() < deadline and proc.poll() is None:
-        ckpt = run_dir / CHECKPOINT
+        ckpt = run_dir / RUN_CHECKPOINT
         if moment == "before-first-checkpoint" and (run_dir / "recipe.toml").exists() and not ckpt.exists():
             seen = "recipe.toml written, no checkpoint"
             break
@@ -108,7 +108,7 @@ def test_kill_9_at_random_points_then_resume_matches_an_uninterrupted_run(tmp_pa
     assert finish.returncode == 0, finish.stderr
 
     assert (run / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
-    mine, theirs = load_checkpoint(run / CHECKPOINT), load_checkpoint(reference / CHECKPOINT)
+    mine, theirs = load_checkpoint(run / RUN_CHECKPOINT), load_checkpoint(reference / RUN_CHECKPOINT)
     assert mine.meta["step"] == theirs.meta["step"] == 3 * 32
     assert sorted(mine.tensors) == sorted(theirs.tensors)
     assert any(k.startswith("mask::") for k in mine.tensors)
@@ -161,7 +161,7 @@ def test_nan_weights_stop_the_run_naming_layer_and_step_and_keep_the_last_good_c
     message = str(info.value)
     assert re.fullmatch(r"weight [\w.]+ holds NaN/inf after step \d+; the last good checkpoint is .+", message)
     step = int(re.search(r"after step (\d+)", message).group(1))
-    checkpoint = load_checkpoint(tmp_path / "run" / CHECKPOINT)
+    checkpoint = load_checkpoint(tmp_path / "run" / RUN_CHECKPOINT)
     assert checkpoint.meta["step"] == step - 1
     assert all(torch.isfinite(v).all() for k, v in checkpoint.tensors.items() if k.startswith("model::"))
 
@@ -179,7 +179,7 @@ def test_nan_loss_exits_2_with_one_line_naming_the_step(tmp_path: Path, capsys: 
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.match(r"error: loss is (nan|inf|-inf) at step \d+ \(epoch 1\)", err[0]), err
-    assert not (tmp_path / "run" / CHECKPOINT).exists()  # nothing good to keep: no checkpoint was ever written
+    assert not (tmp_path / "run" / RUN_CHECKPOINT).exists()  # nothing good to keep: no checkpoint was ever written
 
 
 def test_weight_check_names_the_layer() -> None:
@@ -208,7 +208,7 @@ def _job(case: dict[str, object], base_run: Path, work: Path) -> dict[str, objec
     if "checkpoint" in case:
         run = work / f"run_{case['id']}"
         shutil.copytree(base_run, run)
-        target = run / CHECKPOINT
+        target = run / RUN_CHECKPOINT
         target.unlink()
         if case["checkpoint"] == "<directory>":
             target.mkdir()

@@ -15,7 +15,7 @@ from ndsnn_cli.checkpoint import load_checkpoint
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.lth import prune_global_magnitude
 from ndsnn_cli.recipe import Recipe
-from ndsnn_cli.rundir import CHECKPOINT, read_metrics
+from ndsnn_cli.rundir import RUN_CHECKPOINT, read_metrics
 from ndsnn_cli.sparse.budget import active_count
 from ndsnn_cli.sparse.schedules import lth_round_sparsities
 from ndsnn_cli.train import train
@@ -47,11 +47,11 @@ class StopAtStep(TrainCallbacks):
 
 
 def checkpoint_bytes(run_dir: Path) -> bytes:
-    return (run_dir / CHECKPOINT).read_bytes()
+    return (run_dir / RUN_CHECKPOINT).read_bytes()
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    ca, cb = load_checkpoint(a / CHECKPOINT), load_checkpoint(b / CHECKPOINT)
+    ca, cb = load_checkpoint(a / RUN_CHECKPOINT), load_checkpoint(b / RUN_CHECKPOINT)
     assert ca.tensors.keys() == cb.tensors.keys()
     for key in ca.tensors:  # weights, masks, optimizer state, RNG: bit-identical
         assert torch.equal(ca.tensors[key], cb.tensors[key]), key
@@ -79,7 +79,7 @@ def test_resume_after_one_epoch_is_bit_identical(ndsnn_recipe: Recipe, full_run:
     run_dir = tmp_path / "split"
     with pytest.raises(Interrupt):
         train(ndsnn_recipe, run_dir, callbacks=StopAfterEpoch())
-    assert load_checkpoint(run_dir / CHECKPOINT).meta["step"] == 4
+    assert load_checkpoint(run_dir / RUN_CHECKPOINT).meta["step"] == 4
     assert not (run_dir / "summary.json").exists()
     summary = train(ndsnn_recipe, run_dir, resume=True)
     assert summary["steps"] == 8
@@ -98,7 +98,7 @@ def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(ndsnn_recipe: Recip
     # epoch-end checkpoint: the newest checkpoint is step 3's mid-epoch one.
     with pytest.raises(Interrupt):
         train(recipe, run_dir, callbacks=StopAtStep(4))
-    meta = load_checkpoint(run_dir / CHECKPOINT).meta
+    meta = load_checkpoint(run_dir / RUN_CHECKPOINT).meta
     assert (meta["step"], meta["epoch"], meta["batch_in_epoch"]) == (3, 0, 3)
     assert [r["step"] for r in read_metrics(run_dir)] == [0, 1, 2, 3, 4]  # mask_init, then the updates
     # the log holds a record past the checkpoint; resume must cut it, not repeat it
@@ -115,14 +115,14 @@ def test_resume_mid_ramp_with_random_growth_is_bit_identical(tiny_recipe: Callab
     run_dir = tmp_path / "split"
     with pytest.raises(Interrupt):
         train(recipe, run_dir, callbacks=StopAtStep(3))  # checkpoint of step 2, inside the ramp
-    assert load_checkpoint(run_dir / CHECKPOINT).meta["step"] == 2
+    assert load_checkpoint(run_dir / RUN_CHECKPOINT).meta["step"] == 2
     train(recipe, run_dir, resume=True)
     assert_same_run(full, run_dir)
 
 
 def test_final_sparsity_is_exact_per_layer(full_run: Path) -> None:
     summary = json.loads((full_run / "summary.json").read_text())
-    checkpoint = load_checkpoint(full_run / CHECKPOINT)
+    checkpoint = load_checkpoint(full_run / RUN_CHECKPOINT)
     assert summary["sparsity"]["layers"].keys() == checkpoint.masks.keys()
     for name, layer in summary["sparsity"]["layers"].items():
         mask = checkpoint.masks[name]
@@ -139,7 +139,7 @@ def test_lth_keeps_layers_listed_as_dense_dense_in_every_round(tiny_recipe: Call
                                    "dense": ["encoder.1"]})
     summary = train(recipe, tmp_path / "lth")
     assert list(summary["sparsity"]["layers"]) == ["body.1.weight"]
-    final = load_checkpoint(tmp_path / "lth" / CHECKPOINT)
+    final = load_checkpoint(tmp_path / "lth" / RUN_CHECKPOINT)
     assert set(final.masks) == {"body.1.weight"}
     assert bool((final.model_state["encoder.1.weight"] != 0).all())
 
@@ -153,10 +153,11 @@ def test_lth_runs_every_round_into_round_folders(tiny_recipe: Callable[..., Reci
     assert [r["epochs"] for r in summary["rounds"]] == [2, 1]
     assert summary["total_epochs"] == 3
     # the last round's checkpoint is also the run's, so export/inspect/cost RUN find it
-    assert (tmp_path / "lth" / CHECKPOINT).read_bytes() == (tmp_path / "lth" / "round_01" / CHECKPOINT).read_bytes()
+    run = tmp_path / "lth"
+    assert (run / RUN_CHECKPOINT).read_bytes() == (run / "round_01" / RUN_CHECKPOINT).read_bytes()
     assert sorted(p.name for p in (tmp_path / "lth").glob("round_*")) == ["round_00", "round_01"]
-    round0 = load_checkpoint(tmp_path / "lth" / "round_00" / CHECKPOINT)
-    round1 = load_checkpoint(tmp_path / "lth" / "round_01" / CHECKPOINT)
+    round0 = load_checkpoint(tmp_path / "lth" / "round_00" / RUN_CHECKPOINT)
+    round1 = load_checkpoint(tmp_path / "lth" / "round_01" / RUN_CHECKPOINT)
     assert round0.masks == {}  # round 0 trains dense
     names = list(round1.masks)
     total = sum(round1.masks[n].numel() for n in names)
@@ -173,7 +174,7 @@ def test_truncated_checkpoint_is_a_user_error(ndsnn_recipe: Recipe, tmp_path: Pa
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
         train(ndsnn_recipe, run_dir, callbacks=StopAfterEpoch())
-    path = run_dir / CHECKPOINT
+    path = run_dir / RUN_CHECKPOINT
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(UserError, match=r"not a readable safetensors file \(truncated or corrupt"):
         load_checkpoint(path)
@@ -214,7 +215,7 @@ def test_amp_bf16_on_cpu_trains(tiny_recipe: Callable[..., Recipe], tmp_path: Pa
     assert math.isfinite(epoch["train_loss"]) and math.isfinite(epoch["test_loss"])
     assert [r["step"] for r in records if r["kind"] == "mask_update"] == [1, 2, 3]
     assert summary["device"] == "cpu"
-    checkpoint = load_checkpoint(tmp_path / "amp" / CHECKPOINT)
+    checkpoint = load_checkpoint(tmp_path / "amp" / RUN_CHECKPOINT)
     assert all(v.dtype == torch.float32 for k, v in checkpoint.model_state.items() if k.endswith("weight"))
     total = summary["sparsity"]["numel"]
     assert abs(summary["sparsity"]["nnz"] - 0.2 * total) <= len(summary["sparsity"]["layers"]) / 2
@@ -254,7 +255,7 @@ def test_a_silent_lif_layer_at_the_first_evaluation_is_named_with_its_density(ti
     records = [r for r in read_metrics(tmp_path / "dead") if r["kind"] == "dead_layers"]
     assert len(records) == 1 and records[0]["epoch"] == 1 and records[0]["step"] == 4
     layer = records[0]["layers"]["body.0"]
-    checkpoint = load_checkpoint(tmp_path / "dead" / CHECKPOINT)
+    checkpoint = load_checkpoint(tmp_path / "dead" / RUN_CHECKPOINT)
     # the mlp's LIF body.0 is fed by encoder.1 (its hidden linear layer)
     assert layer["weight"] == "encoder.1.weight" and layer["spike_rate"] == 0.0
     assert layer["density"] == float(checkpoint.masks["encoder.1.weight"].float().mean())
@@ -288,9 +289,9 @@ def test_lth_rounds_start_from_the_rewound_weights_with_their_round_mask(tiny_re
     assert [r["target_sparsity"] for r in summary["rounds"]] == [0.0, 0.5, 0.75, 0.875]
     assert len(starts) == 4
     rewound = load_checkpoint(tmp_path / "lth" / "rewind.safetensors").model_state
-    previous = load_checkpoint(tmp_path / "lth" / "round_00" / CHECKPOINT)
+    previous = load_checkpoint(tmp_path / "lth" / "round_00" / RUN_CHECKPOINT)
     for index in (1, 2, 3):
-        final = load_checkpoint(tmp_path / "lth" / f"round_{index:02d}" / CHECKPOINT)
+        final = load_checkpoint(tmp_path / "lth" / f"round_{index:02d}" / RUN_CHECKPOINT)
         masks = {n: m.bool() for n, m in final.masks.items()}
         names = list(masks)
         # the round's mask prunes the previous round's final weights (within its mask) by global magnitude

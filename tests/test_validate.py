@@ -19,10 +19,10 @@ from cli_jobs import run_cli_jobs
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ndsnn_cli.checkpoint import RUN_CHECKPOINT
 from ndsnn_cli.export import csr
 from ndsnn_cli.export.csr import JSON_KEYS, export_csr
 from ndsnn_cli.recipe import Recipe
+from ndsnn_cli.rundir import RUN_CHECKPOINT
 from ndsnn_cli.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

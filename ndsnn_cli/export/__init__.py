@@ -13,7 +13,7 @@ def inspect_file(path: str) -> dict:
 
     file = Path(path)
     if file.is_dir():
-        from ndsnn_cli.checkpoint import RUN_CHECKPOINT
+        from ndsnn_cli.rundir import RUN_CHECKPOINT
 
         if (file / RUN_CHECKPOINT).is_file():  # a run directory
             file = file / RUN_CHECKPOINT

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ndsnn_cli.checkpoint import RUN_CHECKPOINT, load_checkpoint
+from ndsnn_cli.checkpoint import load_checkpoint
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import graph
 from ndsnn_cli.recipe import Recipe, parse_recipe
+from ndsnn_cli.rundir import RUN_CHECKPOINT
 from ndsnn_cli.snn.models import BasicBlock, SpikingNet
 from ndsnn_cli.validate import check_checkpoint_fits
 
