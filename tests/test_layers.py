@@ -125,8 +125,6 @@ def test_no_import_runs_up_a_layer() -> None:
     assert upward_imports(import_graph(all_modules())) == []
 
 
-@pytest.mark.xfail(strict=True, reason="export/__init__ (inspect_file) and export.nir import each other until inspect "
-                   "moves to its own module: remove this mark then")
 def test_no_modules_import_each_other_in_a_circle() -> None:
     assert circles(import_graph(all_modules())) == []
 

@@ -81,7 +81,7 @@ def inspect(
     Example:
       ndsnn inspect runs/quick/export/last.csr.safetensors
     """
-    from ndsnn_cli.export import inspect_file
+    from ndsnn_cli.export.inspect import inspect_file
 
     info = inspect_file(str(file))
     if json_output:

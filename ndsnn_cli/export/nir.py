@@ -38,7 +38,7 @@ GATE_TAU_STEPS = 2.0
 GATE_THRESHOLD = 0.25
 
 
-def _import_nir() -> Any:
+def import_nir() -> Any:
     try:
         import nir
     except ImportError:
@@ -151,7 +151,7 @@ def build_graph(source: str | Path, dt: float = DEFAULT_DT) -> tuple[Any, dict[s
     """(nir.NIRGraph of the checkpoint's BN-folded model with time constants in seconds for steps of
     `dt` seconds, graph metadata)."""
     dt = check_dt(dt)
-    nir = _import_nir()
+    nir = import_nir()
     trained = load_trained(source)
     folded = fold_batchnorm(trained.model)
     from ndsnn_cli.data import dataset_info, input_contract
@@ -195,7 +195,7 @@ def export_nir(source: str | Path, out: str | Path | None = None,
     from ndsnn_cli.export.csr import write_checked
     from ndsnn_cli.export.fold import resolve_checkpoint
 
-    nir = _import_nir()
+    nir = import_nir()
     nir_graph, metadata = build_graph(source, dt)
     buffer = io.BytesIO()
     nir.write(buffer, nir_graph, compression="gzip", compression_opts=GZIP_LEVEL)
@@ -214,44 +214,3 @@ def export_result(source: str | Path, out: str | Path | None, options: ExportOpt
                f"time constants in seconds for dt = {meta['dt']:g} s (snnTorch's fixed and SpikingJelly's "
                "default step)"]
     return ExportResult(path, "nir", details, summary=summary)
-
-
-def inspect_nir(file: Path) -> dict[str, Any]:
-    """`ndsnn inspect` of a .nir file: graph metadata (dt, T, sparsity, recipe) and one row per node."""
-    from ndsnn_cli.export import _recipe_summary
-
-    nir = _import_nir()
-    try:
-        nir_graph = nir.read(file)
-    except Exception as exc:  # h5py and NIR raise many types for a file that is not a NIR graph
-        raise UserError(f"{file}: not a readable NIR file ({type(exc).__name__})") from None
-    meta = dict(nir_graph.metadata or {})
-    layers = [_node_row(name, node) for name, node in nir_graph.nodes.items()
-              if not isinstance(node, nir.Input | nir.Output)]
-
-    def number(key: str) -> float | None:
-        return float(meta[key]) if key in meta else None
-
-    recipe = meta.get("recipe", "")
-    return {"file": str(file), "kind": "nir", "format": str(meta.get("format", "nir")),
-            "version": int(meta.get("version", 1)), "bytes": file.stat().st_size,
-            "recipe": _recipe_summary(recipe) if isinstance(recipe, str) else {},
-            "recipe_sha256": str(meta["recipe_sha256"]) if "recipe_sha256" in meta else None,
-            "timesteps": int(meta["timesteps"]) if "timesteps" in meta else None, "dt": number("dt"),
-            "sparsity": number("sparsity"), "layers": layers}
-
-
-def _node_row(name: str, node: Any) -> dict[str, Any]:
-    """A node as an inspect row: its main array's shape (weight, else tau, else the output shape)."""
-    arrays = {key: value for key, value in vars(node).items() if isinstance(value, np.ndarray)}
-    main = arrays.get("weight", arrays.get("tau"))
-    if main is None:
-        shape = [int(s) for s in next(iter(node.output_type.values()), [])]
-        return {"name": name, "shape": shape, "storage": type(node).__name__, "dtype": "-", "nnz": 0,
-                "density": 1.0, "bytes": sum(a.nbytes for a in arrays.values())}
-    storage = type(node).__name__
-    if "tau" in arrays and "weight" not in arrays:
-        storage += f" (tau {float(main.flat[0]):.3g} s)"
-    nnz = int(np.count_nonzero(main)) if "weight" in arrays else main.size
-    return {"name": name, "shape": list(main.shape), "storage": storage, "dtype": str(main.dtype), "nnz": nnz,
-            "density": nnz / max(1, main.size), "bytes": sum(a.nbytes for a in arrays.values())}
