@@ -312,6 +312,37 @@ def test_spiking_cnn_spikes_and_gradients_match_layer_by_layer(kernel) -> None:
 
 
 @pytest.mark.skipif("numba" not in KERNEL_NAMES, reason="numba not installed")
+def test_the_first_update_on_sparse_kernels_equals_the_dense_paths_to_rounding(tiny_recipe, tmp_path) -> None:
+    """Two steps, the second an NDSNN update that ranks the dense gradient: from the same start, the kernel
+    path and the dense path end with the same masks (ties within fp32 rounding aside) and the same weights
+    within 1e-6 (measured 1.5e-8, also under ATEN_CPU_CAPABILITY=default; a weight gradient 1.3x too large on
+    the kernel path moves them by 3.5e-5 to 1.5e-4). Before any update can amplify a rounding difference."""
+    from ndsnn_cli.checkpoint import load_checkpoint
+    from ndsnn_cli.rundir import RUN_CHECKPOINT, read_metrics
+    from ndsnn_cli.train import train
+
+    sparsity = {"method": "ndsnn", "initial": 0.5, "final": 0.9, "update_every_steps": 2,
+                "ramp_end_epoch": 1.0, "update_end_epoch": 1.0}
+    ends = {}
+    for mode in ("off", "on"):
+        recipe = tiny_recipe(model={"arch": "scnn"}, data={"train_limit": 128}, sparsity=sparsity,
+                             train={"epochs": 1, "sparse_kernels": mode})
+        summary = train(recipe, tmp_path / mode)
+        updates = [r["step"] for r in read_metrics(tmp_path / mode) if r["kind"] == "mask_update"]
+        assert summary["steps"] == 2 and updates == [2]
+        ends[mode] = load_checkpoint(tmp_path / mode / RUN_CHECKPOINT)
+    assert summary["sparse_kernels"]["sparse_layers"] == 4  # the "on" run trained every sparse layer on numba
+    off, on = ends["off"], ends["on"]
+    for name, mask in off.masks.items():
+        assert int((mask != on.masks[name]).sum()) <= 0.001 * int(mask.sum()) + 2, name
+        both = mask & on.masks[name]
+        assert (off.model_state[name] - on.model_state[name])[both].abs().max() <= 1e-6, name
+    for name, tensor in off.model_state.items():  # biases, BN affine and running statistics (~1, sums of 16k)
+        if name not in off.masks and tensor.is_floating_point():
+            assert ((tensor - on.model_state[name]).abs() <= 1e-6 + 1e-5 * tensor.abs()).all(), name
+
+
+@pytest.mark.skipif("numba" not in KERNEL_NAMES, reason="numba not installed")
 def test_ndsnn_run_on_sparse_kernels_matches_the_dense_run(tiny_recipe, tmp_path) -> None:
     """The same masks after the updates (drop-and-grow ranks the dense gradient at update steps; near-ties
     aside) and loss curves within 1e-4, with the numba kernel on every sparse layer."""
@@ -342,15 +373,23 @@ def test_ndsnn_run_on_sparse_kernels_matches_the_dense_run(tiny_recipe, tmp_path
     assert set(m_on[0]["kernels"].values()) == {"numba"}
     updates_off = [r["layers"] for r in m_off if r["kind"] == "mask_update"]
     updates_on = [r["layers"] for r in m_on if r["kind"] == "mask_update"]
-    assert len(updates_off) == 2 and updates_on[0] == updates_off[0]  # the first update: the same drops and grows
-    # Later, fp32 differences (~1e-7) can swap near-tied magnitudes or gradients at the drop/grow boundary:
-    # the per-layer counts stay exact and the final masks agree at all but <= 0.1% of the active positions.
+    assert len(updates_off) == len(updates_on) == 2
+    # The two paths compute the same gradients and weights to fp32 rounding (~1e-7), which can swap magnitudes
+    # or gradients tied within rounding at the drop/grow boundary (seen under ATEN_CPU_CAPABILITY=default: one
+    # position of 2368 at the first update). From such a swap on, the runs follow two trajectories that differ
+    # by rounding-sized amounts, which later updates turn into more swaps (26 of body.1's 594 final positions
+    # there). What must hold on any host: the per-layer active counts at every update exactly (the schedule's),
+    # the first update's drops and grows within such ties, the final masks mostly the same, and the losses.
     assert [{n: c["active"] for n, c in u.items()} for u in updates_on] == [
         {n: c["active"] for n, c in u.items()} for u in updates_off]
+    for name, layer in updates_off[0].items():
+        tie_allowance = 0.001 * layer["active"] + 2
+        assert abs(updates_on[0][name]["dropped"] - layer["dropped"]) <= tie_allowance, name
+        assert abs(updates_on[0][name]["grown"] - layer["grown"]) <= tie_allowance, name
     for name in c_off.masks:
         differ = int((c_off.masks[name] != c_on.masks[name]).sum())
-        assert differ <= 0.001 * int(c_off.masks[name].sum()) + 4, name
+        assert differ <= 0.1 * int(c_off.masks[name].sum()) + 4, name
     for off, on in zip([r for r in m_off if r["kind"] == "epoch"], [r for r in m_on if r["kind"] == "epoch"],
                        strict=True):
-        assert on["train_loss"] == pytest.approx(off["train_loss"], rel=1e-4)
-        assert on["test_loss"] == pytest.approx(off["test_loss"], rel=1e-4)
+        assert on["train_loss"] == pytest.approx(off["train_loss"], rel=1e-3)  # 3e-5 apart where masks swapped
+        assert on["test_loss"] == pytest.approx(off["test_loss"], rel=1e-3)
