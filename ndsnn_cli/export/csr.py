@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ndsnn_cli.atomic import write_bytes
 from ndsnn_cli.checkpoint import read_safetensors, save_safetensors_canonical
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export.exporters import ExportOptions, ExportResult
@@ -195,17 +194,17 @@ def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def export_csr(source: str | Path, out: str | Path | None = None, *, dtype: str = "fp32",
                fold_bn: bool = False, indices: str = "auto") -> tuple[Path, dict[str, Any]]:
     """Checkpoint (or run dir) -> artefact file; returns (path, metadata). `indices` as in `to_csr`."""
-    from ndsnn_cli.export.fold import fold_batchnorm, load_trained
+    from ndsnn_cli.export.source import load_source, write_checked
 
     if dtype not in VALUE_DTYPES:
         raise UserError(f"--dtype {dtype}: unknown (known: {', '.join(VALUE_DTYPES)})")
-    trained = load_trained(source)
-    model = fold_batchnorm(trained.model) if fold_bn else trained.model
-    metadata = artefact_metadata(trained, model, bn_folded=fold_bn)
+    loaded = load_source(source)
+    model = loaded.model(fold_bn=fold_bn)
+    metadata = loaded.header(model, bn_folded=fold_bn)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    data = pack(state, trained.masks, metadata, dtype, indices)
-    target = Path(out) if out is not None else default_output(trained.path, "csr.safetensors")
-    return write_checked(target, data), {"format": CSR_FORMAT, "dtype": dtype, **metadata}
+    data = pack(state, loaded.masks, metadata, dtype, indices)
+    return write_checked(loaded.output(out, "csr.safetensors"), data), {"format": CSR_FORMAT, "dtype": dtype,
+                                                                         **metadata}
 
 
 def export_result(source: str | Path, out: str | Path | None, options: ExportOptions) -> ExportResult:
@@ -219,51 +218,3 @@ def export_result(source: str | Path, out: str | Path | None, options: ExportOpt
         notes.append("int8 applies to sparse (masked) parameters; this run has none, so every tensor stays fp32")
     return ExportResult(path, meta["format"], details, notes=notes,
                         summary=[f"sparsity {sparsity:.4f}, {nnz:,} stored weights, values {options.dtype}"])
-
-
-def artefact_metadata(trained: Any, model: Any, *, bn_folded: bool) -> dict[str, Any]:
-    """What a deployment needs besides the tensors: network, neuron, data set, sparsity, provenance."""
-    from ndsnn_cli import __version__
-    from ndsnn_cli.data import dataset_info, input_contract
-    from ndsnn_cli.export.fold import inference_graph
-
-    recipe = trained.recipe
-    info = dataset_info(recipe.data.dataset)
-    m = recipe.model
-    params = dict(model.named_parameters())
-    layers = {}
-    for name, mask in trained.masks.items():
-        nnz = int(mask.sum())
-        layers[name] = {"shape": list(params[name].shape), "numel": mask.numel(), "nnz": nnz,
-                        "sparsity": 1 - nnz / mask.numel()}
-    numel = sum(layer["numel"] for layer in layers.values())
-    nnz = sum(layer["nnz"] for layer in layers.values())
-    return {
-        "arch": m.arch, "timesteps": m.timesteps,
-        "neuron": {"model": "lif", "tau": m.tau, "v_threshold": m.v_threshold, "reset": "hard", "v_reset": 0.0,
-                   "surrogate": m.surrogate, "surrogate_alpha": m.surrogate_alpha},
-        "dataset": {"name": info.name, "num_classes": info.num_classes, "in_channels": info.in_channels,
-                    "image_size": info.image_size},
-        "input": input_contract(recipe.data.dataset),
-        "sparsity": {"layers": layers, "numel": numel, "nnz": nnz, "sparsity": 1 - nnz / numel if numel else 0.0},
-        "graph": inference_graph(model), "bn_folded": bn_folded,
-        "recipe": recipe.to_toml(), "recipe_sha256": recipe.sha256(),
-        "source": {"checkpoint": str(trained.path), "epoch": trained.meta.get("epoch"),
-                   "step": trained.meta.get("step")},
-        "ndsnn_version": __version__,
-    }
-
-
-def default_output(checkpoint: Path, suffix: str) -> Path:
-    """runs/x/checkpoints/last.safetensors -> runs/x/export/last.<suffix>."""
-    return checkpoint.parent.parent / "export" / f"{checkpoint.name.removesuffix('.safetensors')}.{suffix}"
-
-
-def write_checked(target: Path, data: bytes) -> Path:
-    """Atomic write; an unwritable place is a UserError naming the path (nothing is left behind)."""
-    if target.exists() and target.is_dir():
-        raise UserError(f"{target}: output path is a directory")
-    try:
-        return write_bytes(target, data)
-    except OSError as exc:
-        raise UserError(f"{target}: cannot write output ({exc.strerror or exc})") from None

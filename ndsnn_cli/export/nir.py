@@ -25,9 +25,9 @@ import torch
 
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import graph
-from ndsnn_cli.export.csr import default_output
 from ndsnn_cli.export.exporters import ExportOptions, ExportResult
-from ndsnn_cli.export.fold import fold_batchnorm, load_trained
+from ndsnn_cli.export.fold import resolve_checkpoint
+from ndsnn_cli.export.source import default_output, load_source, write_checked
 
 NIR_FORMAT_VERSION = 2  # graph metadata `version`; 1 (no `version` key): tau in steps, dt = 1
 GZIP_LEVEL = 4  # h5py's default level, stated: NIR datasets are written gzip-compressed
@@ -152,21 +152,16 @@ def build_graph(source: str | Path, dt: float = DEFAULT_DT) -> tuple[Any, dict[s
     `dt` seconds, graph metadata)."""
     dt = check_dt(dt)
     nir = import_nir()
-    trained = load_trained(source)
-    folded = fold_batchnorm(trained.model)
-    from ndsnn_cli.data import dataset_info, input_contract
-
-    recipe = trained.recipe
-    info = dataset_info(recipe.data.dataset)
+    loaded = load_source(source)
+    folded, recipe, info, contract = loaded.folded, loaded.recipe, loaded.info, loaded.contract
     in_shape = (info.in_channels, info.image_size, info.image_size)
     ops = graph.network_graph(folded, input_shape=in_shape)
-    builder = _Builder(nir, folded.state_dict(), trained.masks, dt)
+    builder = _Builder(nir, folded.state_dict(), loaded.masks, dt)
     builder.add("input", nir.Input(input_type={"input": np.array(in_shape)}), [])
     sources = builder.emit(ops, ["input"])
     builder.add("output", nir.Output(output_type={"output": np.array([info.num_classes])}), sources)
-    numel = sum(m.numel() for m in trained.masks.values())
-    nnz = sum(int(m.sum()) for m in trained.masks.values())
-    contract = input_contract(recipe.data.dataset)
+    numel = sum(m.numel() for m in loaded.masks.values())
+    nnz = sum(int(m.sum()) for m in loaded.masks.values())
     metadata = {
         "format": "ndsnn-nir", "version": NIR_FORMAT_VERSION, "arch": recipe.model.arch,
         "timesteps": recipe.model.timesteps, "dt": dt,
@@ -182,7 +177,7 @@ def build_graph(source: str | Path, dt: float = DEFAULT_DT) -> tuple[Any, dict[s
     try:
         nir_graph = nir.NIRGraph(nodes=builder.nodes, edges=builder.edges, metadata=metadata)
     except ValueError as exc:  # NIR's type check: a shape that does not line up between two nodes
-        raise UserError(f"{trained.path}: NIR graph does not type-check ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{loaded.path}: NIR graph does not type-check ({str(exc).splitlines()[0]})") from None
     return nir_graph, metadata
 
 
@@ -191,9 +186,6 @@ def export_nir(source: str | Path, out: str | Path | None = None,
     """Checkpoint (or run dir) -> .nir file (gzip-compressed HDF5), written atomically; returns (path,
     graph metadata)."""
     import io
-
-    from ndsnn_cli.export.csr import write_checked
-    from ndsnn_cli.export.fold import resolve_checkpoint
 
     nir = import_nir()
     nir_graph, metadata = build_graph(source, dt)

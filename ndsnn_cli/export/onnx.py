@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.export.contract import normalisation
 from ndsnn_cli.export.exporters import ExportOptions, ExportResult, ExportVerificationError
 
 # Verification: both sides run the same folded fp32 weights; only kernel summation order differs,
@@ -55,8 +56,9 @@ class _ExportWrapper(nn.Module):
     def __init__(self, model: nn.Module, contract: dict[str, Any]) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(contract["mean"], dtype=torch.float32).reshape(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(contract["std"], dtype=torch.float32).reshape(1, -1, 1, 1))
+        mean, std = normalisation(contract)
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         per_step = self.model((images - self.mean) / self.std)
@@ -128,13 +130,11 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, run_verify
     """Checkpoint (or run dir) -> verified .onnx; raises ExportVerificationError (no file written) on mismatch."""
     import onnx
 
-    from ndsnn_cli.export.csr import artefact_metadata, default_output, write_checked
-    from ndsnn_cli.export.fold import fold_batchnorm, load_trained
+    from ndsnn_cli.export.source import load_source, write_checked
 
-    trained = load_trained(source)
-    folded = fold_batchnorm(trained.model)
-    meta = artefact_metadata(trained, folded, bn_folded=True)
-    wrapper = export_model(folded, meta["input"])
+    loaded = load_source(source)
+    meta = loaded.header(loaded.folded, bn_folded=True)
+    wrapper = export_model(loaded.folded, loaded.contract)
     info = meta["dataset"]
     example = torch.rand(2, info["in_channels"], info["image_size"], info["image_size"])
     buffer = io.BytesIO()
@@ -158,19 +158,18 @@ def export_onnx(source: str | Path, out: str | Path | None = None, *, run_verify
     proto.producer_name = "ndsnn"
     onnx.checker.check_model(proto, full_check=True)
     # ONNX shape inference does not type sparse initializers, so the sparse form gets the structural check.
-    moved = _to_sparse_initializers(proto, trained.masks) if sparse_initializers else 0
+    moved = _to_sparse_initializers(proto, loaded.masks) if sparse_initializers else 0
     if moved:
         onnx.checker.check_model(proto)
     data = proto.SerializeToString()
     report: dict[str, Any] = {"sparse_initializers": moved, "metadata_props": props,
                               "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     if run_verify:
-        report["verify"] = verify(data, wrapper, _verify_inputs(trained.recipe, info, real_samples))
+        report["verify"] = verify(data, wrapper, _verify_inputs(loaded.recipe, info, real_samples))
         if not report["verify"]["passed"]:
             raise ExportVerificationError("onnxruntime output differs from PyTorch beyond tolerance", report,
                                           json.dumps(report["verify"]["inputs"]))
-    target = Path(out) if out is not None else default_output(trained.path, "onnx")
-    return write_checked(target, data), report
+    return write_checked(loaded.output(out, "onnx"), data), report
 
 
 def _verify_inputs(recipe: Any, info: dict[str, Any], real_samples: int) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import graph
+from ndsnn_cli.export.contract import normalise
 from ndsnn_cli.export.csr import decoded, load_raw, split_csr
 from ndsnn_cli.validate import check_artefact
 
@@ -44,9 +45,7 @@ class SparseNetwork:
         self.metadata = metadata
         self.timesteps = int(metadata["timesteps"])
         self.graph = graph.from_json(metadata["graph"])
-        contract = metadata["input"]
-        self.mean = torch.tensor(contract["mean"], dtype=torch.float32).reshape(-1, 1, 1)  # [C, 1, 1]
-        self.std = torch.tensor(contract["std"], dtype=torch.float32).reshape(-1, 1, 1)
+        self.contract = metadata["input"]
         sparse, plain = split_csr(tensors)
         self.dense = {k: v.float() if v.is_floating_point() else v for k, v in plain.items()}
         self.sparse: dict[str, tuple[torch.Tensor, list[int]]] = {}
@@ -71,7 +70,7 @@ class SparseNetwork:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Images as the input contract says (float pixels in [0, 1], NCHW) -> per-step logits; the
         training normalisation is applied here, as training's `Normalize` does (same float ops)."""
-        x = self._run(self.graph, (images.float() - self.mean) / self.std)
+        x = self._run(self.graph, normalise(images, self.contract))
         return x.reshape(self.timesteps, images.shape[0], -1)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:

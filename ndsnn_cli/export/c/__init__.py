@@ -12,7 +12,8 @@ Where things live:
 from ndsnn_cli.export.c.build import compile_demo, find_compiler, run_demo, write_directory
 from ndsnn_cli.export.c.exporter import export_c, export_result
 from ndsnn_cli.export.c.generate import CFLAGS, DTYPES, CSources, generate_sources
-from ndsnn_cli.export.c.verify import compare, normalise, passes, reference_network, verify_sources
+from ndsnn_cli.export.c.verify import compare, passes, reference_network, verify_sources
+from ndsnn_cli.export.contract import normalise
 
 __all__ = ["CFLAGS", "DTYPES", "CSources", "compare", "compile_demo", "export_c", "export_result", "find_compiler",
            "generate_sources", "normalise", "passes", "reference_network", "run_demo", "verify_sources",

@@ -15,29 +15,24 @@ def export_c(source: str | Path, out: str | Path | None = None, *, dtype: str = 
              dense: bool = False, verify_images: int = 256) -> tuple[Path, dict[str, Any]]:
     """Checkpoint (or run dir) -> a directory of C sources, verified against the reference runtime when a
     compiler exists; raises ExportVerificationError (nothing written) on disagreement."""
-    from ndsnn_cli.data import dataset_info, input_contract
-    from ndsnn_cli.export.csr import default_output
-    from ndsnn_cli.export.fold import fold_batchnorm, load_trained
+    from ndsnn_cli.export.source import load_source
 
-    trained = load_trained(source)
-    folded = fold_batchnorm(trained.model)
-    recipe = trained.recipe
-    contract = input_contract(recipe.data.dataset)
-    info = dataset_info(recipe.data.dataset)
+    loaded = load_source(source)
+    folded, masks, recipe, contract, info = loaded.folded, loaded.masks, loaded.recipe, loaded.contract, loaded.info
     description = f"{recipe.model.arch} on {info.name}, recipe sha256 {recipe.sha256()[:12]}"
-    sources = generate_sources(folded, trained.masks, contract=contract, timesteps=recipe.model.timesteps,
+    sources = generate_sources(folded, masks, contract=contract, timesteps=recipe.model.timesteps,
                                num_classes=info.num_classes, dtype=dtype, dense=dense, description=description)
     report: dict[str, Any] = {"dtype": dtype, "dense": dense, "flash_bytes": sources.flash_bytes,
                               "ram_bytes": sources.ram_bytes, "layers": sources.layers}
     compiler = find_compiler() if run_verify else None
     if compiler is not None:
         images = verification_images(recipe, contract, verify_images)
-        report["verify"] = verify_sources(sources, folded, trained.masks, recipe.model.timesteps, contract, images,
+        report["verify"] = verify_sources(sources, folded, masks, recipe.model.timesteps, contract, images,
                                           compiler)
         if not report["verify"]["passed"]:
             raise ExportVerificationError("the C build differs from the reference runtime beyond tolerance", report,
                                           failure_reason(report["verify"]))
-    target = Path(out) if out is not None else default_output(trained.path, "c").with_name("c")
+    target = Path(out) if out is not None else loaded.output(None, "c").with_name("c")  # runs/x/export/c/
     report["bytes"] = write_directory(target, sources.files)
     return target, report
 

@@ -30,6 +30,7 @@ from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import graph
 from ndsnn_cli.export.c.build import compile_demo, run_demo
 from ndsnn_cli.export.c.generate import CSources
+from ndsnn_cli.formats.csr import CSR_FORMAT, CSR_VERSION
 
 LOGIT_ATOL = 1e-3
 LOGIT_RTOL = 1e-3
@@ -47,25 +48,20 @@ def reference_network(model: Any, masks: dict[str, torch.Tensor], timesteps: int
     `dtype` int8: the int8 artefact's weights (the same quantiser as the C target's), dequantised at load."""
     from safetensors.torch import load as load_safetensors
 
-    from ndsnn_cli.export.csr import CSR_FORMAT, CSR_VERSION, pack
+    from ndsnn_cli.export.csr import pack
     from ndsnn_cli.export.runtime import SparseNetwork
+    from ndsnn_cli.export.source import artefact_header
 
     ops = graph.network_graph(model)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     last = [op for op in graph.walk(ops) if isinstance(op, graph.Linear | graph.Conv2d)][-1]
     channels, size = contract["shape"][0], contract["shape"][1]
-    metadata = {"format": CSR_FORMAT, "version": CSR_VERSION, "dtype": dtype, "timesteps": timesteps,
-                "graph": graph.to_json(ops), "input": contract,
-                "dataset": {"num_classes": int(state[last.weight].shape[0]), "in_channels": channels,
-                            "image_size": size}}
-    return SparseNetwork(load_safetensors(pack(state, masks, metadata, dtype)), metadata)
-
-
-def normalise(images: torch.Tensor, contract: dict[str, Any]) -> torch.Tensor:
-    """(x - mean) / std per channel in float32: the same two roundings as the C code."""
-    mean = torch.tensor(contract["mean"], dtype=torch.float32).reshape(1, -1, 1, 1)
-    std = torch.tensor(contract["std"], dtype=torch.float32).reshape(1, -1, 1, 1)
-    return (images.float() - mean) / std
+    header = artefact_header(model, masks, contract=contract, timesteps=timesteps, bn_folded=True,
+                             dataset={"num_classes": int(state[last.weight].shape[0]), "in_channels": channels,
+                                      "image_size": size})
+    packed = load_safetensors(pack(state, masks, header, dtype))
+    metadata = {**header, "format": CSR_FORMAT, "version": CSR_VERSION, "dtype": dtype}
+    return SparseNetwork(packed, metadata)
 
 
 def compare(c_out: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor],
