@@ -226,14 +226,7 @@ def _check_type(source: str, table: str, key: str, value: Any, declared: Any) ->
             raise RecipeError(source, table, key, f"= {shown} must be an integer")
         return value
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise RecipeError(source, table, key, f"= {shown} must be a number")
-        if not math.isfinite(value):
-            raise RecipeError(source, table, key, f"= {shown} must be a finite number")
-        if abs(value) > L.MAX_REAL:  # every real constant is computed with in float32 (torch: lr 1e39 cannot be)
-            raise RecipeError(source, table, key, f"= {shown} is beyond {L.MAX_REAL:g}: recipe numbers must fit "
-                                                  "float32")
-        return float(value)
+        return _check_real(source, table, key, value, shown)
     if kind is str:
         if not isinstance(value, str):
             raise RecipeError(source, table, key, f"= {shown} must be a string")
@@ -243,6 +236,16 @@ def _check_type(source: str, table: str, key: str, value: Any, declared: Any) ->
             raise RecipeError(source, table, key, f"= {shown} must be a list of strings")
         return list(value)
     raise TypeError(f"unsupported recipe type {declared!r}")
+
+
+def _check_real(source: str, table: str, key: str, value: Any, shown: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RecipeError(source, table, key, f"= {shown} must be a number")
+    if not math.isfinite(value):
+        raise RecipeError(source, table, key, f"= {shown} must be a finite number")
+    if abs(value) > L.MAX_REAL:  # every real constant is computed with in float32 (torch: lr 1e39 cannot be)
+        raise RecipeError(source, table, key, f"= {shown} is beyond {L.MAX_REAL:g}: recipe numbers must fit float32")
+    return float(value)
 
 
 def _check_range(source: str, table: str, key: str, value: Any, spec: Any) -> None:

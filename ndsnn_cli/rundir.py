@@ -8,6 +8,7 @@ that a resumed run matches an uninterrupted one), `checkpoints/last.safetensors`
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,7 @@ def _metric_record(path: Path, number: int, record: Any) -> dict[str, Any]:
             raise UserError(f"{path}: line {number} {key}: must be an integer in [0, {L.MAX_STEPS}] (got "
                             f"{show(value)})")
     return record
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    return Path(os.environ.get("NDSNN_RUNS", "runs")) / recipe.name

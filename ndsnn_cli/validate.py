@@ -757,14 +757,16 @@ def read_json_file(path: str | Path) -> Any:
 
 
 def check_run_summary(path: str | Path, summary: Any) -> dict[str, Any]:
-    """summary.json as `prune-compare` aggregates it: accuracy and sparsity in [0, 1], a finite wall time."""
+    """summary.json as `prune-compare` aggregates it and an LTH round reads it back: accuracy and sparsity in
+    [0, 1], a finite wall time, per-layer sparsity as an object."""
     summary = _dict(path, "summary", summary)
     for key in ("test_accuracy", "wall_time_s"):
         if not 0 <= _number(path, key, summary.get(key)) <= (1 if key == "test_accuracy" else math.inf):
             _fail(path, key, f"= {summary[key]:.3g} is out of range")
-    sparsity = _dict(path, "sparsity", summary.get("sparsity")).get("sparsity")
-    if not 0 <= _number(path, "sparsity.sparsity", sparsity) <= 1:
-        _fail(path, "sparsity.sparsity", f"= {sparsity:.3g} must be in [0, 1]")
+    sparsity = _dict(path, "sparsity", summary.get("sparsity"))
+    if not 0 <= _number(path, "sparsity.sparsity", sparsity.get("sparsity")) <= 1:
+        _fail(path, "sparsity.sparsity", f"= {sparsity['sparsity']:.3g} must be in [0, 1]")
+    _dict(path, "sparsity.layers", sparsity.get("layers"))
     return summary
 
 

@@ -10,13 +10,12 @@ the file holds, is refused after reading a few bytes, not after reading it whole
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ndsnn_cli import limits as L
-from ndsnn_cli.formats.text import TextError, parse_json
+from ndsnn_cli.formats.text import TextError, parse_json, regular_file_size
 
 MAX_DIMS = 8
 
@@ -31,12 +30,7 @@ class Header:
 
 def read_header(path: str | os.PathLike[str]) -> Header:
     """The checked header of a safetensors file; a `TextError` naming the broken rule otherwise."""
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise TextError(f"cannot be read ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise TextError("is not a regular file")
+    size = regular_file_size(path)
     with open(path, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
@@ -44,15 +38,15 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         length = int.from_bytes(head, "little")
         if length > L.MAX_HEADER_BYTES:
             raise TextError(f"a header of {length:,} bytes exceeds the {L.MAX_HEADER_BYTES:,} a header may have")
-        if not 2 <= length <= info.st_size - 8:
-            raise TextError(f"header length {length:,} runs past the end of the file ({info.st_size:,} bytes)")
+        if not 2 <= length <= size - 8:
+            raise TextError(f"header length {length:,} runs past the end of the file ({size:,} bytes)")
         text = handle.read(length)
     try:
         raw = parse_json(text, L.MAX_HEADER_BYTES)
     except TextError as exc:
         raise TextError(f"header: {exc}") from None
-    header = _check_entries(raw, info.st_size - 8 - length)
-    return Header(header[0], header[1], info.st_size - 8 - length, info.st_size)
+    tensors, metadata = _check_entries(raw, size - 8 - length)
+    return Header(tensors, metadata, size - 8 - length, size)
 
 
 def _check_entries(raw: Any, data_bytes: int) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:

@@ -26,17 +26,23 @@ class TextError(ValueError):
     """Text that is not what it claims or exceeds a bound; the message is the reason, without the file."""
 
 
-def read_file_bytes(path: str | os.PathLike[str], max_bytes: int) -> bytes:
-    """A regular file's bytes, refused before reading when it is larger than `max_bytes` (a FIFO or a device,
-    which have no size, are refused too: /dev/zero would be read forever)."""
+def regular_file_size(path: str | os.PathLike[str]) -> int:
+    """The size of a regular file; a FIFO or a device, which have no size, is refused (/dev/zero would be
+    read forever)."""
     try:
         info = os.stat(path)
     except OSError as exc:
         raise TextError(f"cannot be read ({exc.strerror or exc})") from None
     if not stat.S_ISREG(info.st_mode):
         raise TextError("is not a regular file")
-    if info.st_size > max_bytes:
-        raise TextError(f"is {info.st_size:,} bytes, more than the {max_bytes:,} this file may have")
+    return info.st_size
+
+
+def read_file_bytes(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+    """A regular file's bytes, refused before reading when it is larger than `max_bytes`."""
+    size = regular_file_size(path)
+    if size > max_bytes:
+        raise TextError(f"is {size:,} bytes, more than the {max_bytes:,} this file may have")
     with open(path, "rb") as handle:
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:  # grew while we read
