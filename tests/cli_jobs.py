@@ -21,6 +21,17 @@ import contextlib, hashlib, io, json, os, resource, sys, tempfile, time, traceba
 from pathlib import Path
 from ndsnn_cli.cli import main
 
+def peak_mb():
+    # this process's resident high-water mark since exec (VmHWM); ru_maxrss would include the parent's, inherited
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 @contextlib.contextmanager
 def native_stderr(sink):
     # file descriptor 2 into `sink` meanwhile: what C libraries (libpng, HDF5) print is the command's stderr too
@@ -58,7 +69,7 @@ with open(sys.argv[2], "w") as log:
             printed = native.read().decode("utf-8", "replace")
         result = {"id": job["id"], "code": code, "stderr": printed + err.getvalue(), "stdout": out.getvalue(),
                   "seconds": time.perf_counter() - started,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # the child's peak so far
+                  "peak_rss_mb": peak_mb()}  # the child's peak so far
         if before is not None:
             result["unchanged"] = before == digest(job["watch"])
         log.write(json.dumps(result) + "\n"); log.flush()
