@@ -6,6 +6,7 @@ not mkstemp's private 0600, so an exported model is readable by whoever the umas
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -16,6 +17,9 @@ from typing import Any
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write `data` to `path` so that a reader sees either the old file or the whole new one."""
     target = Path(path)
+    if os.path.lexists(target) and not (target.is_file() or target.is_symlink()):
+        # a FIFO, a socket or a device (an `-o /dev/null` run as root would replace the device node)
+        raise OSError(errno.EEXIST, "exists and is not a regular file", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:

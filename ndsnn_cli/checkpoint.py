@@ -17,9 +17,13 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ndsnn_cli import __version__
+from ndsnn_cli import limits as L
 from ndsnn_cli.atomic import write_bytes
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.formats.checkpoint import FORMAT, METADATA_KEY, VERSION
+from ndsnn_cli.formats.safetensors import Header
+from ndsnn_cli.formats.safetensors import read_header as safetensors_header
+from ndsnn_cli.formats.text import TextError, parse_json
 from ndsnn_cli.validate import check_checkpoint
 
 
@@ -100,41 +104,52 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read and validate a checkpoint (`ndsnn_cli.validate`); a missing, truncated, foreign or
     inconsistent file is a one-line UserError."""
     tensors, strings = read_safetensors(path, "checkpoint")
-    try:
-        meta = json.loads(strings.get(METADATA_KEY, "{}"))
-    except (json.JSONDecodeError, RecursionError):
-        raise UserError(f"{path}: corrupt checkpoint metadata") from None
+    meta = parse_metadata(path, strings.get(METADATA_KEY, "{}"))
     check_checkpoint(path, tensors, meta)
     return Checkpoint(tensors, meta)
 
 
+def parse_metadata(path: str | Path, text: str) -> Any:
+    """The checkpoint's `ndsnn` JSON, bounded (`formats.text.parse_json`); what it must hold is the validator's."""
+    try:
+        return parse_json(text, L.MAX_HEADER_BYTES)
+    except TextError as exc:
+        raise UserError(f"{path}: corrupt checkpoint metadata ({exc})") from None
+
+
+def read_header(path: str | Path) -> Header:
+    """The checked safetensors header alone (`formats.safetensors.read_header`): a few bytes read, not the file."""
+    try:
+        return safetensors_header(path)
+    except TextError as exc:
+        raise UserError(f"{path}: not a readable safetensors file (truncated or corrupt: {exc})") from None
+
+
 def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and `__metadata__` strings of a safetensors file; missing/truncated/corrupt -> one-line UserError."""
+    """Tensors and `__metadata__` strings of a safetensors file; missing/truncated/corrupt -> one-line UserError.
+    The header is read and checked first, so the data is read only when the header describes it exactly."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
+    header = read_header(path)
+    if header.file_bytes > L.MAX_SAFETENSORS_BYTES:
+        raise UserError(f"{path}: {header.file_bytes:,} bytes: larger than a {what} may be "
+                        f"({L.MAX_SAFETENSORS_BYTES:,})")
     raw = path.read_bytes()
     try:
         # sorted: safetensors returns its own order, which differs between processes; everything
         # derived from a file (masks, an export's metadata and bytes) must not
         tensors = dict(sorted(load_safetensors(raw).items()))
-        header_len = int.from_bytes(raw[:8], "little")
-        strings = json.loads(raw[8:8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
+    except (SafetensorError, ValueError, RuntimeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path}: not a readable safetensors file (truncated or corrupt: {reason})") from None
-    return tensors, strings
+    return tensors, header.metadata
 
 
-def read_metadata(path: str | Path, raw: bytes | None = None) -> dict[str, Any]:
-    """The `ndsnn` JSON of any safetensors file written by this project ({} if there is none)."""
-    raw = Path(path).read_bytes() if raw is None else raw
-    try:
-        header_len = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + header_len])
-        return json.loads(header.get("__metadata__", {}).get(METADATA_KEY, "{}"))
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        raise UserError(f"{path}: not a readable safetensors file (bad header)") from None
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The `ndsnn` JSON of any safetensors file written by this project ({} if there is none), from the header."""
+    meta = parse_metadata(path, read_header(path).metadata.get(METADATA_KEY, "{}"))
+    return meta if isinstance(meta, dict) else {}
 
 
 def restore_rng(checkpoint: Checkpoint) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import statistics
@@ -21,7 +20,7 @@ from typing import Any
 from ndsnn_cli import plots
 from ndsnn_cli.atomic import write_bytes, write_json, write_text
 from ndsnn_cli.errors import UserError
-from ndsnn_cli.recipe import METHODS, Recipe, parse_recipe, with_method
+from ndsnn_cli.recipe import METHODS, Recipe, load_recipe, parse_recipe, with_method
 
 Event = Callable[[str, str, dict[str, Any]], None]  # (run key, status, info)
 
@@ -228,7 +227,7 @@ def check_run_dirs(plan: Plan) -> None:
     for spec in plan.runs:
         existing = spec.run_dir / "recipe.toml"
         if existing.exists():
-            previous = parse_recipe(existing.read_text(encoding="utf-8"), str(existing))
+            previous = load_recipe(existing, str(existing))
             if previous.to_toml() != spec.recipe.to_toml():
                 raise UserError(f"{spec.run_dir}: holds a run of a different recipe; use another --out "
                                 "or remove that directory")
@@ -384,10 +383,9 @@ def read_summaries(plan: Plan) -> dict[str, dict[str, Any]]:
     for spec in plan.runs:
         path = spec.run_dir / "summary.json"
         if path.exists():
-            try:
-                found[spec.key] = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                raise UserError(f"{path}: is not valid JSON (delete it to retrain that run)") from None
+            from ndsnn_cli.validate import check_run_summary, read_json_file
+
+            found[spec.key] = check_run_summary(path, read_json_file(path))
     return found
 
 

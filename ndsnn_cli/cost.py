@@ -29,7 +29,7 @@ from ndsnn_cli.data import DATASETS, batches_per_epoch, dataset_info
 from ndsnn_cli.data import train_size as recipe_train_size
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.limits import MAX_COST_STEPS
-from ndsnn_cli.recipe import METHODS, Recipe, parse_recipe, sparse_epochs, with_method
+from ndsnn_cli.recipe import METHODS, Recipe, load_recipe, sparse_epochs, with_method
 from ndsnn_cli.rundir import read_metrics
 from ndsnn_cli.sparse.budget import check_dense_entries, is_kept_dense, shape_counts, target_counts
 from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities, method_schedule
@@ -547,24 +547,21 @@ def run_cost(run_dir: str | Path) -> RunCost:
 
 def _finished_run(run_dir: Path) -> tuple[Recipe, dict[str, Any]]:
     """The run's recipe and validated summary.json; one-line errors for what `cost RUN` cannot read."""
-    from ndsnn_cli.validate import check_summary
+    from ndsnn_cli.validate import check_summary, read_json_file
 
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir}: not a run directory (no summary.json or metrics.jsonl)")
     recipe_path = run_dir / "recipe.toml"
     if not recipe_path.is_file():
         raise UserError(f"{run_dir}: run directory has no recipe.toml")
-    recipe = parse_recipe(recipe_path.read_text(encoding="utf-8"), str(recipe_path))
+    recipe = load_recipe(recipe_path, str(recipe_path))
     if recipe.sparsity.method == "lth":
         raise UserError(f"{run_dir}: realised cost of an LTH run is not supported yet; "
                         "use `ndsnn cost` on its recipe.toml for the model")
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise UserError(f"{run_dir}: run has no summary.json yet (unfinished run)")
-    try:
-        return recipe, check_summary(summary_path, json.loads(summary_path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise UserError(f"{summary_path}: not a readable JSON file") from None
+    return recipe, check_summary(summary_path, read_json_file(summary_path))
 
 
 def _recorded_segments(run_dir: Path, summary: dict[str, Any], scheduled_start: dict[str, int],
@@ -618,7 +615,7 @@ def cost_beside_baselines(run_dir: str | Path) -> dict[str, Any]:
     """A finished run's training FLOPs beside the same recipe trained dense and with LTH (the `cost` model):
     what `ndsnn train` prints under its table. Realised FLOPs from the run's masks; LTH runs: the model's."""
     run_dir = Path(run_dir)
-    recipe = parse_recipe((run_dir / "recipe.toml").read_text(encoding="utf-8"), str(run_dir / "recipe.toml"))
+    recipe = load_recipe(run_dir / "recipe.toml", str(run_dir / "recipe.toml"))
     train_size = recipe_train_size(recipe.data)
     layers = model_layers(recipe)
     baselines = ("dense",) if recipe.sparsity.method == "dense" else ("dense", "lth")

@@ -4,7 +4,6 @@ Every round is one `trainer.train_once` in its own `round_XX/` folder of the run
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from ndsnn_cli.sparse.budget import active_count
 from ndsnn_cli.sparse.masks import global_magnitude_masks
 from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities
 from ndsnn_cli.trainer import RoundStart, TrainCallbacks, train_once
+from ndsnn_cli.validate import check_run_summary, read_json_file
 
 
 def prune_global_magnitude(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None,
@@ -43,7 +43,7 @@ def train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallb
         callbacks.on_round_start(index, len(sparsities), sparsity)
         done = round_dir / "summary.json"
         if resume and done.exists():
-            summary = json.loads(done.read_text())
+            summary = check_run_summary(done, read_json_file(done))  # a round's summary.json, read back on resume
         else:
             round_dir.mkdir(parents=True, exist_ok=True)
             round_resume = resume and (round_dir / RUN_CHECKPOINT).exists()

@@ -12,13 +12,13 @@ import difflib
 import hashlib
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ndsnn_cli import limits as L
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.formats.text import TextError, parse_toml, read_text_file, show
 from ndsnn_cli.kernels import SPARSE_KERNEL_MODES
 from ndsnn_cli.loggers import LOGGER_NAMES
 from ndsnn_cli.snn import LIF_BACKENDS, SURROGATE_NAMES
@@ -150,26 +150,27 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": 
 TOP_KEYS = {"name": str, "seed": int}
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file; every problem is a RecipeError naming file and key."""
+def load_recipe(path: str | Path, source: str | None = None) -> Recipe:
+    """Read and validate a recipe file; every problem is a RecipeError naming the file (`source`, default its
+    name) and key."""
     path = Path(path)
-    source = path.name
+    source = source or path.name
     if not path.is_file():
         raise RecipeError(str(path), "", None, "recipe file not found")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise RecipeError(source, "", None, "is not a UTF-8 text file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(source, "", None, f"TOML syntax error: {exc}") from None
-    return from_dict(raw, source)
+        text = read_text_file(path, L.MAX_RECIPE_BYTES)
+    except TextError as exc:
+        raise RecipeError(source, "", None, str(exc)) from None
+    return parse_recipe(text, source)
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    """A recipe from TOML text (a file's, or one embedded in a checkpoint or artefact), bounded in size,
+    nesting and integer length (`formats.text.parse_toml`)."""
     try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(source, "", None, f"TOML syntax error: {exc}") from None
+        raw = parse_toml(text)
+    except TextError as exc:
+        raise RecipeError(source, "", None, str(exc)) from None
     return from_dict(raw, source)
 
 
@@ -184,6 +185,8 @@ def from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
             top[key] = _check_type(source, "", key, raw[key], kind)
     if "seed" in top:
         _check_range(source, "", "seed", top["seed"], _spec(lo=0, hi=L.MAX_SEED))
+    if "name" in top:
+        _check_run_name(source, top["name"])
     sections = {}
     for table, cls in SECTIONS.items():
         values = raw.get(table, {})
@@ -223,11 +226,7 @@ def _check_type(source: str, table: str, key: str, value: Any, declared: Any) ->
             raise RecipeError(source, table, key, f"= {shown} must be an integer")
         return value
     if kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise RecipeError(source, table, key, f"= {shown} must be a number")
-        if not math.isfinite(value):
-            raise RecipeError(source, table, key, f"= {shown} must be a finite number")
-        return float(value)
+        return _check_real(source, table, key, value, shown)
     if kind is str:
         if not isinstance(value, str):
             raise RecipeError(source, table, key, f"= {shown} must be a string")
@@ -237,6 +236,16 @@ def _check_type(source: str, table: str, key: str, value: Any, declared: Any) ->
             raise RecipeError(source, table, key, f"= {shown} must be a list of strings")
         return list(value)
     raise TypeError(f"unsupported recipe type {declared!r}")
+
+
+def _check_real(source: str, table: str, key: str, value: Any, shown: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RecipeError(source, table, key, f"= {shown} must be a number")
+    if not math.isfinite(value):
+        raise RecipeError(source, table, key, f"= {shown} must be a finite number")
+    if abs(value) > L.MAX_REAL:  # every real constant is computed with in float32 (torch: lr 1e39 cannot be)
+        raise RecipeError(source, table, key, f"= {shown} is beyond {L.MAX_REAL:g}: recipe numbers must fit float32")
+    return float(value)
 
 
 def _check_range(source: str, table: str, key: str, value: Any, spec: Any) -> None:
@@ -260,6 +269,17 @@ def _check_range(source: str, table: str, key: str, value: Any, spec: Any) -> No
             raise RecipeError(source, table, key, f"= {_show(value)} must be in {rng}")
         op = (">" if spec["lo_open"] else ">=") if lo is not None else ("<" if spec["hi_open"] else "<=")
         raise RecipeError(source, table, key, f"= {_show(value)} must be {op} {_num(lo if lo is not None else hi)}")
+
+
+# A run's name is the folder `train` creates under runs/ (`prune-compare` adds "-<method>-<sparsity>-s<seed>"):
+# exactly one path component (no "/", no NUL, not "." or ".."), short enough for any file system's 255 bytes.
+MAX_NAME_BYTES = 200
+
+
+def _check_run_name(source: str, name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\0" in name or len(name.encode()) > MAX_NAME_BYTES:
+        raise RecipeError(source, "", "name", f"= {_show(name)} must be a plain folder name: 1 to {MAX_NAME_BYTES} "
+                                              "bytes, no / or NUL, not . or .. (the run goes to runs/<name>)")
 
 
 def _check_cross_fields(recipe: Recipe) -> None:
@@ -394,14 +414,14 @@ def _did_you_mean(word: str, options: list[str]) -> str:
 
 def _show(value: Any) -> str:
     if isinstance(value, str):
-        return f'"{value}"'
+        return json.dumps(value[:60] + ("..." if len(value) > 60 else ""), ensure_ascii=False)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
         return _num(value)
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return _toml_value(value)
-    return repr(value)
+    return show(value, 60)
 
 
 def _num(value: float | None) -> str:

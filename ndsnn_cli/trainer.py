@@ -228,7 +228,9 @@ def _resume_or_start(run: Run, resume: bool) -> None:
     """Restore the checkpoint (and cut metrics.jsonl back to it), or start a fresh metrics log."""
     if resume and run.checkpoint_path.exists():
         checkpoint = load_checkpoint(run.checkpoint_path)
-        check_checkpoint_fits(run.checkpoint_path, checkpoint.tensors, run.model, resume_meta=checkpoint.meta)
+        masks = sparse_parameter_names(run.model, run.method.dense) if run.method.schedule is not None else None
+        check_checkpoint_fits(run.checkpoint_path, checkpoint.tensors, run.model, resume_meta=checkpoint.meta,
+                              optimizer=run.optimizer, mask_names=masks)
         run.state = _restore(checkpoint, run.model, run.optimizer, run.method, run.scaler)
         if run.main:
             truncate_metrics(run.metrics_path, run.state.step, run.state.epoch)

@@ -12,7 +12,7 @@ Rules are listed in docs/reliability.md with the tests that prove them (tests/te
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -36,6 +36,7 @@ from ndsnn_cli.formats.csr import (
     gap_columns,
     split_parameters,
 )
+from ndsnn_cli.formats.text import TextError, parse_json, read_text_file
 
 
 class InvalidFile(UserError):
@@ -77,9 +78,22 @@ def _pair(path: str | Path, key: str, value: Any, lo: int) -> tuple[int, int]:
     return _int(path, key, value[0], lo, L.MAX_KERNEL), _int(path, key, value[1], lo, L.MAX_KERNEL)
 
 
+REAL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what a weight may be stored as
+
+
 def _finite(path: str | Path, name: str, tensor: torch.Tensor) -> None:
+    """Finite values; a floating or complex dtype beyond the four real ones (float8, complex) is refused
+    first: torch cannot test float8 for NaN, and a complex weight would silently lose its imaginary part."""
+    if (tensor.is_floating_point() or tensor.is_complex()) and tensor.dtype not in REAL_FLOATS:
+        _fail(path, name, f"dtype {tensor.dtype} is not one ndsnn reads (float16, bfloat16, float32, float64)")
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         _fail(path, name, "holds NaN or inf")
+
+
+def _variance(path: str | Path, name: str, tensor: torch.Tensor) -> None:
+    """A BatchNorm's running variance is >= 0: a negative one gives NaN (or a silently wrong scale) at eval."""
+    if name.endswith(".running_var") and tensor.is_floating_point() and bool((tensor < 0).any()):
+        _fail(path, name, f"holds a negative variance ({float(tensor.min()):.3g})")
 
 
 # -------------------------------------------------------------------------------------------- CSR
@@ -220,6 +234,9 @@ def _check_scales(path: str | Path, name: str, parts: Mapping[str, torch.Tensor]
                                       f"{scales.numel()})")
     if not bool((torch.isfinite(scales) & (scales > 0)).all()):
         _fail(path, f"{name}.scales", "must be finite and > 0")
+    if not bool(torch.isfinite(scales * INT8_MAX).all()):  # w = scale * q with |q| <= 127, in float32
+        _fail(path, f"{name}.scales", f"= {float(scales.max()):.3g}: scale x {INT8_MAX} overflows float32, so the "
+                                      "dequantised weights would be infinite")
 
 
 # --------------------------------------------------------------------------------------- artefact
@@ -237,11 +254,24 @@ def check_artefact(path: str | Path, tensors: Mapping[str, torch.Tensor], metada
         if newer:
             _fail(path, "version", f"{metadata['version']} has no {newer} (version {GAPS_SINCE_VERSION} and later)")
     shapes = {name: check_csr(path, name, parts, value_dtype) for name, parts in sparse.items()}
+    plain_dtype = dense_dtype(metadata["dtype"])
     for name, tensor in plain.items():
+        if tensor.dtype != plain_dtype:  # biases, BN and neuron tensors: the file's dense dtype (fp32 for int8)
+            _fail(path, name, f"dtype {tensor.dtype} must be the artefact's dtype {plain_dtype}")
         _finite(path, name, tensor)
+        _variance(path, name, tensor)
         shapes[name] = list(tensor.shape)
     if "graph" in metadata:
         check_graph(path, metadata, shapes, dense={name: t.dtype for name, t in plain.items()})
+
+
+def sample_elements(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, Any]) -> int:
+    """The per-image peak (elements, all T steps) of the largest tensor the runtime builds for an artefact that
+    `check_artefact` accepted: its graph walked again, without the CSR checks."""
+    sparse, plain = split_parameters(tensors)
+    shapes = {name: [int(s) for s in parts["shape"]] for name, parts in sparse.items()}
+    shapes.update({name: list(t.shape) for name, t in plain.items()})
+    return check_graph(path, metadata, shapes, dense={name: t.dtype for name, t in plain.items()})
 
 
 def check_artefact_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
@@ -263,6 +293,7 @@ def check_artefact_metadata(path: str | Path, metadata: dict[str, Any]) -> None:
     for key, kind in (("recipe", str), ("recipe_sha256", str), ("bn_folded", bool)):
         if key in metadata and not isinstance(metadata[key], kind):
             _fail(path, key, f"must be a {kind.__name__}")
+    _recipe_text(path, metadata.get("recipe", ""))
     if "sparsity" in metadata:
         overall = _dict(path, "sparsity", metadata["sparsity"]).get("sparsity", 0.0)
         if not 0 <= _number(path, "sparsity.sparsity", overall) <= 1:
@@ -285,6 +316,16 @@ def check_input_contract(path: str | Path, contract: Any, shape: list[int]) -> N
             _fail(path, f"input.{key}", f"must be a list of {shape[0]} numbers (one per channel)")
         for value in values:
             _number(path, f"input.{key}", value, positive=key == "std")
+            low, high = (1 / L.MAX_INPUT_SCALE, L.MAX_INPUT_SCALE) if key == "std" else (-L.MAX_INPUT_SCALE,
+                                                                                            L.MAX_INPUT_SCALE)
+            if not low <= value <= high:  # (x - mean) / std of a pixel in [0, 1] stays a sane float32
+                _fail(path, f"input.{key}", f"= {value:.3g} must be in [{low:g}, {high:g}]")
+
+
+def _recipe_text(path: str | Path, text: str) -> None:
+    """An embedded recipe is read (inspect, export, run --dataset-test): as long as a recipe file may be."""
+    if len(text) > L.MAX_RECIPE_BYTES:
+        _fail(path, "recipe", f"{len(text):,} characters: more than the {L.MAX_RECIPE_BYTES:,} a recipe may have")
 
 
 # ------------------------------------------------------------------------------------------ graph
@@ -292,7 +333,7 @@ def check_input_contract(path: str | Path, contract: Any, shape: list[int]) -> N
 _FIELD_RULES: dict[str, Any] = {
     "weight": str, "bias": (str, type(None)), "prefix": str, "ceil_mode": bool,
     "stride": ("pair", 1), "padding": ("pair", 0), "dilation": ("pair", 1), "kernel": ("pair", 1),
-    "groups": ("int", 1), "tau": "positive", "v_threshold": "number", "eps": "positive",
+    "groups": ("int", 1), "tau": "positive", "v_threshold": "positive", "eps": "positive",
 }
 _MAX_NESTING = 16
 
@@ -334,33 +375,48 @@ def _check_field(path: str | Path, where: str, key: str, value: Any) -> None:
 
 
 def check_graph(path: str | Path, metadata: dict[str, Any], shapes: dict[str, list[int]],
-                dense: dict[str, torch.dtype]) -> None:
-    """Walk the graph from the input shape: each op's tensors exist with the shapes the op needs, and
-    the network ends in `num_classes` logits. The runtime then meets no shape it did not expect."""
+                dense: dict[str, torch.dtype]) -> int:
+    """Walk the graph from the input shape with the runtime's own shape rules: each op's tensors exist with
+    the shapes the op needs, no neuron runs before the T steps exist, every tensor the runtime builds for one
+    image stays within `MAX_SAMPLE_ELEMENTS`, and the network ends in `num_classes` logits. Returns that
+    per-image peak (elements, over all T steps), by which `run` sizes its batches."""
     ops = parse_graph(path, metadata["graph"])
-    at_top = sum(isinstance(op, graph.RepeatTimesteps) for op in ops)
-    if at_top != 1 or sum(isinstance(op, graph.RepeatTimesteps) for op in graph.walk(ops)) != 1:
+    at_top = [isinstance(op, graph.RepeatTimesteps) for op in ops]
+    if sum(at_top) != 1 or sum(isinstance(op, graph.RepeatTimesteps) for op in graph.walk(ops)) != 1:
         _fail(path, "graph", "must hold exactly one repeat_timesteps op, at the top level")
+    encoder = ops[:at_top.index(True)]
+    if any(isinstance(op, graph.LIF) for op in graph.walk(encoder)):  # it would read B images as T x B/T
+        _fail(path, "graph", "a lif op before repeat_timesteps: neurons run over the T steps, which the encoder "
+                             "has not made yet")
     dataset = metadata["dataset"]
-    walker = _ShapeWalker(path, shapes, dense, dense_dtype(metadata["dtype"]))
+    walker = _ShapeWalker(path, shapes, dense, dense_dtype(metadata["dtype"]), metadata["timesteps"])
     out = walker.run(ops, (dataset["in_channels"], dataset["image_size"], dataset["image_size"]), "graph")
     if out != (dataset["num_classes"],):
         _fail(path, "graph", f"ends in shape {list(out)}, not [{dataset['num_classes']}] logits (dataset.num_classes)")
+    return walker.peak
 
 
 class _ShapeWalker:
     """Per-sample shapes through the ops (no batch axis), checking each op's tensors on the way."""
 
     def __init__(self, path: str | Path, shapes: dict[str, list[int]], dense: dict[str, torch.dtype],
-                 value_dtype: torch.dtype) -> None:
+                 value_dtype: torch.dtype, timesteps: int) -> None:
         self.path, self.shapes, self.dense, self.value_dtype = path, shapes, dense, value_dtype
+        self.timesteps, self.steps, self.peak = timesteps, 1, 1  # steps: 1 in the encoder, T after repeat
 
     def run(self, ops: list[graph.Op] | tuple[graph.Op, ...], x: tuple[int, ...], where: str) -> tuple[int, ...]:
         for index, op in enumerate(ops):
             x = getattr(self, f"_{op.kind}")(op, x, f"{where}[{index}] {op.kind}")
-            if math.prod(x) > L.MAX_TENSOR_NUMEL:
-                _fail(self.path, where, f"activation of shape {list(x)} exceeds {L.MAX_TENSOR_NUMEL:,} elements")
+            self.built(math.prod(x), f"{where}[{index}] {op.kind}", f"an activation of shape {list(x)}")
         return x
+
+    def built(self, elements: int, where: str, what: str) -> None:
+        """The runtime builds a tensor of `elements` per image per step: bounded, and the peak recorded."""
+        total = elements * self.steps
+        if total > L.MAX_SAMPLE_ELEMENTS:
+            _fail(self.path, where, f"{what} over {self.steps} step(s) is {total:,} elements per image, more than "
+                                    f"{L.MAX_SAMPLE_ELEMENTS:,}")
+        self.peak = max(self.peak, total)
 
     def tensor(self, name: str, where: str, *, dense: bool = True) -> list[int]:
         if name not in self.shapes:
@@ -390,6 +446,8 @@ class _ShapeWalker:
                 for i in range(2)]
         if min(size) < 1:
             _fail(self.path, op.weight, f"kernel {weight[2:]} does not fit the {list(x[1:])} map of {where}")
+        patches = x[0] * weight[2] * weight[3] * size[0] * size[1]  # a sparse conv's im2col matrix
+        self.built(patches, where, f"the patch matrix [{x[0] * weight[2] * weight[3]}, {size[0] * size[1]}]")
         return weight[0], size[0], size[1]
 
     def _linear(self, op: graph.Linear, x: tuple[int, ...], where: str) -> tuple[int, ...]:
@@ -414,10 +472,7 @@ class _ShapeWalker:
         self.need(x, 3, where)
         if any(2 * p > k for p, k in zip(op.padding, op.kernel, strict=True)):
             _fail(self.path, where, f"padding {list(op.padding)} must be at most half the kernel {list(op.kernel)}")
-        size = []
-        for i in range(2):
-            span = x[i + 1] + 2 * op.padding[i] - op.kernel[i]
-            size.append((-(-span // op.stride[i]) if op.ceil_mode else span // op.stride[i]) + 1)
+        size = [_pooled_size(x[i + 1], op.kernel[i], op.stride[i], op.padding[i], op.ceil_mode) for i in range(2)]
         if min(size) < 1 or min(x[1:]) + 2 * min(op.padding) < min(op.kernel):
             _fail(self.path, where, f"kernel {list(op.kernel)} does not fit the {list(x[1:])} map")
         return x[0], size[0], size[1]
@@ -430,6 +485,7 @@ class _ShapeWalker:
         return (math.prod(x),)
 
     def _repeat_timesteps(self, op: graph.RepeatTimesteps, x: tuple[int, ...], where: str) -> tuple[int, ...]:
+        self.steps = self.timesteps
         return x
 
     def _residual(self, op: graph.Residual, x: tuple[int, ...], where: str) -> tuple[int, ...]:
@@ -438,6 +494,16 @@ class _ShapeWalker:
         if main != shortcut:
             _fail(self.path, where, f"main branch gives {list(main)}, shortcut {list(shortcut)}: they must agree")
         return main
+
+
+def _pooled_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """torch's max-pool output size: with `ceil_mode` a last window that would start in the right padding is
+    dropped (at::pooling_output_shape), so the ceiling alone overcounts by one there."""
+    span = size + 2 * padding - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
 
 
 # ------------------------------------------------------------------------------------- checkpoint
@@ -480,31 +546,51 @@ def _checkpoint_counters(path: str | Path, meta: dict[str, Any]) -> None:
             _number(path, key, meta[key])
     if "recipe" in meta and not isinstance(meta["recipe"], str):
         _fail(path, "recipe", "must be the recipe's TOML text")
+    _recipe_text(path, meta.get("recipe", ""))
 
 
 def _checkpoint_weights_and_masks(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Finite weights; every mask over a weight of its shape, bool or uint8 0/1."""
+    """Model tensors of a real floating dtype (int64 counters), finite, BN variances >= 0; every mask over
+    a weight of its shape with 2 to 5 dims (a conv or linear weight: what a CSR artefact can store), bool
+    or uint8 0/1."""
     model = {k.removeprefix(ckpt_format.MODEL): v for k, v in tensors.items() if k.startswith(ckpt_format.MODEL)}
     for name, tensor in model.items():
+        counter = name.endswith("num_batches_tracked") and tensor.dtype == torch.int64
+        if tensor.dtype not in REAL_FLOATS and not counter:
+            _fail(path, f"{ckpt_format.MODEL}{name}", f"dtype {tensor.dtype} is not one a model tensor has "
+                                                      "(float16, bfloat16, float32, float64)")
         _finite(path, f"{ckpt_format.MODEL}{name}", tensor)
+        _variance(path, f"{ckpt_format.MODEL}{name}", tensor)
     for key, mask in tensors.items():
         if not key.startswith(ckpt_format.MASK):
             continue
         name = key.removeprefix(ckpt_format.MASK)
         if name not in model or model[name].shape != mask.shape:
             _fail(path, key, "matches no model weight of its shape")
+        if not 2 <= mask.dim() <= 5:
+            _fail(path, key, f"masks a tensor of {mask.dim()} dimension(s): only conv and linear weights (2 to 5) "
+                             "are sparse")
         if mask.dtype not in (torch.bool, torch.uint8) or (mask.dtype == torch.uint8 and bool((mask > 1).any())):
             _fail(path, key, f"must be bool or uint8 0/1 (got {mask.dtype})")
 
 
 def _checkpoint_state_keys(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Optimizer entries named optim::<index>::<state>; RNG states 1-D uint8."""
+    """Optimizer entries named optim::<index>::<state>, real floating; RNG states rng::torch or
+    rng::cuda::<device>, 1-D uint8."""
     for key, tensor in tensors.items():
-        if key.startswith(ckpt_format.OPTIM) and not ckpt_format.OPTIM_KEY.fullmatch(key):
-            _fail(path, key, "optimizer entries are named optim::<parameter index>::<state name>")
+        if key.startswith(ckpt_format.OPTIM):
+            if not ckpt_format.OPTIM_KEY.fullmatch(key):
+                _fail(path, key, "optimizer entries are named optim::<parameter index>::<state name>")
+            if tensor.dtype not in REAL_FLOATS:
+                _fail(path, key, f"dtype {tensor.dtype}: optimizer state is float16, bfloat16, float32 or float64")
+            _finite(path, key, tensor)
+        if key.startswith(ckpt_format.RNG) and not ckpt_format.RNG_KEY.fullmatch(key):
+            _fail(path, key, "RNG entries are rng::torch and rng::cuda::<device index>")
         is_rng = key.startswith((ckpt_format.RNG, ckpt_format.METHOD_GENERATOR))
         if is_rng and (tensor.dtype != torch.uint8 or tensor.dim() != 1):
             _fail(path, key, f"an RNG state must be a 1-D uint8 tensor (got {tensor.dtype}, {list(tensor.shape)})")
+        if key == ckpt_format.PENDING_UPDATE and (tensor.dtype != torch.bool or tensor.numel() != 1):
+            _fail(path, key, f"must be one bool (got {tensor.dtype}, {list(tensor.shape)})")
 
 
 def _checkpoint_optimizer_meta(path: str | Path, optimizer: Any) -> None:
@@ -517,49 +603,130 @@ def _checkpoint_optimizer_meta(path: str | Path, optimizer: Any) -> None:
 
 
 def check_checkpoint_fits(path: str | Path, tensors: Mapping[str, torch.Tensor], model: torch.nn.Module,
-                          *, resume_meta: dict[str, Any] | None = None) -> None:
-    """The checkpoint's weights are exactly the model's (names and shapes); for a resume (`resume_meta`:
-    the checkpoint's metadata) also the training state, the optimizer buffers (per parameter, each the
-    parameter's shape or a scalar) and the RNG state sizes."""
+                          *, resume_meta: dict[str, Any] | None = None,
+                          optimizer: torch.optim.Optimizer | None = None,
+                          mask_names: Sequence[str] | None = None) -> None:
+    """The checkpoint's weights are exactly the model's (names, shapes, dtypes) and its masks are over
+    parameters; for a resume (`resume_meta`: the checkpoint's metadata) also the training state, the RNG
+    states, and, given the `optimizer` it feeds and the `mask_names` the method keeps, every optimizer
+    group and buffer against that optimizer and exactly those masks."""
     _fits_model_tensors(path, tensors, model)
-    if resume_meta is not None:
-        _fits_resume_state(path, tensors, model, resume_meta)
+    if resume_meta is None:
+        return
+    _fits_resume_state(path, tensors, resume_meta)
+    if optimizer is not None:
+        _fits_optimizer(path, tensors, resume_meta["optimizer"], optimizer)
+    else:
+        _fits_optimizer_buffers(path, tensors, [p for p in model.parameters()])
+    if mask_names is not None:
+        _fits_masks(path, tensors, mask_names)
 
 
 def _fits_model_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
-    expected = {name: list(t.shape) for name, t in model.state_dict().items()}
-    stored = {k.removeprefix(ckpt_format.MODEL): list(v.shape) for k, v in tensors.items()
-              if k.startswith(ckpt_format.MODEL)}
+    expected = model.state_dict()
+    stored = {k.removeprefix(ckpt_format.MODEL): v for k, v in tensors.items() if k.startswith(ckpt_format.MODEL)}
     for name in sorted(expected.keys() | stored.keys()):
+        where = f"{ckpt_format.MODEL}{name}"
         if name not in stored:
-            _fail(path, f"{ckpt_format.MODEL}{name}", "missing (the recipe's model has it)")
+            _fail(path, where, "missing (the recipe's model has it)")
         if name not in expected:
-            _fail(path, f"{ckpt_format.MODEL}{name}", "is not a tensor of the recipe's model")
-        if stored[name] != expected[name]:
-            _fail(path, f"{ckpt_format.MODEL}{name}", f"shape {stored[name]} must be the model's {expected[name]}")
+            _fail(path, where, "is not a tensor of the recipe's model")
+        if list(stored[name].shape) != list(expected[name].shape):
+            _fail(path, where, f"shape {list(stored[name].shape)} must be the model's {list(expected[name].shape)}")
+        if stored[name].dtype != expected[name].dtype:  # load_state_dict would cast silently (uint64 -> 9.2e18)
+            _fail(path, where, f"dtype {stored[name].dtype} must be the model's {expected[name].dtype}")
+    params = dict(model.named_parameters())
+    for key in tensors:
+        if key.startswith(ckpt_format.MASK) and key.removeprefix(ckpt_format.MASK) not in params:
+            _fail(path, key, "masks a buffer, not a parameter of the model")
 
 
-def _fits_resume_state(path: str | Path, tensors: Mapping[str, torch.Tensor], model: torch.nn.Module,
-                       meta: dict[str, Any]) -> None:
+def _fits_resume_state(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> None:
     for key in (*_META_INTS, "loss_sum", "best_accuracy", "optimizer"):
         if key not in meta:
             _fail(path, key, "missing (a resumable checkpoint records the training state)")
-    params = [list(p.shape) for p in model.parameters()]
-    for key, tensor in tensors.items():
-        match = ckpt_format.OPTIM_KEY.fullmatch(key)
-        if match:
-            index = int(match.group(1))
-            if index >= len(params):
-                _fail(path, key, f"parameter index {index} is beyond the model's {len(params)} parameters")
-            if tensor.numel() > 1 and list(tensor.shape) != params[index]:
-                _fail(path, key, f"shape {list(tensor.shape)} must be its parameter's {params[index]}")
     sizes = {ckpt_format.RNG_TORCH: torch.get_rng_state().numel(),
              ckpt_format.METHOD_GENERATOR: torch.Generator().get_state().numel()}
     for key, size in sizes.items():
         if key in tensors and tensors[key].numel() != size:
             _fail(path, key, f"holds {tensors[key].numel()} bytes; a torch RNG state has {size}")
-    if ckpt_format.RNG_TORCH not in tensors:
-        _fail(path, ckpt_format.RNG_TORCH, "missing (a resumable checkpoint stores the RNG state)")
+    for key in sizes:
+        if key not in tensors:
+            _fail(path, key, "missing (a resumable checkpoint stores the RNG state)")
+    if "scaler" in meta and meta["scaler"] is not None:
+        for name, value in _dict(path, "scaler", meta["scaler"]).items():
+            _number(path, f"scaler.{name:.40}", value)
+
+
+def _fits_optimizer(path: str | Path, tensors: Mapping[str, torch.Tensor], stored: dict[str, Any],
+                    optimizer: torch.optim.Optimizer) -> None:
+    """param_groups as the recipe's optimizer has them (same groups, parameters, keys and kinds of value),
+    then every buffer against the parameter it belongs to."""
+    own = optimizer.state_dict()["param_groups"]
+    groups = stored["param_groups"]
+    if len(groups) != len(own):
+        _fail(path, "optimizer.param_groups", f"holds {len(groups)} group(s); the recipe's optimizer has {len(own)}")
+    for index, (group, expected) in enumerate(zip(groups, own, strict=True)):
+        where = f"optimizer.param_groups[{index}]"
+        group = _dict(path, where, group)
+        if sorted(group) != sorted(expected):
+            _fail(path, where, f"keys {sorted(group)!r:.120} must be the optimizer's {sorted(expected)}")
+        if group["params"] != expected["params"]:
+            _fail(path, f"{where}.params", f"must be {expected['params']!r:.60} (the recipe's optimizer)")
+        for key, value in expected.items():
+            if key != "params":
+                _same_kind(path, f"{where}.{key}", group[key], value)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    _fits_optimizer_buffers(path, tensors, params)
+    for key, value in stored["scalars"].items():
+        index = int(key.split("::")[0])
+        if index >= len(params):
+            _fail(path, f"optimizer.scalars.{key:.40}", f"parameter index {index} is beyond the optimizer's "
+                                                        f"{len(params)} parameters")
+        _number(path, f"optimizer.scalars.{key:.40}", value)
+
+
+def _same_kind(path: str | Path, where: str, value: Any, expected: Any) -> None:
+    """A hyper-parameter read back from JSON: the kind the optimizer's own value has (tuples as lists)."""
+    if isinstance(expected, bool) or expected is None or isinstance(expected, str):
+        if type(value) is not type(expected):
+            _fail(path, where, f"= {value!r:.40} must be {type(expected).__name__} like the optimizer's")
+    elif isinstance(expected, int | float):
+        _number(path, where, value)
+    elif isinstance(expected, tuple | list):
+        if not isinstance(value, list) or len(value) != len(expected):
+            _fail(path, where, f"must be a list of {len(expected)} like the optimizer's")
+        for item, own in zip(value, expected, strict=True):
+            _same_kind(path, where, item, own)
+
+
+def _fits_optimizer_buffers(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                            params: Sequence[torch.Tensor]) -> None:
+    """optim::<i>::<state>: `step` is one number, every other buffer has its parameter's shape and dtype."""
+    for key, tensor in tensors.items():
+        match = ckpt_format.OPTIM_KEY.fullmatch(key)
+        if not match:
+            continue
+        index, state = int(match.group(1)), match.group(2)
+        if index >= len(params):
+            _fail(path, key, f"parameter index {index} is beyond the model's {len(params)} parameters")
+        param = params[index]
+        if state == "step":
+            if tensor.numel() != 1:
+                _fail(path, key, f"shape {list(tensor.shape)}: a step count is one number")
+        elif list(tensor.shape) != list(param.shape):
+            _fail(path, key, f"shape {list(tensor.shape)} must be its parameter's {list(param.shape)}")
+        elif tensor.dtype != param.dtype:
+            _fail(path, key, f"dtype {tensor.dtype} must be its parameter's {param.dtype}")
+
+
+def _fits_masks(path: str | Path, tensors: Mapping[str, torch.Tensor], names: Sequence[str]) -> None:
+    """Exactly one mask per parameter the recipe's method keeps sparse."""
+    stored = {k.removeprefix(ckpt_format.MASK) for k in tensors if k.startswith(ckpt_format.MASK)}
+    for name in sorted(set(names) - stored):
+        _fail(path, f"{ckpt_format.MASK}{name}", "missing (the recipe's method keeps this parameter sparse)")
+    for name in sorted(stored - set(names)):
+        _fail(path, f"{ckpt_format.MASK}{name}", "the recipe's method keeps no mask for this tensor")
 
 
 # ----------------------------------------------------------------------------------------- run dir
@@ -576,7 +743,30 @@ def check_summary(path: str | Path, summary: Any) -> dict[str, Any]:
              0, L.MAX_TENSOR_NUMEL)
     rates = _dict(path, "spike_rates", summary.get("spike_rates", {}))
     for name, rate in rates.items():
-        _number(path, f"spike_rates.{name}", rate)
+        if not 0 <= _number(path, f"spike_rates.{name:.60}", rate) <= 1:  # a rate is spikes per neuron per step
+            _fail(path, f"spike_rates.{name:.60}", f"= {rate:.3g} must be in [0, 1]")
+    return summary
+
+
+def read_json_file(path: str | Path) -> Any:
+    """A run's JSON file (summary.json), bounded in size, nesting and integer length."""
+    try:
+        return parse_json(read_text_file(path, L.MAX_JSON_FILE_BYTES))
+    except TextError as exc:
+        raise InvalidFile(f"{path}: not a readable JSON file ({exc})") from None
+
+
+def check_run_summary(path: str | Path, summary: Any) -> dict[str, Any]:
+    """summary.json as `prune-compare` aggregates it and an LTH round reads it back: accuracy and sparsity in
+    [0, 1], a finite wall time, per-layer sparsity as an object."""
+    summary = _dict(path, "summary", summary)
+    for key in ("test_accuracy", "wall_time_s"):
+        if not 0 <= _number(path, key, summary.get(key)) <= (1 if key == "test_accuracy" else math.inf):
+            _fail(path, key, f"= {summary[key]:.3g} is out of range")
+    sparsity = _dict(path, "sparsity", summary.get("sparsity"))
+    if not 0 <= _number(path, "sparsity.sparsity", sparsity.get("sparsity")) <= 1:
+        _fail(path, "sparsity.sparsity", f"= {sparsity['sparsity']:.3g} must be in [0, 1]")
+    _dict(path, "sparsity.layers", sparsity.get("layers"))
     return summary
 
 

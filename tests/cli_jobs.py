@@ -1,6 +1,8 @@
 """Many `ndsnn` CLI calls in one child process: `main()` in a loop (a torch import per call costs seconds),
 with each result written as soon as it is known, so a child killed by a signal or hung still names the
-call it died on. Used by the bad-input corpus (test_reliability) and the file fuzzer (test_validate)."""
+call it died on. A call's stderr is what Python wrote to sys.stderr plus what native code (libpng, HDF5)
+wrote to file descriptor 2 meanwhile. Used by the bad-input corpus (test_reliability), the file fuzzer
+and crafted corpus (test_validate) and the hostile-input families (test_hostile)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,32 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 RUNNER = r"""
-import contextlib, hashlib, io, json, sys, time, traceback
+import contextlib, hashlib, io, json, os, resource, sys, tempfile, time, traceback
 from pathlib import Path
 from ndsnn_cli.cli import main
+
+def peak_mb():
+    # this process's resident high-water mark since exec (VmHWM); ru_maxrss would include the parent's, inherited
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+@contextlib.contextmanager
+def native_stderr(sink):
+    # file descriptor 2 into `sink` meanwhile: what C libraries (libpng, HDF5) print is the command's stderr too
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 def digest(folder):
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -31,16 +56,20 @@ with open(sys.argv[2], "w") as log:
         err, out = io.StringIO(), io.StringIO()
         sys.argv = ["ndsnn", *job["argv"]]
         code, started = 0, time.perf_counter()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            try:
-                main()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                traceback.print_exc()
-                code = -1
-        result = {"id": job["id"], "code": code, "stderr": err.getvalue(), "stdout": out.getvalue(),
-                  "seconds": time.perf_counter() - started}
+        with tempfile.TemporaryFile() as native:
+            with native_stderr(native), contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+                try:
+                    main()
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else 1
+                except BaseException:
+                    traceback.print_exc()
+                    code = -1
+            native.seek(0)
+            printed = native.read().decode("utf-8", "replace")
+        result = {"id": job["id"], "code": code, "stderr": printed + err.getvalue(), "stdout": out.getvalue(),
+                  "seconds": time.perf_counter() - started,
+                  "peak_rss_mb": peak_mb()}  # the child's peak so far
         if before is not None:
             result["unchanged"] = before == digest(job["watch"])
         log.write(json.dumps(result) + "\n"); log.flush()
@@ -58,7 +87,7 @@ class ChildDied(AssertionError):
 def run_cli_jobs(jobs: list[dict[str, Any]], work: Path, timeout: float) -> tuple[dict[str, dict[str, Any]], float]:
     """Run jobs `{"id", "argv", ["watch": a folder to digest before and after]}` in one child process.
 
-    Returns (id -> {code, stderr, stdout, seconds[, unchanged]}, the child's CPU seconds); raises
+    Returns (id -> {code, stderr, stdout, seconds, peak_rss_mb[, unchanged]}, the child's CPU seconds); raises
     ChildDied naming the last call started. `timeout` is wall time: shared machines run tests starved.
     """
     (work / "jobs.json").write_text(json.dumps(jobs))

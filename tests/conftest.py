@@ -101,3 +101,28 @@ def run_main(capsys: pytest.CaptureFixture[str],
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def good(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Good files to break (test_validate, test_hostile): a tiny 80%-sparse scnn (conv, BN, max-pool, linear;
+    T = 2) run with its checkpoint, CSR artefacts (fp32 with plain int16 column indices; int8 with gap-coded
+    ones), 4 raw images. Each test breaks copies in its own folder under `work`."""
+    import numpy as np
+
+    from ndsnn_cli.export.csr import export_csr
+    from ndsnn_cli.rundir import RUN_CHECKPOINT
+    from ndsnn_cli.train import train
+
+    torch.set_num_threads(1)
+    work = tmp_path_factory.mktemp("validate")
+    recipe = Recipe().replace(
+        name="validate", model={"arch": "scnn", "timesteps": 2},
+        data={"dataset": "synthetic", "train_limit": 64, "test_limit": 32, "batch_size": 32, "augment": False},
+        train={"epochs": 1, "device": "cpu", "threads": 1}, sparsity={"method": "static", "final": 0.8})
+    train(recipe, work / "run")
+    artefact, _ = export_csr(work / "run", work / "good.csr.safetensors", indices="plain")
+    int8, _ = export_csr(work / "run", work / "good-int8.csr.safetensors", dtype="int8", indices="gaps")
+    np.save(work / "images.npy", np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32))
+    return {"work": work, "checkpoint": work / "run" / RUN_CHECKPOINT, "artefact": artefact, "int8": int8,
+            "images": work / "images.npy"}

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from cli_jobs import run_cli_jobs
@@ -20,32 +19,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ndsnn_cli.export import csr
-from ndsnn_cli.export.csr import JSON_KEYS, export_csr
-from ndsnn_cli.recipe import Recipe
+from ndsnn_cli.export.csr import JSON_KEYS
 from ndsnn_cli.rundir import RUN_CHECKPOINT
-from ndsnn_cli.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# ------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny 80%-sparse scnn (conv, BN, max-pool, linear; T = 2): checkpoint, CSR artefacts (fp32 with plain
-    int16 column indices; int8 with gap-coded ones), 4 raw images."""
-    torch.set_num_threads(1)
-    work = tmp_path_factory.mktemp("validate")
-    recipe = Recipe().replace(
-        name="validate", model={"arch": "scnn", "timesteps": 2},
-        data={"dataset": "synthetic", "train_limit": 64, "test_limit": 32, "batch_size": 32, "augment": False},
-        train={"epochs": 1, "device": "cpu", "threads": 1}, sparsity={"method": "static", "final": 0.8})
-    train(recipe, work / "run")
-    artefact, _ = export_csr(work / "run", work / "good.csr.safetensors", indices="plain")
-    int8, _ = export_csr(work / "run", work / "good-int8.csr.safetensors", dtype="int8", indices="gaps")
-    np.save(work / "images.npy", np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32))
-    return {"work": work, "checkpoint": work / "run" / RUN_CHECKPOINT, "artefact": artefact, "int8": int8,
-            "images": work / "images.npy"}
+# ---------------------------------------------------------------------- helpers (fixture `good`: conftest.py)
 
 
 def decode(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -255,6 +234,54 @@ FP32_V3_CASES: list[tuple[str, Mutation, str]] = [
      ".scales: only int8 artefacts have scales"),
 ]
 
+
+
+def _second_pool_ceil(t: dict[str, torch.Tensor], m: dict[str, Any]) -> None:
+    """The body's max-pool on the 14 x 14 map as kernel 3, stride 3, padding 1, ceil_mode: torch gives 5 x 5 (its
+    last window would start in the padding), the plain ceiling 6 x 6; the linear after it is rebuilt for 6 x 6
+    (32 * 36 = 1152 inputs), the shape a validator without torch's rule accepts and the runtime cannot run."""
+    pools = [op for op in m["graph"] if op["op"] == "maxpool2d"]
+    pools[1].update(kernel=[3, 3], stride=[3, 3], padding=[1, 1], ceil_mode=True)
+    weight = torch.randn(128, 32 * 36)
+    for part, tensor in csr.to_csr(weight, torch.ones_like(weight, dtype=torch.bool), torch.float32, "plain").items():
+        t[f"body.6.weight.{part}"] = tensor
+
+
+def _encoder_blown_up(t: dict[str, torch.Tensor], m: dict[str, Any]) -> None:
+    """A consistent graph that asks for 16 x 2074 x 2074 = 68.8 M activations per image: the encoder conv padded
+    by 1024, and its max-pool's window widened to 148 so the rest of the network sees 14 x 14 again (255 KB)."""
+    _first_op("conv2d", m["graph"]).update(padding=[1024, 1024])
+    _first_op("maxpool2d", m["graph"]).update(kernel=[148, 148], stride=[148, 148])
+
+
+# Issue 28: values that pass every type rule but are silently wrong, and graphs the runtime cannot run as stated.
+SEMANTIC_CASES: list[tuple[str, Mutation, str]] = [
+    ("bias_float8", _tensor("body.6.bias", lambda x: x.to(torch.float8_e4m3fn)),
+     "body.6.bias: dtype torch.float8_e4m3fn must be the artefact's dtype torch.float32"),
+    ("bn_variance_negative", _tensor("body.2.running_var", lambda x: -x - 1), "body.2.running_var: holds a negative"),
+    ("input_std_denormal", _meta("input.std", [1e-45]), "input.std: = 1e-45 must be in [0.001, 1000]"),
+    ("input_mean_huge", _meta("input.mean", [1e30]), "input.mean: = 1e+30 must be in [-1000, 1000]"),
+    ("graph_v_threshold_zero", _graph(lambda g: _first_op("lif", g).update(v_threshold=0)),
+     "v_threshold: = 0 must be > 0"),
+    ("graph_lif_before_repeat", _graph(lambda g: g.insert(0, {"op": "lif", "tau": 2.0, "v_threshold": 1.0})),
+     "graph: a lif op before repeat_timesteps"),
+    ("graph_maxpool_ceil_mode", _second_pool_ceil, "does not fit graph[10] linear on 800 input features"),
+    ("graph_activation_per_image", _encoder_blown_up, "68,823,616 elements per image, more than 67,108,864"),
+    ("recipe_over_1mb", _meta("recipe", "#" * (1 << 20) + "\n"), "recipe: 1,048,577 characters: more than"),
+]
+INT8_SEMANTIC_CASES: list[tuple[str, Mutation, str]] = [
+    ("scales_1e38", _csr("scales", _set(0, 1e38)), ".scales: = 1e+38: scale x 127 overflows float32"),
+]
+
+
+def _deep_header(data: bytes) -> bytes:
+    """The safetensors header itself with a 100,000-deep list in it (the library refuses it; the reader must too)."""
+    length = int.from_bytes(data[:8], "little")
+    header = data[8:8 + length].rstrip(b" ")[:-1] + b',"deep":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + length:]
+
+
 RAW_CASES: list[tuple[str, Callable[[bytes], bytes], str]] = [
     ("truncated", lambda b: b[: len(b) // 2], "truncated or corrupt"),
     ("header_length_huge", lambda b: (2**60).to_bytes(8, "little") + b[8:], "not a readable safetensors"),
@@ -263,6 +290,11 @@ RAW_CASES: list[tuple[str, Callable[[bytes], bytes], str]] = [
     ("metadata_bad_json", lambda b: _retag(b, "graph", "[{"), "corrupt artefact metadata"),
     ("metadata_deep_json", lambda b: _retag(b, "graph", "[" * 100_000), "corrupt artefact metadata"),
     ("empty_file", lambda b: b"", "not a readable safetensors"),
+    # issue 28: the header is read and checked before the data, with JSON bounds
+    ("header_covers_less_than_file", lambda b: b + bytes(1 << 20), "the header's tensors end at byte"),
+    ("header_deep_json", _deep_header, "header: JSON nested too deep"),
+    ("metadata_int_5000_digits", lambda b: _retag(b, "timesteps", "1" * 5000),
+     "corrupt artefact metadata (holds an integer of 5,000 digits"),
 ]
 
 
@@ -315,6 +347,27 @@ CHECKPOINT_CASES: list[tuple[str, Callable[[bytes], bytes], str, tuple[str, ...]
      "must be the model's", ("export",)),
     ("meta_not_object", _ckpt(lambda t, m: (m.clear())), "not an ndsnn checkpoint", ("export",)),
     ("truncated", lambda b: b[:-100], "truncated or corrupt", ("inspect", "export")),
+    # issue 28: every tensor's dtype against its role, values that would be silently wrong, bounded metadata
+    ("weight_float8", _ckpt_tensor("model::body.6.weight", lambda x: x.to(torch.float8_e4m3fn)),
+     "model::body.6.weight: dtype torch.float8_e4m3fn is not one a model tensor has", ("inspect", "export")),
+    ("weight_uint64", _ckpt_tensor("model::body.6.bias", lambda x: torch.full_like(x, 2**63, dtype=torch.uint64)),
+     "model::body.6.bias: dtype torch.uint64 is not one a model tensor has", ("inspect", "export")),
+    ("weight_complex", _ckpt_tensor("model::body.6.bias", lambda x: x.to(torch.complex64) * (1 + 1j)),
+     "model::body.6.bias: dtype torch.complex64 is not one a model tensor has", ("inspect", "export")),
+    ("bn_variance_negative", _ckpt_tensor("model::body.2.running_var", lambda x: -x - 1),
+     "model::body.2.running_var: holds a negative variance", ("inspect", "export")),
+    ("mask_over_bias", _ckpt(lambda t, m: t.__setitem__("mask::body.6.bias", torch.ones(t["model::body.6.bias"].shape,
+                                                                                         dtype=torch.bool))),
+     "mask::body.6.bias: masks a tensor of 1 dimension(s)", ("inspect", "export")),
+    ("rng_key_malformed", _ckpt(lambda t, m: t.__setitem__("rng::cuda::x", torch.zeros(16, dtype=torch.uint8))),
+     "rng::cuda::x: RNG entries are rng::torch and rng::cuda::<device index>", ("inspect", "export")),
+    ("recipe_deep_toml", _ckpt_meta("recipe", "a = " + "[" * 5000 + "]" * 5000 + "\n"), "TOML nested too deep",
+     ("export",)),
+    ("recipe_over_1mb", _ckpt_meta("recipe", "#" * (1 << 20) + "\n"), "recipe: 1,048,577 characters",
+     ("inspect", "export")),
+    ("meta_int_5000_digits", lambda b: save_safetensors(dict(load_safetensors(b)), metadata={
+        "ndsnn": '{"format": "ndsnn-checkpoint", "version": ' + "1" * 5000 + "}"}),
+     "corrupt checkpoint metadata (holds an integer of 5,000 digits", ("inspect", "export")),
 ]
 
 
@@ -336,7 +389,8 @@ def test_crafted_corpus_is_one_line_exit_2_for_run_inspect_and_export(good: dict
     work.mkdir()
     data, int8 = good["artefact"].read_bytes(), good["int8"].read_bytes()
     files, jobs = {}, []
-    cases = [(c, data) for c in ARTEFACT_CASES + FP32_V3_CASES] + [(c, int8) for c in INT8_GAP_CASES]
+    cases = [(c, data) for c in ARTEFACT_CASES + FP32_V3_CASES + SEMANTIC_CASES]
+    cases += [(c, int8) for c in INT8_GAP_CASES + INT8_SEMANTIC_CASES]
     for (case_id, mutate, expect), source in cases:
         tensors, metadata = decode(source)
         mutate(tensors, metadata)
@@ -465,6 +519,129 @@ def test_random_mutations_never_crash_or_hang(good: dict[str, Path]) -> None:
         codes[result["code"]] += 1
     assert codes[2] > 100 and codes[0] > 20, codes  # both outcomes exercised
     assert cpu_seconds < 60, cpu_seconds  # CPU time of the child, all 500 files (wall time depends on the load)
+
+
+# ----------------------------------------------------------------------------- structural mutations
+
+
+def _split(data: bytes) -> tuple[dict[str, Any], bytes]:
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + length]), data[8 + length:]
+
+
+def _join(header: dict[str, Any], body: bytes) -> bytes:
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + body
+
+
+def _nest(rng: random.Random, data: bytes) -> bytes:
+    """One metadata string wrapped in 65 to 100,000 levels of JSON lists."""
+    header, body = _split(data)
+    strings = header["__metadata__"]
+    key = rng.choice(sorted(strings))
+    depth = rng.choice([65, 1000, 100_000])
+    strings[key] = "[" * depth + json.dumps(strings[key]) + "]" * depth
+    return _join(header, body)
+
+
+def _huge_length(rng: random.Random, data: bytes) -> bytes:
+    """A metadata string beyond a bound (a 2 MB recipe; a 17 MB header), or an op list of 20,000 ops."""
+    header, body = _split(data)
+    strings = header["__metadata__"]
+    choice = rng.random()
+    if choice < 0.3:
+        strings["recipe"] = "#" * (2 << 20)
+    elif choice < 0.4:
+        strings["recipe"] = "#" * (17 << 20)
+    elif "graph" in strings:
+        strings["graph"] = json.dumps(json.loads(strings["graph"]) * (20_000 // len(json.loads(strings["graph"]))))
+    else:
+        strings["ndsnn"] = json.dumps({**json.loads(strings["ndsnn"]), "recipe": "x" * (2 << 20)})
+    return _join(header, body)
+
+
+STRUCTURAL_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64, torch.uint64, torch.uint32, torch.uint16,
+                     torch.bfloat16, torch.int8, torch.float64, torch.bool]
+
+
+def _swap_dtype(rng: random.Random, data: bytes) -> bytes:
+    """One tensor converted to a dtype no role allows (float8, complex, unsigned) or another role's."""
+    header, _ = _split(data)
+    tensors = dict(load_safetensors(data))
+    key = rng.choice(sorted(tensors))
+    tensors[key] = tensors[key].to(rng.choice(STRUCTURAL_DTYPES)).contiguous()
+    return save_safetensors(tensors, metadata=header.get("__metadata__"))
+
+
+# same item size, other meaning: the library reads the bytes as the header says
+PUNS = {"F32": ["I32", "U32"], "I32": ["F32", "U32"], "I64": ["F64", "U64"], "F16": ["BF16", "I16"], "I16": ["F16"],
+        "U8": ["I8", "BOOL", "F8_E4M3"], "BOOL": ["U8", "I8"], "I8": ["U8", "F8_E5M2"], "F64": ["I64"]}
+
+
+def _lying_header(rng: random.Random, data: bytes) -> bytes:
+    """The header lies about one tensor: its dtype (same size), its shape (same or other count), its data
+    offsets; or the header's own length is off by a few bytes."""
+    header, body = _split(data)
+    name = rng.choice(sorted(k for k in header if k != "__metadata__"))
+    entry = header[name]
+    choice = rng.random()
+    if choice < 0.3 and entry["dtype"] in PUNS:
+        entry["dtype"] = rng.choice(PUNS[entry["dtype"]])
+    elif choice < 0.55:
+        numel = math.prod(entry["shape"])
+        entry["shape"] = rng.choice([[numel], [1, numel], [numel, 1], list(reversed(entry["shape"])), [numel + 1],
+                                     [2**31, 2**31], []])
+    elif choice < 0.8:
+        shift = rng.choice([-8, -1, 1, 8, 2**40])
+        entry["data_offsets"] = [max(0, entry["data_offsets"][0] + shift), max(0, entry["data_offsets"][1] + shift)]
+    else:
+        raw = _join(header, body)
+        length = int.from_bytes(raw[:8], "little") + rng.choice([-16, -8, -1, 1, 8, 16])
+        return length.to_bytes(8, "little") + raw[8:]
+    return _join(header, body)
+
+
+STRUCTURAL = {"nest": _nest, "length": _huge_length, "dtype": _swap_dtype, "header": _lying_header}
+STRUCTURAL_ARTEFACTS = 150
+STRUCTURAL_CHECKPOINTS = 60
+
+
+@pytest.mark.slow  # about 20 s on an idle 2-core machine; CI runs it
+def test_structural_mutations_never_crash_hang_or_blow_up(good: dict[str, Path]) -> None:
+    """210 structural mutations (seed 1) of the good artefacts (`ndsnn run`) and checkpoint (`ndsnn export`):
+    JSON nested up to 100,000 deep, strings and op lists beyond their bounds, dtypes no role allows, headers that
+    lie about a tensor's dtype, shape or place. Each exits 0 with a whole result or 2 with one line, and the
+    CLI process never grows past 2 GiB (a small file cannot ask for gigabytes)."""
+    rng = random.Random(1)
+    work = good["work"] / "structural"
+    work.mkdir()
+    artefacts = [good["artefact"].read_bytes(), good["int8"].read_bytes()]
+    checkpoint = good["checkpoint"].read_bytes()
+    jobs = []
+    for i in range(STRUCTURAL_ARTEFACTS + STRUCTURAL_CHECKPOINTS):
+        kind = rng.choice(sorted(STRUCTURAL))
+        is_artefact = i < STRUCTURAL_ARTEFACTS
+        path = work / f"{'a' if is_artefact else 'c'}{i:03d}_{kind}.safetensors"
+        path.write_bytes(STRUCTURAL[kind](rng, artefacts[i % 2] if is_artefact else checkpoint))
+        argv = (["run", str(path), "--input", str(good["images"]), "--json"] if is_artefact else
+                ["export", str(path), "--format", "csr", "-o", str(work / "out.csr"), "--json"])
+        jobs.append({"id": path.name, "argv": argv})
+    results, cpu_seconds = run_cli_jobs(jobs, work, timeout=1500)
+    codes = {0: 0, 2: 0}
+    for job in jobs:
+        result = results[job["id"]]
+        assert result["code"] in (0, 2) and "Traceback" not in result["stderr"], (job["id"], result["stderr"][-3000:])
+        if result["code"] == 2:
+            assert len(result["stderr"].strip().splitlines()) == 1, (job["id"], result["stderr"])
+        else:
+            json.loads(result["stdout"])
+        assert result["seconds"] < 120, (job["id"], result["seconds"])
+        codes[result["code"]] += 1
+    assert codes[2] > 100, codes
+    peak, first = max((r["peak_rss_mb"], r["id"]) for r in results.values())
+    assert peak < 2048, f"the CLI process grew to {peak:.0f} MB (first there at {first})"
+    assert cpu_seconds < 60, cpu_seconds
 
 
 # ------------------------------------------------------------------------------- resume and cost RUN

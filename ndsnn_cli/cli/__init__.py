@@ -7,6 +7,7 @@ A `UserError` from anywhere becomes one line on stderr and exit code 2; no trace
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import typer
@@ -17,6 +18,10 @@ from ndsnn_cli.cli import export as _export_cmd  # noqa: F401  (registers export
 from ndsnn_cli.cli import train as _train_cmd  # noqa: F401  (registers the command)
 from ndsnn_cli.cli.app import app
 from ndsnn_cli.errors import UserError
+
+# OSErrors that say a path the user gave cannot be used (not a failure of ndsnn): exit 2 with one line.
+PATH_ERRORS = (errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+               errno.EEXIST)
 
 
 def main() -> None:
@@ -33,6 +38,12 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in PATH_ERRORS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""  # a path the user gave, too long or not reachable
+        typer.echo(f"error: {where:.300}{exc.strerror or exc}", err=True)
+        sys.exit(2)
     except Exception as exc:  # click usage errors arrive here with standalone_mode=False
         try:
             from click import BadParameter, ClickException

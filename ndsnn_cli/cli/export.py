@@ -118,6 +118,9 @@ def run(
         "--input", help="Raw images: a PNG/JPEG file, or a .npy/.pt tensor [B,C,H,W] of pixels in [0, 1] or uint8 "
                         "(.pt may be {'images': ..., 'labels': ...}); the artefact normalises them.")] = None,
     dataset_test: Annotated[bool, typer.Option("--dataset-test", help="Run the recipe's test set.")] = False,
+    data_root: Annotated[Path | None, typer.Option(
+        "--data-root", help="--dataset-test: the data folder (default: the data set's own location; the artefact's "
+                            "embedded recipe never chooses a folder, nor downloads).")] = None,
     limit: Annotated[int, typer.Option("--limit", min=0, max=L.MAX_SAMPLES, help="At most N images (0 = all).")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=L.MAX_BATCH_SIZE,
                                             help="Images per runtime call.")] = 256,
@@ -138,8 +141,8 @@ def run(
     if (input_file is None) == (not dataset_test):
         raise UserError("give exactly one of --input FILE (.png/.jpg/.npy/.pt) or --dataset-test")
     net = load_network(artefact)
-    images, labels = (read_images(input_file, net.metadata["input"]) if input_file is not None
-                      else _test_set(net.metadata, limit))
+    images, labels = (read_images(input_file, net.metadata["input"], net.metadata["dataset"]["num_classes"])
+                      if input_file is not None else _test_set(net.metadata, limit, data_root))
     if limit:
         images, labels = images[:limit], (labels[:limit] if labels is not None else None)
     predictions = torch.cat([net.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
@@ -155,7 +158,9 @@ def run(
         typer.echo(f"accuracy: {result['accuracy']:.2%}")
 
 
-def _test_set(metadata: dict[str, Any], limit: int) -> tuple[Any, Any]:
+def _test_set(metadata: dict[str, Any], limit: int, data_root: Path | None) -> tuple[Any, Any]:
+    """The embedded recipe's test set, read from `data_root` or the data set's default location: the file
+    names the data set, but where ndsnn reads, creates folders and downloads is the user's choice."""
     import torch
 
     from ndsnn_cli.data.loading import raw_test_set
@@ -164,7 +169,8 @@ def _test_set(metadata: dict[str, Any], limit: int) -> tuple[Any, Any]:
     if not isinstance(metadata.get("recipe"), str):
         raise UserError("artefact: no recipe in its metadata, so no test set to run (use --input)")
     recipe = parse_recipe(metadata["recipe"], "artefact recipe")
-    recipe = recipe.replace(data={"test_limit": limit, "train_limit": 1})
+    recipe = recipe.replace(data={"test_limit": limit, "train_limit": 1, "download": False,
+                                  "root": str(data_root) if data_root is not None else ""})
     test = raw_test_set(recipe.data)  # pixels in [0, 1]: the artefact normalises, as a device's input
     pairs = [test[i] for i in range(len(test))]
     return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])

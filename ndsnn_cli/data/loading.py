@@ -12,11 +12,13 @@ import gzip
 import hashlib
 import math
 import os
+import pickle
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
@@ -333,12 +335,47 @@ def _torchvision_root(files: dict[str, Path], tv_name: str) -> Path:
         opener = gzip.open if source.suffix == ".gz" else open
         try:
             with opener(source, "rb") as handle:
-                atomic.write_bytes(target, handle.read())
+                data = handle.read(MAX_IDX_BYTES + 1)  # a .gz of a few KB can expand to gigabytes
+            if len(data) > MAX_IDX_BYTES:
+                raise UserError(f"[data] {source}: more than {MAX_IDX_BYTES:,} bytes uncompressed; not an IDX file "
+                                "of this data set")
+            atomic.write_bytes(target, data)
         except OSError as err:  # unreadable or corrupt .gz, or a read-only cache
             raise UserError(
                 f"[data] could not unpack {source} into {target.parent}: {err} (NDSNN_CACHE sets the cache folder)"
             ) from err
     return root
+
+
+MAX_IDX_BYTES = 1 << 30  # one IDX file uncompressed (MNIST's training images: 47 MB)
+IDX_CLASSES = 10
+
+
+def _check_idx_pair(raw: Path, split: str) -> None:
+    """The IDX headers torchvision trusts: uint8 images [N, 28, 28] and labels [N] in [0, 10), each file exactly
+    as long as its header says (torchvision reshapes what it finds, or indexes the loss out of range)."""
+    images = _idx_dims(raw / f"{split}-images-idx3-ubyte", 3)
+    labels = _idx_dims(raw / f"{split}-labels-idx1-ubyte", 1)
+    if images[1:] != [28, 28] or images[0] != labels[0]:
+        raise UserError(f"[data] {raw}: {split} images {images} and labels {labels} must be [N, 28, 28] and [N]")
+    with open(raw / f"{split}-labels-idx1-ubyte", "rb") as handle:
+        handle.seek(8)
+        top = max(handle.read(), default=0)
+    if top >= IDX_CLASSES:
+        raise UserError(f"[data] {raw / f'{split}-labels-idx1-ubyte'}: label {top} is not a class in "
+                        f"[0, {IDX_CLASSES})")
+
+
+def _idx_dims(path: Path, ndim: int) -> list[int]:
+    with open(path, "rb") as handle:
+        head = handle.read(4 + 4 * ndim)
+    if len(head) < 4 + 4 * ndim or head[:4] != bytes([0, 0, 8, ndim]):
+        raise UserError(f"[data] {path}: not a uint8 IDX file of {ndim} dimension(s) (magic {head[:4].hex()})")
+    dims = [int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    if path.stat().st_size != len(head) + math.prod(dims):
+        raise UserError(f"[data] {path}: header says {dims} ({math.prod(dims):,} bytes of data), the file holds "
+                        f"{path.stat().st_size - len(head):,}")
+    return dims
 
 
 def _idx_datasets(
@@ -365,6 +402,8 @@ def _idx_datasets(
             cls(str(root), train=True, download=True)
         except (OSError, RuntimeError) as err:
             raise _download_failed(cfg, what, root, err) from err
+    for split in ("train", "t10k"):
+        _check_idx_pair(root / tv_name / "raw", split)
     return (
         cls(str(root), train=True, transform=train_tf),
         cls(str(root), train=False, transform=test_tf),
@@ -392,14 +431,53 @@ def _mnist(cfg: DataConfig) -> Split:
 # CIFAR-10 / CIFAR-100 (pickled batches)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's batches are pickles of dicts, lists, strings and numpy arrays: only numpy's array constructors
+    are resolved, any other global (os.system, builtins.eval, ...) is refused, so a batch cannot run code."""
+
+    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refuses the global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_batch(path: Path, max_bytes: int = 1 << 30) -> dict[str, Any]:
+    try:
+        if path.stat().st_size > max_bytes:
+            raise ValueError(f"{path.stat().st_size:,} bytes")
+        with open(path, "rb") as handle:
+            entry = _ArraysOnly(handle, encoding="latin1").load()
+    except Exception as exc:  # pickle raises UnpicklingError, EOFError, ValueError, TypeError, ... on a bad file
+        reason = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+        raise UserError(f"[data] {path}: not a CIFAR batch ({reason})") from None
+    if not isinstance(entry, dict):
+        raise UserError(f"[data] {path}: not a CIFAR batch (a {type(entry).__name__}, not a dict)")
+    return entry
+
+
+def _batch_rows(path: Path, entry: dict[str, Any], classes: int) -> tuple[np.ndarray, list[int]]:
+    """uint8 pixel rows [N, 3072] and their labels in [0, classes), as torchvision's CIFAR reshapes them."""
+    rows, labels = entry.get("data"), entry.get("labels", entry.get("fine_labels"))
+    if not (isinstance(rows, np.ndarray) and rows.dtype == np.uint8 and rows.ndim == 2 and rows.shape[1] == 3072
+            and isinstance(labels, list) and len(labels) == rows.shape[0]
+            and all(isinstance(v, int) and 0 <= v < classes for v in labels)):
+        raise UserError(f"[data] {path}: a CIFAR batch holds uint8 data [N, 3072] and N labels in [0, {classes})")
+    return rows, labels
+
+
 @functools.cache
 def _trust_present_files(cls: type[tv_datasets.CIFAR10]) -> type[tv_datasets.CIFAR10]:
-    """`cls` that loads a present folder without md5-checking it.
+    """`cls` that loads a present folder without md5-checking it, through a pickle loader that builds only
+    numpy arrays (`_ArraysOnly`) and checks every batch's shapes and labels.
 
     torchvision checks every batch's md5 on each load, which rejects any folder but the official
     one (the tests' tiny batches, a re-pickled copy) as "corrupted". Files fetched by
     `download = true` are still checked: torchvision verifies the archive's md5.
     """
+    classes = 100 if cls.meta["key"] == "fine_label_names" else 10
 
     class Trusting(cls):  # type: ignore[misc, valid-type]
         # torchvision's check_integrity(path, md5=None) checks only that the file exists.
@@ -407,10 +485,29 @@ def _trust_present_files(cls: type[tv_datasets.CIFAR10]) -> type[tv_datasets.CIF
         test_list: ClassVar[list[list[str | None]]] = [[name, None] for name, _ in cls.test_list]
         meta: ClassVar[dict[str, str | None]] = {**cls.meta, "md5": None}
 
+        def __init__(self, root: str, train: bool = True, transform: Callable[..., Any] | None = None,
+                     target_transform: Callable[..., Any] | None = None, download: bool = False) -> None:
+            _tv_datasets().VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)
+            self.train = train
+            if download:
+                self.download()
+            folder = Path(self.root) / self.base_folder
+            pairs = [_batch_rows(folder / name, _load_batch(folder / name), classes)
+                     for name, _ in (self.train_list if train else self.test_list)]
+            self.data = np.vstack([rows for rows, _ in pairs]).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+            self.targets = [label for _, labels in pairs for label in labels]
+            self._load_meta()
+
+        def _load_meta(self) -> None:
+            path = Path(self.root) / self.base_folder / str(self.meta["filename"])
+            names = _load_batch(path).get(str(self.meta["key"]))
+            if not isinstance(names, list):
+                raise UserError(f"[data] {path}: {self.meta['key']} must be a list of class names")
+            self.classes = names
+            self.class_to_idx = {name: i for i, name in enumerate(names)}
+
     Trusting.__name__ = Trusting.__qualname__ = cls.__name__
     return Trusting
-
-
 
 
 def _cifar_datasets(cfg: DataConfig, cls: type[tv_datasets.CIFAR10], what: str, stats: _Stats) -> Split:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ndsnn_cli import limits as L
 from ndsnn_cli.checkpoint import read_safetensors, save_safetensors_canonical
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export.exporters import ExportOptions, ExportResult
@@ -43,6 +44,7 @@ from ndsnn_cli.formats.csr import (
     gap_columns,
     split_parameters,
 )
+from ndsnn_cli.formats.text import TextError, parse_json
 from ndsnn_cli.validate import check_artefact
 
 
@@ -155,11 +157,9 @@ def load_raw(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     if strings.get("format") != CSR_FORMAT:
         raise UserError(f"{path}: not an {CSR_FORMAT} artefact (format is {strings.get('format')!r})")
     try:
-        metadata = {k: json.loads(v) if k in JSON_KEYS else v for k, v in strings.items()}
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: corrupt artefact metadata ({exc.msg})") from None
-    except RecursionError:
-        raise UserError(f"{path}: corrupt artefact metadata (JSON nested too deep)") from None
+        metadata = {k: parse_json(v, L.MAX_HEADER_BYTES) if k in JSON_KEYS else v for k, v in strings.items()}
+    except TextError as exc:
+        raise UserError(f"{path}: corrupt artefact metadata ({exc})") from None
     check_artefact(path, tensors, metadata)
     if "input" not in metadata:
         metadata["input"] = _v1_input_contract(path, metadata["dataset"])

@@ -60,10 +60,6 @@ def load_trained(path: str | Path) -> TrainedModel:
     check_checkpoint_fits(path, checkpoint.tensors, model)
     model.load_state_dict(checkpoint.model_state)
     masks = {name: mask.to(torch.bool) for name, mask in checkpoint.masks.items()}
-    params = dict(model.named_parameters())
-    for name in masks:
-        if name not in params:
-            raise UserError(f"{path}: mask::{name}: masks a buffer, not a parameter of the model")
     model.eval()
     return TrainedModel(model, masks, recipe, path, checkpoint.meta)
 

@@ -3,14 +3,14 @@ shape, density, nnz, bytes), each read through its own validated loader."""
 
 from __future__ import annotations
 
-import json
-import tomllib
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ndsnn_cli.checkpoint import load_checkpoint, read_metadata
+from ndsnn_cli import limits as L
+from ndsnn_cli.checkpoint import load_checkpoint, read_header, read_metadata
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export.csr import load_raw, split_csr
 from ndsnn_cli.formats.csr import CSR_FORMAT
@@ -28,7 +28,7 @@ def inspect_file(path: str) -> dict:
         return _inspect_onnx(file)
     if file.suffix == ".nir":
         return inspect_nir(file)
-    if _safetensors_format(file) == CSR_FORMAT:
+    if read_header(file).metadata.get("format") == CSR_FORMAT:  # the header alone, not the file
         return _inspect_artefact(file)
     if not read_metadata(file):
         raise UserError(f"{file}: not an ndsnn checkpoint or artefact (no ndsnn metadata)")
@@ -85,30 +85,33 @@ def _prod(shape: list) -> int:
     return out
 
 
-def _safetensors_format(file: Path) -> str | None:
-    raw = file.read_bytes()
-    try:
-        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
-        return (header.get("__metadata__") or {}).get("format")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        raise UserError(f"{file}: not a readable safetensors file (bad header)") from None
-
-
 def recipe_summary(toml: str) -> dict:
+    """A few keys of an embedded recipe, for show only: bounded parsing, tables that are not tables and values
+    that are not scalars are left out ({} for text that is not TOML), since inspect shows a file as it is."""
+    from ndsnn_cli.formats.text import TextError, parse_toml
+
     try:
-        raw = tomllib.loads(toml)
-    except tomllib.TOMLDecodeError:
+        raw = parse_toml(toml)
+    except TextError:
         return {}
-    return {"name": raw.get("name"), "arch": raw.get("model", {}).get("arch"),
-            "timesteps": raw.get("model", {}).get("timesteps"), "dataset": raw.get("data", {}).get("dataset"),
-            "method": raw.get("sparsity", {}).get("method"), "final_sparsity": raw.get("sparsity", {}).get("final"),
-            "epochs": raw.get("train", {}).get("epochs")}
+
+    def get(table: str, key: str) -> object:
+        section = raw.get(table) if table else raw
+        value = section.get(key) if isinstance(section, dict) else None
+        return value if isinstance(value, str | int | float | bool) else None
+
+    return {"name": get("", "name"), "arch": get("model", "arch"), "timesteps": get("model", "timesteps"),
+            "dataset": get("data", "dataset"), "method": get("sparsity", "method"),
+            "final_sparsity": get("sparsity", "final"), "epochs": get("train", "epochs")}
 
 
 def _inspect_onnx(file) -> dict:
     import onnx
     from onnx import numpy_helper
 
+    if file.stat().st_size > L.MAX_ONNX_BYTES:
+        raise UserError(f"{file}: {file.stat().st_size:,} bytes: more than an ONNX file may have "
+                        f"({L.MAX_ONNX_BYTES:,})")
     try:
         proto = onnx.load(str(file))
         onnx.checker.check_model(proto)
@@ -141,6 +144,7 @@ def inspect_nir(file: Path) -> dict[str, Any]:
     from ndsnn_cli.export.nir import import_nir
 
     nir = import_nir()
+    _check_nir_size(file)
     try:
         nir_graph = nir.read(file)
     except Exception as exc:  # h5py and NIR raise many types for a file that is not a NIR graph
@@ -148,17 +152,46 @@ def inspect_nir(file: Path) -> dict[str, Any]:
     meta = dict(nir_graph.metadata or {})
     layers = [_node_row(name, node) for name, node in nir_graph.nodes.items()
               if not isinstance(node, nir.Input | nir.Output)]
-
-    def number(key: str) -> float | None:
-        return float(meta[key]) if key in meta else None
-
     recipe = meta.get("recipe", "")
-    return {"file": str(file), "kind": "nir", "format": str(meta.get("format", "nir")),
-            "version": int(meta.get("version", 1)), "bytes": file.stat().st_size,
+    return {"file": str(file), "kind": "nir", "format": str(meta.get("format", "nir"))[:80],
+            "version": _meta_number(file, meta, "version", int) or 1, "bytes": file.stat().st_size,
             "recipe": recipe_summary(recipe) if isinstance(recipe, str) else {},
-            "recipe_sha256": str(meta["recipe_sha256"]) if "recipe_sha256" in meta else None,
-            "timesteps": int(meta["timesteps"]) if "timesteps" in meta else None, "dt": number("dt"),
-            "sparsity": number("sparsity"), "layers": layers}
+            "recipe_sha256": str(meta["recipe_sha256"])[:80] if "recipe_sha256" in meta else None,
+            "timesteps": _meta_number(file, meta, "timesteps", int), "dt": _meta_number(file, meta, "dt", float),
+            "sparsity": _meta_number(file, meta, "sparsity", float), "layers": layers}
+
+
+def _check_nir_size(file: Path) -> None:
+    """The datasets of the HDF5 file, uncompressed, fit `MAX_NIR_BYTES`, measured from their headers before
+    `nir.read` decompresses them (a 190 KB file of gzip-compressed zeros can claim 6.4 GB)."""
+    import h5py
+
+    sizes: list[int] = []
+
+    def visit(_name: str, item: Any) -> None:
+        if isinstance(item, h5py.Dataset):
+            sizes.append(math.prod(item.shape or ()) * item.dtype.itemsize)
+
+    try:
+        with h5py.File(file, "r") as handle:
+            handle.visititems(visit)
+    except Exception as exc:  # not HDF5, truncated, ...: h5py raises OSError and others
+        raise UserError(f"{file}: not a readable NIR file ({type(exc).__name__})") from None
+    if sum(sizes) > L.MAX_NIR_BYTES:
+        raise UserError(f"{file}: its arrays hold {sum(sizes):,} bytes uncompressed, more than the "
+                        f"{L.MAX_NIR_BYTES:,} a NIR file may")
+
+
+def _meta_number(file: Path, meta: dict[str, Any], key: str, kind: type) -> Any:
+    """A numeric graph-metadata entry (HDF5 gives numpy scalars); a string or an array there is refused."""
+    if key not in meta:
+        return None
+    value = meta[key]
+    if isinstance(value, np.generic) and value.shape == ():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UserError(f"{file}: metadata {key}: must be a finite number (got {value!r:.40})")
+    return kind(value)
 
 
 def _node_row(name: str, node: Any) -> dict[str, Any]:

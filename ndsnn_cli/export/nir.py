@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ndsnn_cli import limits as L
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import graph
 from ndsnn_cli.export.exporters import ExportOptions, ExportResult
@@ -141,9 +142,11 @@ class _Builder:
 
 
 def check_dt(dt: float) -> float:
-    """The simulation step in seconds: positive and finite, else a UserError (exit 2)."""
-    if not (isinstance(dt, int | float) and math.isfinite(dt) and dt > 0):
-        raise UserError(f"--dt {dt}: the simulation step must be a positive number of seconds (e.g. 1e-4)")
+    """The simulation step in seconds, in [MIN_DT, MAX_DT] (1 ns to 1 s): a step of 1e308 s writes infinite
+    time constants, one of 1e-320 s ones that float32 stores as 0. Else a UserError (exit 2)."""
+    if not (isinstance(dt, int | float) and math.isfinite(dt) and L.MIN_DT <= dt <= L.MAX_DT):
+        raise UserError(f"--dt {dt:g}: the simulation step must be between {L.MIN_DT:g} and {L.MAX_DT:g} seconds "
+                        "(e.g. 1e-4)")
     return float(dt)
 
 

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ndsnn_cli import limits as L
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import graph
 from ndsnn_cli.export.contract import normalise
 from ndsnn_cli.export.csr import decoded, load_raw, split_csr
-from ndsnn_cli.validate import check_artefact
+from ndsnn_cli.validate import check_artefact, sample_elements
 
 # A layer denser than this runs the dense kernel on its weight rebuilt at load time: above ~10%
 # density the CSR product plus its patch copy is slower than oneDNN's dense convolution (at 90%
@@ -44,6 +45,9 @@ class SparseNetwork:
             check_artefact(source, tensors, metadata)
         self.metadata = metadata
         self.timesteps = int(metadata["timesteps"])
+        # images per call, so that no tensor of one call exceeds MAX_RUN_ELEMENTS (a small file can ask for
+        # large activations: the validator bounds them per image, this bounds them per call)
+        self.images_per_call = max(1, L.MAX_RUN_ELEMENTS // sample_elements(source, tensors, metadata))
         self.graph = graph.from_json(metadata["graph"])
         self.contract = metadata["input"]
         sparse, plain = split_csr(tensors)
@@ -70,6 +74,9 @@ class SparseNetwork:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Images as the input contract says (float pixels in [0, 1], NCHW) -> per-step logits; the
         training normalisation is applied here, as training's `Normalize` does (same float ops)."""
+        if images.shape[0] > self.images_per_call:
+            return torch.cat([self(images[i:i + self.images_per_call])
+                              for i in range(0, images.shape[0], self.images_per_call)], dim=1)
         x = self._run(self.graph, normalise(images, self.contract))
         return x.reshape(self.timesteps, images.shape[0], -1)
 
