@@ -396,7 +396,7 @@ def check_graph(path: str | Path, metadata: dict[str, Any], shapes: dict[str, li
     return walker.peak
 
 
-class _ShapeWalker:
+class _ShapeWalker(graph.GraphBackend):
     """Per-sample shapes through the ops (no batch axis), checking each op's tensors on the way."""
 
     def __init__(self, path: str | Path, shapes: dict[str, list[int]], dense: dict[str, torch.dtype],
@@ -406,7 +406,7 @@ class _ShapeWalker:
 
     def run(self, ops: list[graph.Op] | tuple[graph.Op, ...], x: tuple[int, ...], where: str) -> tuple[int, ...]:
         for index, op in enumerate(ops):
-            x = getattr(self, f"_{op.kind}")(op, x, f"{where}[{index}] {op.kind}")
+            x = self.dispatch(op, x, f"{where}[{index}] {op.kind}")
             self.built(math.prod(x), f"{where}[{index}] {op.kind}", f"an activation of shape {list(x)}")
         return x
 

@@ -27,3 +27,39 @@ def test_graph_json_reads_back_to_the_same_ops_with_traced_shapes(arch: str, siz
 def test_unknown_op_kind_is_a_user_error_naming_the_known_ones() -> None:
     with pytest.raises(UserError, match="'softmax' is not supported .* conv2d, linear, batchnorm, lif"):
         graph.from_json([{"op": "softmax"}])
+
+
+def graph_backends() -> dict[str, type]:
+    """Every consumer of the op list that dispatches on op kinds (ONNX traces the torch model instead)."""
+    from ndsnn_cli.export.c.generate import _Emitter
+    from ndsnn_cli.export.nir import _Builder
+    from ndsnn_cli.export.runtime import SparseNetwork
+    from ndsnn_cli.validate import _ShapeWalker
+
+    return {"runtime": SparseNetwork, "c": _Emitter, "nir": _Builder, "validator": _ShapeWalker}
+
+
+def test_the_backend_base_has_one_handler_per_op_kind() -> None:
+    handlers = {name.removeprefix("_") for name in vars(graph.GraphBackend)
+                if name.startswith("_") and not name.startswith("__") and name not in ("_unhandled",)}
+    assert handlers == set(graph.OP_TYPES)
+
+
+@pytest.mark.parametrize("kind", sorted(graph.OP_TYPES))
+@pytest.mark.parametrize("backend", sorted(graph_backends()))
+def test_every_backend_handles_every_op_kind(backend: str, kind: str) -> None:
+    """A new op kind (or a removed handler) fails here for the backend that lacks it, not in a user's export."""
+    cls = graph_backends()[backend]
+    assert issubclass(cls, graph.GraphBackend)
+    assert getattr(cls, f"_{kind}") is not getattr(graph.GraphBackend, f"_{kind}"), f"{cls.__name__} lacks _{kind}"
+
+
+def test_a_backend_without_a_handler_fails_the_coverage_check() -> None:
+    """The coverage check can fail: a backend with one handler removed is caught."""
+
+    class Partial(graph_backends()["runtime"]):  # type: ignore[misc, valid-type]
+        _flatten = graph.GraphBackend._flatten
+
+    assert Partial._flatten is graph.GraphBackend._flatten
+    with pytest.raises(NotImplementedError, match="has no handler for graph op 'flatten'"):
+        Partial.dispatch(object.__new__(Partial), graph.Flatten(), None)

@@ -20,6 +20,7 @@ from ndsnn_cli.formats.graph import (
     Conv2d,
     Flatten,
     GlobalAvgPool,
+    GraphBackend,
     Linear,
     MaxPool2d,
     Op,
@@ -35,8 +36,8 @@ from ndsnn_cli.formats.graph import (
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["OP_TYPES", "BatchNorm", "Conv2d", "Flatten", "GlobalAvgPool", "LIF", "Linear", "MaxPool2d", "Op",
-           "RepeatTimesteps", "Residual", "Shape", "WeightedOp", "from_json", "network_graph", "to_json", "walk"]
+__all__ = ["OP_TYPES", "BatchNorm", "Conv2d", "Flatten", "GlobalAvgPool", "GraphBackend", "LIF", "Linear", "MaxPool2d",
+           "Op", "RepeatTimesteps", "Residual", "Shape", "WeightedOp", "from_json", "network_graph", "to_json", "walk"]
 
 
 def network_graph(model: nn.Module, input_shape: Shape | None = None) -> list[Op]:

@@ -47,7 +47,7 @@ def import_nir() -> Any:
     return nir
 
 
-class _Builder:
+class _Builder(graph.GraphBackend):
     """Emits NIR nodes and edges for the graph's ops, in execution order."""
 
     def __init__(self, nir: Any, state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], dt: float) -> None:
@@ -71,7 +71,7 @@ class _Builder:
     def emit(self, ops: Sequence[graph.Op], sources: list[str]) -> list[str]:
         """The ops' nodes fed by `sources`; returns the names that feed whatever comes next."""
         for op in ops:
-            sources = getattr(self, f"_{op.kind}")(op, sources)
+            sources = self.dispatch(op, sources)
             if not isinstance(op, graph.Flatten | graph.RepeatTimesteps):  # those keep spikes spikes
                 self.spiking = isinstance(op, graph.LIF | graph.MaxPool2d)
         return sources

@@ -32,7 +32,7 @@ from ndsnn_cli.validate import check_artefact, sample_elements
 DENSE_ABOVE = 0.1
 
 
-class SparseNetwork:
+class SparseNetwork(graph.GraphBackend):
     """An artefact ready to run: `logits = net(images)` gives per-step logits [T, B, classes].
 
     Each sparse layer runs the CSR kernel, or the dense one when its density is above `dense_above`
@@ -85,7 +85,7 @@ class SparseNetwork:
 
     def _run(self, ops: Sequence[graph.Op], x: torch.Tensor) -> torch.Tensor:
         for op in ops:
-            x = getattr(self, f"_{op.kind}")(op, x)
+            x = self.dispatch(op, x)
         return x
 
     def _bias(self, op: graph.WeightedOp) -> torch.Tensor | None:

@@ -174,3 +174,46 @@ def walk(ops: Sequence[Op]) -> Iterator[Op]:
         if isinstance(op, Residual):
             yield from walk(op.main)
             yield from walk(op.shortcut)
+
+
+class GraphBackend:
+    """What every consumer of the op list is: one handler per op kind, `_<kind>(op, x, *context)`.
+
+    The reference runtime, the C code generator, the NIR builder and the validator's shape walker subclass
+    it and dispatch through `dispatch`; each overrides every handler below, so an op kind one of them lacks
+    fails `tests/test_graph.py` (OP_TYPES x backends), not a user's export. A backend that refuses an op on
+    purpose overrides its handler with a one-line UserError naming why.
+    """
+
+    def dispatch(self, op: Op, x: Any, *context: Any) -> Any:
+        return getattr(self, f"_{op.kind}")(op, x, *context)
+
+    def _unhandled(self, op: Op) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no handler for graph op {op.kind!r}")
+
+    def _conv2d(self, op: Conv2d, x: Any, *context: Any) -> Any:
+        return self._unhandled(op)
+
+    def _linear(self, op: Linear, x: Any, *context: Any) -> Any:
+        return self._unhandled(op)
+
+    def _batchnorm(self, op: BatchNorm, x: Any, *context: Any) -> Any:
+        return self._unhandled(op)
+
+    def _lif(self, op: LIF, x: Any, *context: Any) -> Any:
+        return self._unhandled(op)
+
+    def _maxpool2d(self, op: MaxPool2d, x: Any, *context: Any) -> Any:
+        return self._unhandled(op)
+
+    def _global_avgpool(self, op: GlobalAvgPool, x: Any, *context: Any) -> Any:
+        return self._unhandled(op)
+
+    def _flatten(self, op: Flatten, x: Any, *context: Any) -> Any:
+        return self._unhandled(op)
+
+    def _repeat_timesteps(self, op: RepeatTimesteps, x: Any, *context: Any) -> Any:
+        return self._unhandled(op)
+
+    def _residual(self, op: Residual, x: Any, *context: Any) -> Any:
+        return self._unhandled(op)

@@ -205,7 +205,7 @@ def quantisation_check(values: torch.Tensor, parts: dict[str, torch.Tensor]) -> 
 _CTYPE_BYTES = {"float": 4, "int32_t": 4, "int16_t": 2, "int8_t": 1, "uint8_t": 1}
 
 
-class _Emitter:
+class _Emitter(graph.GraphBackend):
     """Walks the op list and writes one kernel call per op (dispatch on `op.kind`, as the runtime does)."""
 
     def __init__(self, program: _Program) -> None:
@@ -213,7 +213,7 @@ class _Emitter:
 
     def run(self, ops: list[graph.Op], x: _Tensor) -> _Tensor:
         for op in ops:
-            x = getattr(self, f"_{op.kind}")(op, x)
+            x = self.dispatch(op, x)
         return x
 
     def _label(self, op: graph.Op) -> str:
@@ -283,6 +283,11 @@ class _Emitter:
 
     def _flatten(self, op: graph.Flatten, x: _Tensor) -> _Tensor:
         return x  # CHW is already the flattened order
+
+    def _repeat_timesteps(self, op: graph.RepeatTimesteps, x: _Tensor) -> _Tensor:
+        # generate_sources cuts the op list at the first repeat: encoder once, body per step; another is an error
+        raise UserError("the C target runs the encoder once and the body per time step: the graph repeats the "
+                        "time steps twice")
 
     def _batchnorm(self, op: graph.BatchNorm, x: _Tensor) -> _Tensor:
         raise UserError(f"{op.name}: a BatchNorm that follows no conv/linear cannot be folded for the C target")
