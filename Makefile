@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-fast lint bench install data layer-tables clean
+.PHONY: demo test test-fast test-portable-kernels lint bench install data layer-tables clean
 
 $(BIN)/ndsnn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ test: install data
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The host-sensitive tests once more on ATen's portable CPU kernels (no AVX), the path another host's CPU
+# may take: export verification (runtime, ONNX, C), the sparse kernels against the dense path, resume.
+# CI runs it after `make test`; random order: pytest -p random_order --random-order-seed=N.
+HOST_SENSITIVE := tests/test_kernels.py tests/test_export.py tests/test_export_c.py tests/test_deploy.py \
+  tests/test_train.py tests/test_reliability.py::test_kill_9_at_random_points_then_resume_matches_an_uninterrupted_run \
+  tests/test_nir_readers.py::test_mlp_nir_runs_identically_in_the_readers_at_their_default_dt
+test-portable-kernels: install data
+	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -q -p no:randomly $(HOST_SENSITIVE)
 
 lint: install
 	$(BIN)/ruff check ndsnn_cli tests benchmarks
