@@ -116,10 +116,9 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     work = tmp_path_factory.mktemp("validate")
-    recipe = Recipe().replace(
-        name="validate", model={"arch": "scnn", "timesteps": 2},
-        data={"dataset": "synthetic", "train_limit": 64, "test_limit": 32, "batch_size": 32, "augment": False},
-        train={"epochs": 1, "device": "cpu", "threads": 1}, sparsity={"method": "static", "final": 0.8})
+    recipe = tiny_run_recipe(name="validate", model={"arch": "scnn"},
+                             data={"train_limit": 64, "test_limit": 32, "batch_size": 32}, train={"epochs": 1},
+                             sparsity={"method": "static", "final": 0.8})
     train(recipe, work / "run")
     artefact, _ = export_csr(work / "run", work / "good.csr.safetensors", indices="plain")
     int8, _ = export_csr(work / "run", work / "good-int8.csr.safetensors", dtype="int8", indices="gaps")

@@ -245,13 +245,13 @@ def hostile(good: dict[str, Any]) -> dict[str, Any]:
            str(work / "empty")], f"no MNIST data found in {work / 'empty'}")
 
     # Options checked beyond finiteness (an MLP run: NIR exports it).
-    from ndsnn_cli.recipe import Recipe
     from ndsnn_cli.train import train
 
     mlp = work / "mlp_run"
-    train(Recipe().replace(name="mlp", model={"arch": "mlp", "timesteps": 2}, train={"epochs": 1, "device": "cpu"},
-                           data={"dataset": "synthetic", "train_limit": 32, "test_limit": 16, "batch_size": 16,
-                                 "augment": False}), mlp)
+    from conftest import tiny_run_recipe
+
+    train(tiny_run_recipe(name="mlp", train={"epochs": 1}, data={"train_limit": 32, "test_limit": 16,
+                                                                   "batch_size": 16}), mlp)
     for case, dt in [("nir_dt_1e308", "1e308"), ("nir_dt_denormal", "1e-320")]:
         argv = ["export", str(mlp), "--format", "nir", "--dt", dt, "-o", str(work / f"{case}.nir")]
         _case(jobs, "options", case, argv, "the simulation step must be between 1e-09 and 1 seconds")
