@@ -1,13 +1,15 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   -> venv, package, offline Fashion-MNIST (Debian package), then train the quickstart recipe
-#   make test   -> venv, package + test extras (+ SpikingJelly, --no-deps), offline data, then the whole test suite
+#   make test   -> venv, package + test extras (+ SpikingJelly, --no-deps), offline data, the Cortex-M4
+#                  toolchain and QEMU (apt), then the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" -ne 0 ] && command -v sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
+ARM_TOOLS := gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm
 
-.PHONY: demo test test-fast test-portable-kernels lint bench install data layer-tables clean
+.PHONY: demo test test-fast test-portable-kernels lint bench install data cortex-m4-tools layer-tables clean
 
 $(BIN)/ndsnn: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +26,19 @@ data:
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "Fashion-MNIST: no apt here; set [data] root or download = true in the recipe"; fi
 
+# The C target's Cortex-M4 tests: bare-metal toolchain + newlib (memset/memcpy for the firmware) + QEMU
+cortex-m4-tools:
+	@if command -v qemu-system-arm >/dev/null 2>&1 && command -v arm-none-eabi-gcc >/dev/null 2>&1 && \
+	    [ -f "$$(arm-none-eabi-gcc -print-file-name=libc.a)" ]; then echo "Cortex-M4: arm-none-eabi-gcc, newlib, qemu-system-arm"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $(ARM_TOOLS) || \
+	  echo "Cortex-M4: could not install $(ARM_TOOLS); those tests are skipped"; \
+	else echo "Cortex-M4: no apt here; install $(ARM_TOOLS) to run those tests (skipped without them)"; fi
+
 demo: install data
 	$(BIN)/ndsnn train recipes/quickstart.toml --out runs/quickstart --resume
 
-test: install data
+test: install data cortex-m4-tools
 	$(BIN)/python -m pytest -q
 
 test-fast: install

@@ -52,7 +52,7 @@ def tiny_toml(**tables: Any) -> str:
 
 
 def train_export_source(out: Any, *, name: str, arch: str = "scnn", train_limit: int = 512, test_limit: int = 128,
-                        update_every_steps: int = 4) -> Any:
+                        update_every_steps: int = 4, dataset: str = "synthetic", final: float = 0.9) -> Any:
     """A tiny NDSNN-trained run to export (T=2, 90% sparse, synthetic data, 1 epoch, one thread): the
     source the export tests share; returns `out`."""
     from ndsnn_cli.train import train
@@ -60,10 +60,10 @@ def train_export_source(out: Any, *, name: str, arch: str = "scnn", train_limit:
     torch.set_num_threads(1)
     recipe = Recipe().replace(
         name=name, model={"arch": arch, "timesteps": 2},
-        data={"dataset": "synthetic", "train_limit": train_limit, "test_limit": test_limit, "batch_size": 32,
+        data={"dataset": dataset, "train_limit": train_limit, "test_limit": test_limit, "batch_size": 32,
               "augment": False},
         train={"epochs": 1, "device": "cpu", "optimizer": "adam", "lr": 0.02, "weight_decay": 0.0},
-        sparsity={"method": "ndsnn", "final": 0.9, "initial": 0.5, "update_every_steps": update_every_steps})
+        sparsity={"method": "ndsnn", "final": final, "initial": 0.5, "update_every_steps": update_every_steps})
     train(recipe, out)
     return out
 

@@ -22,7 +22,7 @@ from ndsnn_cli.data import input_contract
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.evaluation import spike_rates
 from ndsnn_cli.export import c, csr
-from ndsnn_cli.export.c import generate, verify
+from ndsnn_cli.export.c import cortex_m4, generate, verify
 from ndsnn_cli.export.fold import fold_batchnorm
 from ndsnn_cli.snn.models import BasicBlock, NeuronConfig, SpikingNet, SpikingSequential, create_model
 from ndsnn_cli.sparse.masks import scale_to_active_fan_in
@@ -30,6 +30,10 @@ from ndsnn_cli.train import train
 
 COMPILER = c.find_compiler()
 needs_cc = pytest.mark.skipif(COMPILER is None, reason="no C compiler (cc, gcc or clang) on this machine")
+ARM = cortex_m4.find_toolchain()
+ARM_MISSING = ARM if isinstance(ARM, str) else None if ARM.qemu else "qemu-system-arm not found"
+needs_m4 = pytest.mark.skipif(COMPILER is None or ARM_MISSING is not None,
+                              reason=f"Cortex-M4: {ARM_MISSING} (make test installs {cortex_m4.PACKAGES})")
 ALLOWED_INCLUDES = {"stdint.h", "stddef.h", "ndsnn_model.h", "ndsnn_kernels.h"}  # freestanding: no libc
 
 
@@ -37,6 +41,21 @@ ALLOWED_INCLUDES = {"stdint.h", "stddef.h", "ndsnn_model.h", "ndsnn_kernels.h"} 
 def scnn_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny NDSNN-trained scnn (T=2, 90% sparse, synthetic data, 256 test images)."""
     return train_export_source(tmp_path_factory.mktemp("c") / "run", name="c-test", test_limit=256)
+
+
+@pytest.fixture(scope="module")
+def fmnist_run99(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small scnn trained with NDSNN to 99% sparsity on real Fashion-MNIST images (T=2, 128 steps: ~73%
+    on its 256 test images; fewer steps leave a 99%-sparse net silent, one class for every image)."""
+    from ndsnn_cli.data.loading import raw_test_set
+    from ndsnn_cli.recipe import Recipe
+
+    try:
+        raw_test_set(Recipe().replace(data={"dataset": "fashion-mnist", "train_limit": 1, "test_limit": 1}).data)
+    except UserError as exc:
+        pytest.skip(f"Fashion-MNIST is not on this machine (make test installs it): {exc}")
+    return train_export_source(tmp_path_factory.mktemp("m4") / "run", name="m4-test", dataset="fashion-mnist",
+                               final=0.99, train_limit=4096, update_every_steps=8, test_limit=256)
 
 
 def _random_sparse(model: SpikingNet, density: float, image_shape: tuple[int, ...],
@@ -313,3 +332,68 @@ def test_a_c_export_never_replaces_a_directory_holding_other_files(tmp_path: Pat
     with pytest.raises(UserError, match=r"firmware: holds files a C export does not write \(main_app.c\)"):
         c.write_directory(target, {"ndsnn_model.h": "/* */\n"})
     assert [p.name for p in target.iterdir()] == ["main_app.c"] and sorted(tmp_path.iterdir()) == [target]
+
+
+# -- Cortex-M4 (QEMU mps2-an386) --------------------------------------------------------------------
+
+@needs_m4
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_scnn_at_99_percent_on_the_emulated_cortex_m4_predicts_what_the_reference_runtime_does(
+        fmnist_run99: Path, tmp_path: Path, dtype: str) -> None:
+    """Cross-compiled with -mcpu=cortex-m4 -mthumb -mfloat-abi=hard -mfpu=fpv4-sp-d16 -O2, run under
+    qemu-system-arm -M mps2-an386 on 256 real test images (semihosting in and out; the run ends by itself,
+    within cortex_m4.TIMEOUT_S): the host build's criteria, on every image for fp32."""
+    path, report = c.export_c(fmnist_run99, tmp_path / dtype, dtype=dtype, target="cortex-m4")
+    m4 = report["verify"]["cortex-m4"]
+    test = m4["images"]["test"]
+    assert m4["passed"] and test["samples"] == 256 and m4["images"]["random"]["samples"] == 8
+    assert test["accuracy_reference"] > 0.3  # a network that computes something (chance: 0.1), not a silent one
+    if dtype == "fp32":
+        assert test["same_predictions"] == 256 and test["logits_within_tolerance"] == 256
+        assert test["max_abs_logit_diff"] < 1e-3
+    else:  # the int8 reference runtime's predictions; the accuracy against fp32 within the sampling bound
+        assert verify.passes({"test": test}, "int8", report["layers"]) and test["same_predictions"] == 256
+        fp32 = test["fp32_reference"]
+        assert fp32["accuracy_fp32"] - fp32["accuracy_c"] <= fp32["allowed_drop"]
+    assert test["instructions_per_tick"] == 40.0  # icount: 1 instruction per virtual ns, 25 MHz timer
+    assert 1e5 < test["instructions_min"] <= test["instructions_median"] <= test["instructions_max"] < 1e9
+    assert 64 < test["stack_bytes"] < cortex_m4.STACK_BYTES
+    fit = report["fit"]
+    assert fit["fits"] and fit["parts"]["mps2-an386"] and fit["stack_bytes"] == max(
+        entry["stack_bytes"] for entry in m4["images"].values())
+    assert fit["flash_bytes"] == report["cortex_m4_size"]["flash"] > report["flash_bytes"]  # code + const data
+    if dtype == "fp32":  # the exported directory's own Makefile builds and runs the same firmware
+        pixels = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+        (path / "images.f32").write_bytes(pixels.numpy().astype("<f4").tobytes())
+        for goal in ("firmware.elf", "qemu", "demo"):
+            subprocess.run(["make", "-s", "-C", str(path), goal], check=True, capture_output=True, timeout=300)
+        m4_predictions, m4_logits, _ = cortex_m4._parse_results((path / "results.bin").read_bytes(), 4)
+        host_predictions, host_logits = c.run_demo(path / "demo", pixels)
+        # the same IEEE single-precision operations in the same order (-std=c99: no contraction into FMA)
+        assert torch.equal(m4_predictions, host_predictions) and torch.equal(m4_logits, host_logits)
+
+
+@needs_cc
+def test_a_build_over_the_budget_is_refused_in_one_line_and_nothing_is_written(
+        scnn_run: Path, tmp_path: Path, run_main) -> None:
+    out = tmp_path / "m4"
+    code, _, stderr = run_main("export", str(scnn_run), "--format", "c", "--target", "stm32l432", "-o", str(out))
+    assert code == 2 and not out.exists() and stderr.count("\n") == 1
+    assert re.fullmatch(r"error: the C build does not fit: RAM [\d,]+ B > 65,536 B \(stm32l432\); nothing written\n",
+                        stderr), stderr
+    code, _, stderr = run_main("export", str(scnn_run), "--format", "c", "--flash", "8K", "--no-verify", "-o", str(out))
+    assert code == 2 and not out.exists() and re.search(r"flash [\d,]+ B > 8,192 B \(--flash/--ram\)", stderr)
+    for bad in (["--flash", "lots"], ["--ram", "0"], ["--target", "esp32"]):
+        code, _, stderr = run_main("export", str(scnn_run), "--format", "c", *bad, "-o", str(out))
+        assert code == 2 and bad[0] in stderr and stderr.count("\n") == 1, stderr
+
+
+def test_without_the_arm_toolchain_a_cortex_m4_export_says_so_and_fits_by_the_generators_bytes(
+        scnn_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cortex_m4, "find_toolchain", lambda: "arm-none-eabi-gcc not found (Debian: ...)")
+    path, report = c.export_c(scnn_run, tmp_path / "m4", target="cortex-m4", run_verify=False)
+    assert report["cortex_m4_skipped"].startswith("arm-none-eabi-gcc not found")
+    assert report["fit"]["flash_bytes"] == report["flash_bytes"] and "code and stack not counted" in \
+        report["fit"]["measured"]
+    assert {"ndsnn_m4_startup.c", "ndsnn_m4_main.c", "ndsnn_m4.h", "ndsnn_m4.ld"} <= {p.name for p in path.iterdir()}
+    assert "firmware.elf:" in (path / "Makefile").read_text()

@@ -26,12 +26,19 @@ def export(
     fold_bn: Annotated[bool, typer.Option("--fold-bn",
                                           help="CSR: fold BatchNorm into the preceding conv/linear.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify",
-                                         help="ONNX: check onnxruntime against PyTorch.")] = True,
+                                         help="ONNX: check onnxruntime against PyTorch; C: the build against "
+                                         "the reference runtime (and under QEMU for a Cortex-M4 target).")] = True,
     sparse_initializers: Annotated[bool, typer.Option(
         "--sparse-initializers", help="ONNX: store masked weights as sparse (COO) initializers.")] = False,
     dt: Annotated[float | None, typer.Option(
         "--dt", metavar="SECONDS", help="NIR: simulation step in seconds; time constants are written as "
         "steps x dt (default 1e-4, the step snnTorch and SpikingJelly simulate).")] = None,
+    target: Annotated[str, typer.Option(
+        "--target", help="C: host (demo), cortex-m4 (+ bare-metal firmware, verified and timed under QEMU "
+        "mps2-an386) or a part class: stm32f407, stm32f411, stm32l432 (cortex-m4 + that part's budget).")] = "host",
+    flash: Annotated[str | None, typer.Option("--flash", metavar="SIZE", help="C: flash budget (e.g. 256K, 1M); "
+                                              "exit 2 when the model does not fit.")] = None,
+    ram: Annotated[str | None, typer.Option("--ram", metavar="SIZE", help="C: RAM budget (e.g. 64K).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Export a trained run as a CSR-packed safetensors artefact, a verified ONNX model or a NIR graph.
@@ -42,11 +49,12 @@ def export(
       ndsnn export runs/quick --format onnx -o quick.onnx
       ndsnn export runs/quick --format nir -o quick.nir   (BN folded; dt 1e-4 s; max-pooling of spikes only)
       ndsnn export runs/quick --format c --dtype int8 -o quick_c/   (make -C quick_c && quick_c/demo X.f32)
+      ndsnn export runs/quick --format c --dtype int8 --target stm32l432 -o quick_m4/   (runs on QEMU's M4)
     """
     from ndsnn_cli.export.exporters import ExportOptions, ExportVerificationError, export
 
     options = ExportOptions(dtype=dtype, fold_bn=fold_bn, verify=verify, sparse_initializers=sparse_initializers,
-                            dt=dt)
+                            dt=dt, target=target, flash=flash, ram=ram)
     try:
         result = export(format, source, out, options)
     except ExportVerificationError as exc:

@@ -24,6 +24,9 @@ class ExportOptions:
     verify: bool = True  # onnx: onnxruntime against PyTorch before writing
     sparse_initializers: bool = False  # onnx: masked weights as COO initializers
     dt: float | None = None  # nir: simulation step in seconds (None: the exporter's default, 1e-4)
+    target: str = "host"  # c: host demo, or cortex-m4 / a part class (bare-metal firmware, QEMU, budget)
+    flash: str | None = None  # c: flash budget ("256K", "1M", bytes)
+    ram: str | None = None  # c: RAM budget
 
 
 @dataclass(frozen=True)

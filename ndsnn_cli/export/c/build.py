@@ -15,7 +15,7 @@ from ndsnn_cli.errors import UserError
 from ndsnn_cli.export.c.generate import CFLAGS, CSources
 
 # what a build in an exported directory leaves beside the sources: replaced with it on a re-export
-BUILD_OUTPUTS = ("demo", "firmware.elf", "firmware.map")
+BUILD_OUTPUTS = ("demo", "firmware.elf", "results.bin")
 
 
 def find_compiler() -> str | None:
@@ -24,11 +24,16 @@ def find_compiler() -> str | None:
     return next((found for name in candidates if (found := shutil.which(name))), None)
 
 
-def compile_demo(sources: CSources, directory: Path, compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
-    """Write the files into `directory` and build `demo` with the strict flags; a compiler error is a UserError."""
+def write_sources(sources: CSources, directory: Path) -> None:
+    """The files into a scratch `directory` (a build's, not the export's: that is `write_directory`)."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, text in sources.files.items():
         (directory / name).write_text(text, encoding="utf-8")
+
+
+def compile_demo(sources: CSources, directory: Path, compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Write the files into `directory` and build `demo` with the strict flags; a compiler error is a UserError."""
+    write_sources(sources, directory)
     demo = directory / "demo"
     command = [compiler, *CFLAGS, *extra_flags, "-o", str(demo), "main.c", "ndsnn_model.c", "ndsnn_kernels.c"]
     done = subprocess.run(command, cwd=directory, capture_output=True, text=True, check=False)

@@ -348,9 +348,14 @@ def generate_sources(model: Any, masks: dict[str, torch.Tensor], *, contract: di
             "BODY": _indented(program.statements, 2), "LOGITS": logits.expr,
             "PLANE": math.prod(shape[1:]), "IMAGE": image.expr}),
         **{name: template_text(name) for name in COPIED},
-        "Makefile": render("Makefile", {"CFLAGS": " ".join(CFLAGS)}),
+        "Makefile": makefile(),
     }
     return CSources(files, program.flash_bytes, program.ram_bytes, program.layers, dtype)
+
+
+def makefile(firmware_rules: str = "") -> str:
+    """The directory's Makefile: the host demo with CFLAGS, and the target's firmware rules (if any)."""
+    return render("Makefile", {"CFLAGS": " ".join(CFLAGS), "FIRMWARE_RULES": firmware_rules})
 
 
 def _indented(statements: list[str], level: int) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,53 +118,68 @@ def _int8_drop_too_large(entry: dict[str, Any]) -> bool:
     return fp32 is not None and fp32["accuracy_fp32"] - fp32["accuracy_c"] > fp32["allowed_drop"]
 
 
+# a build that runs images: float pixels [N, C, H, W] -> (predictions, summed logits, costs of the run)
+Runner = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]
+
+
 def verify_sources(sources: CSources, model: Any, masks: dict[str, torch.Tensor], timesteps: int,
                    contract: dict[str, Any], images: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-                   compiler: str) -> dict[str, Any]:
-    """Compile the demo, run it and the reference runtime on each image set ([0, 1] pixels, labels or None):
-    the reference on the build's own weights (fp32, or int8 dequantised), and for int8 the fp32 one too."""
+                   compiler: str, devices: dict[str, Runner] | None = None) -> dict[str, Any]:
+    """Compile the host demo, run it (and every `devices` build, e.g. the Cortex-M4 firmware under QEMU) and
+    the reference runtime on each image set ([0, 1] pixels, labels or None): the reference on the build's
+    own weights (fp32, or int8 dequantised), and for int8 the fp32 one too. `report["images"]` holds the
+    host build's comparisons, `report[device]["images"]` each device's (same criteria)."""
     nets = {dtype: reference_network(model, masks, timesteps, contract, dtype) for dtype in {"fp32", sources.dtype}}
     report: dict[str, Any] = {"compiler": compiler, "dtype": sources.dtype, "images": {}}
     with tempfile.TemporaryDirectory(prefix="ndsnn-c-build-") as tmp:
         demo = compile_demo(sources, Path(tmp), compiler)
+        runners: dict[str, Runner] = {"host": lambda pixels: (*run_demo(demo, pixels), {}), **(devices or {})}
         for label, (pixels, labels) in images.items():
-            c_out = run_demo(demo, pixels)
             logits = {dtype: torch.cat([net(pixels[i:i + 64]).sum(0) for i in range(0, len(pixels), 64)])
                       for dtype, net in nets.items()}
-            entry = compare(c_out, (logits[sources.dtype].argmax(-1), logits[sources.dtype]), labels)
-            if sources.dtype == "int8" and labels is not None:
-                entry["fp32_reference"] = compare_to_fp32(c_out[0], logits["fp32"].argmax(-1), labels)
-            report["images"][label] = entry
+            for name, runner in runners.items():
+                predictions, c_logits, costs = runner(pixels)
+                entry = {**compare((predictions, c_logits), (logits[sources.dtype].argmax(-1), logits[sources.dtype]),
+                                   labels), **costs}
+                if sources.dtype == "int8" and labels is not None:
+                    entry["fp32_reference"] = compare_to_fp32(predictions, logits["fp32"].argmax(-1), labels)
+                (report if name == "host" else report.setdefault(name, {"images": {}}))["images"][label] = entry
     if sources.dtype == "int8":
         report["quantisation"] = {layer["name"]: layer["quantisation"] for layer in sources.layers}
-    report["passed"] = passes(report["images"], sources.dtype, sources.layers)
+    for name in devices or {}:
+        report[name]["passed"] = passes(report[name]["images"], sources.dtype, sources.layers)
+    report["passed"] = passes(report["images"], sources.dtype, sources.layers) and all(
+        report[name]["passed"] for name in devices or {})
     return report
 
 
 def failure_reason(report: dict[str, Any]) -> str:
     """One line for a refused export: what was measured on which images, and what the user can do."""
-    parts = []
-    failed = {label: entry for label, entry in report["images"].items()
-              if not _arithmetic_agrees(entry) or _int8_drop_too_large(entry)}
-    for label, entry in failed.items():
-        line = (f"{label} images ({entry['samples']}): {entry['same_predictions']} same predictions and "
-                f"{entry['logits_within_tolerance']} logits within tolerance vs the {report['dtype']} reference "
-                f"runtime (need {math.ceil(MIN_SAME_PREDICTIONS * entry['samples'])} and "
-                f"{math.ceil(MIN_LOGITS_WITHIN * entry['samples'])})")
-        if (fp32 := entry.get("fp32_reference")) is not None:
-            line += (f", accuracy int8 C {fp32['accuracy_c']:.2%} vs fp32 reference {fp32['accuracy_fp32']:.2%} "
-                     f"({fp32['discordant']} images decided differently; drop allowed "
-                     f"{fp32['allowed_drop']:.2%})")
-        parts.append(line)
+    sets = [("", report["images"])] + [(f"{name} ", report[name]["images"]) for name in ("cortex-m4",)
+                                        if name in report]
+    failed = [(f"{prefix}{label}", entry) for prefix, entries in sets for label, entry in entries.items()
+              if not _arithmetic_agrees(entry) or _int8_drop_too_large(entry)]
+    parts = [_measured(label, entry, report["dtype"]) for label, entry in failed]
     bad = [name for name, q in report.get("quantisation", {}).items()
            if q["max_error_steps"] > INT8_MAX_ERROR_STEPS or q["rows_at_127"] != q["rows"]]
     if bad:
         parts.append(f"int8 weights of {', '.join(bad)} off by more than half a step or not scaled to 127")
-    bug = bad or not all(_arithmetic_agrees(entry) for entry in failed.values())
+    bug = bad or not all(_arithmetic_agrees(entry) for _, entry in failed)
     advice = ("that is a bug in ndsnn's C target or int8 quantiser: please report it with the --json output" if bug
               else "int8 loses more accuracy than sampling noise explains: train the run further (small logit "
               "margins flip under int8), or export --dtype fp32")
     return "; ".join(parts) + f"; {advice}, or pass --no-verify to write it unchecked"
+
+
+def _measured(label: str, entry: dict[str, Any], dtype: str) -> str:
+    line = (f"{label} images ({entry['samples']}): {entry['same_predictions']} same predictions and "
+            f"{entry['logits_within_tolerance']} logits within tolerance vs the {dtype} reference runtime (need "
+            f"{math.ceil(MIN_SAME_PREDICTIONS * entry['samples'])} and "
+            f"{math.ceil(MIN_LOGITS_WITHIN * entry['samples'])})")
+    if (fp32 := entry.get("fp32_reference")) is not None:
+        line += (f", accuracy int8 C {fp32['accuracy_c']:.2%} vs fp32 reference {fp32['accuracy_fp32']:.2%} "
+                 f"({fp32['discordant']} images decided differently; drop allowed {fp32['allowed_drop']:.2%})")
+    return line
 
 
 def verification_images(recipe: Any, contract: dict[str, Any], count: int) -> dict[str, tuple[torch.Tensor, Any]]:
