@@ -21,7 +21,7 @@ from torch import nn
 from ndsnn_cli.data import input_contract
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.evaluation import spike_rates
-from ndsnn_cli.export import c, csr
+from ndsnn_cli.export import c, csr, graph
 from ndsnn_cli.export.c import cortex_m4, generate, verify
 from ndsnn_cli.export.fold import fold_batchnorm
 from ndsnn_cli.snn.models import BasicBlock, NeuronConfig, SpikingNet, SpikingSequential, create_model
@@ -237,6 +237,34 @@ def test_resnet_and_vgg_shaped_ops_match_the_reference_on_200_images_and_run_cle
     expected_predictions, expected_logits = c.run_demo(plain, pixels[:16])
     assert torch.equal(predictions, expected_predictions) and torch.equal(logits, expected_logits)
     assert bool((expected_logits.std(0) > 0).any())  # the logits depend on the image through the spikes
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_both_max_pool_paths_and_every_row_tail_match_the_reference(tmp_path: Path, dtype: str) -> None:
+    """The C max-pool has a direct path for windows that tile the map (kernel = stride, no padding) and a
+    general one with clipping (padding, overlapping windows, partial windows of ceil_mode); the row kernels
+    run blocks of 8 and a scalar tail (odd widths: 27, 13, 7). Analog and spike maps through each, against
+    the reference runtime (fp32: same predictions, logits to rounding; int8: the int8 reference)."""
+    torch.manual_seed(0)
+    neuron = NeuronConfig(timesteps=3)
+    encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.MaxPool2d(3, 2, padding=1))
+    body = SpikingSequential(  # 27x27 -> 14x14 (general, analog) ...
+        neuron.make(), nn.MaxPool2d(2, 2, ceil_mode=True),  # 14 -> 7, tiled (spikes)
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), neuron.make(),
+        nn.MaxPool2d(2, 2, ceil_mode=True),  # 7 -> 4: a partial last window, general (spikes)
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 24), neuron.make(), nn.Linear(24, 10))
+    model, masks = _random_sparse(SpikingNet(encoder, body, neuron), 0.5, (3, 27, 27))
+    ops = [op for op in graph.walk(graph.network_graph(model, (3, 27, 27))) if isinstance(op, graph.MaxPool2d)]
+    assert [(op.in_shape[1], op.out_shape[1]) for op in ops] == [(27, 14), (14, 7), (7, 4)]
+    contract = {**input_contract("cifar10"), "shape": [3, 27, 27]}
+    pixels = torch.rand(64, 3, 27, 27, generator=torch.Generator().manual_seed(6))
+    rates = list(spike_rates(model, c.normalise(pixels, contract)).values())
+    assert all(0.01 < rate < 0.9 for rate in rates), rates
+    sources = c.generate_sources(model, masks, contract=contract, timesteps=3, num_classes=10, dtype=dtype)
+    report = c.verify_sources(sources, model, masks, 3, contract, {"random": (pixels, None)}, COMPILER)
+    entry = report["images"]["random"]
+    assert report["passed"] and entry["same_predictions"] == 64 and entry["max_abs_logit_diff"] < 1e-3
 
 
 @needs_cc

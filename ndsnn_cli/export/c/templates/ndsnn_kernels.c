@@ -18,7 +18,7 @@ static column_cursor columns_of(const ndsnn_csr *w)
     return cursor;
 }
 
-static int32_t next_column(column_cursor *c, int32_t k)
+static inline int32_t next_column(column_cursor *c, int32_t k)
 {
     int32_t gap = 0;
     if (c->w->gaps == NULL) {
@@ -57,11 +57,88 @@ static void valid_range(int32_t size, int32_t out_size, int32_t stride, int32_t 
 /* Where weight k of a conv row reads: its input channel and kernel offsets (dilated). */
 static void conv_tap(const ndsnn_conv_geometry *g, int32_t col, int32_t *channel, int32_t *dy, int32_t *dx)
 {
-    int32_t taps = g->kernel_h * g->kernel_w;
-    int32_t within = col % taps;
-    *channel = col / taps;
+    int32_t within;
+    if (g->kernel_h == 3 && g->kernel_w == 3) { /* constant divisors: multiplies, not divides */
+        within = col % 9;
+        *channel = col / 9;
+        *dy = (within / 3) * g->dilation_h;
+        *dx = (within % 3) * g->dilation_w;
+        return;
+    }
+    within = col % (g->kernel_h * g->kernel_w);
+    *channel = col / (g->kernel_h * g->kernel_w);
     *dy = (within / g->kernel_w) * g->dilation_h;
     *dx = (within % g->kernel_w) * g->dilation_w;
+}
+
+/* Row kernels: dst[i] += w * src[i * stride] over n outputs. For stride 1, blocks of ROW_BLOCK have a
+ * constant trip count, which compilers vectorise at -O2 (GCC's cheap cost model); the same operations in
+ * the same order as the scalar loop, so the same rounding. A spike is 0 or 1: w * spike adds w or 0,
+ * without a branch. */
+#define ROW_BLOCK 8
+#define NDSNN_DEFINE_ROW(NAME, ACC_T, SRC_T)                                                            \
+    static void NAME##_block(ACC_T *restrict dst, const SRC_T *restrict src, ACC_T w)                   \
+    {                                                                                                   \
+        int32_t i;                                                                                      \
+        for (i = 0; i < ROW_BLOCK; ++i) {                                                               \
+            dst[i] += w * (ACC_T)src[i];                                                                \
+        }                                                                                               \
+    }                                                                                                   \
+    static void NAME(ACC_T *restrict dst, const SRC_T *restrict src, int32_t n, int32_t stride, ACC_T w) \
+    {                                                                                                   \
+        int32_t i = 0;                                                                                  \
+        if (stride == 1) {                                                                              \
+            for (; i + ROW_BLOCK <= n; i += ROW_BLOCK) {                                                \
+                NAME##_block(dst + i, src + i, w);                                                      \
+            }                                                                                           \
+        }                                                                                               \
+        for (; i < n; ++i) {                                                                            \
+            dst[i] += w * (ACC_T)src[i * stride];                                                       \
+        }                                                                                               \
+    }
+
+NDSNN_DEFINE_ROW(row_analog, float, float)
+NDSNN_DEFINE_ROW(row_spikes_fp32, float, uint8_t)
+NDSNN_DEFINE_ROW(row_spikes_int8, int32_t, uint8_t)
+
+/* y[i] = y[i] * scale + bias (scale 1 when there is none: exactly y[i] + bias) and y[i] = acc[i] * scale +
+ * bias over a plane, in blocks of ROW_BLOCK like the row kernels. */
+static void affine_block(float *restrict y, float scale, float bias)
+{
+    int32_t i;
+    for (i = 0; i < ROW_BLOCK; ++i) {
+        y[i] = y[i] * scale + bias;
+    }
+}
+
+static void affine(float *restrict y, int32_t n, float scale, float bias)
+{
+    int32_t i = 0;
+    for (; i + ROW_BLOCK <= n; i += ROW_BLOCK) {
+        affine_block(y + i, scale, bias);
+    }
+    for (; i < n; ++i) {
+        y[i] = y[i] * scale + bias;
+    }
+}
+
+static void dequantise_block(float *restrict y, const int32_t *restrict acc, float scale, float bias)
+{
+    int32_t i;
+    for (i = 0; i < ROW_BLOCK; ++i) {
+        y[i] = (float)acc[i] * scale + bias;
+    }
+}
+
+static void dequantise(float *restrict y, const int32_t *restrict acc, int32_t n, float scale, float bias)
+{
+    int32_t i = 0;
+    for (; i + ROW_BLOCK <= n; i += ROW_BLOCK) {
+        dequantise_block(y + i, acc + i, scale, bias);
+    }
+    for (; i < n; ++i) {
+        y[i] = (float)acc[i] * scale + bias;
+    }
 }
 
 void ndsnn_zero(float *x, int32_t count)
@@ -97,7 +174,7 @@ void ndsnn_normalize_u8(const uint8_t *image, const float *mean, const float *st
 void ndsnn_conv_analog(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const float *in, float *out)
 {
     int32_t plane = g->out_h * g->out_w;
-    int32_t o, k, i, oy, ox;
+    int32_t o, k, i, oy;
     column_cursor cursor = columns_of(w);
     for (o = 0; o < g->out_c; ++o) {
         float *dst = out + o * plane;
@@ -115,14 +192,10 @@ void ndsnn_conv_analog(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const f
             src = in + channel * g->in_h * g->in_w;
             for (oy = y0; oy < y1; ++oy) {
                 const float *row = src + (oy * g->stride_h - g->pad_h + dy) * g->in_w - g->pad_w + dx;
-                for (ox = x0; ox < x1; ++ox) {
-                    dst[oy * g->out_w + ox] += weight * row[ox * g->stride_w];
-                }
+                row_analog(dst + oy * g->out_w + x0, row + x0 * g->stride_w, x1 - x0, g->stride_w, weight);
             }
         }
-        for (i = 0; i < plane; ++i) {
-            dst[i] = (w->scales != NULL ? dst[i] * w->scales[o] : dst[i]) + bias_at(w, o);
-        }
+        affine(dst, plane, w->scales != NULL ? w->scales[o] : 1.0f, bias_at(w, o));
     }
 }
 
@@ -146,11 +219,11 @@ void ndsnn_linear_analog(const ndsnn_csr *w, const float *in, float *out)
  * into an int32 accumulator per output position, scaled once per position by the caller. The cursor
  * stands at row o's first column. C99 has no templates, so the two variants are one macro (ACC_T:
  * accumulator type; WEIGHT: the tap's value). */
-#define NDSNN_DEFINE_CONV_SPIKES(NAME, ACC_T, WEIGHT)                                                     \
+#define NDSNN_DEFINE_CONV_SPIKES(NAME, ACC_T, WEIGHT, ROW)                                                     \
     static void NAME(const ndsnn_csr *w, const ndsnn_conv_geometry *g, int32_t o, const uint8_t *in,   \
                      ACC_T *acc, column_cursor *cursor)                                                 \
     {                                                                                                   \
-        int32_t k, oy, ox;                                                                              \
+        int32_t k, oy;                                                                                  \
         cursor->col = -1;                                                                               \
         for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {                                           \
             int32_t channel, dy, dx, y0, y1, x0, x1;                                                    \
@@ -162,18 +235,13 @@ void ndsnn_linear_analog(const ndsnn_csr *w, const float *in, float *out)
             src = in + channel * g->in_h * g->in_w;                                                     \
             for (oy = y0; oy < y1; ++oy) {                                                              \
                 const uint8_t *row = src + (oy * g->stride_h - g->pad_h + dy) * g->in_w - g->pad_w + dx; \
-                ACC_T *acc_row = acc + oy * g->out_w;                                                   \
-                for (ox = x0; ox < x1; ++ox) {                                                          \
-                    if (row[ox * g->stride_w]) {                                                        \
-                        acc_row[ox] += weight;                                                          \
-                    }                                                                                   \
-                }                                                                                       \
+                ROW(acc + oy * g->out_w + x0, row + x0 * g->stride_w, x1 - x0, g->stride_w, weight);    \
             }                                                                                           \
         }                                                                                               \
     }
 
-NDSNN_DEFINE_CONV_SPIKES(conv_spikes_fp32, float, w->values[k])
-NDSNN_DEFINE_CONV_SPIKES(conv_spikes_int8, int32_t, w->qvalues[k])
+NDSNN_DEFINE_CONV_SPIKES(conv_spikes_fp32, float, w->values[k], row_spikes_fp32)
+NDSNN_DEFINE_CONV_SPIKES(conv_spikes_int8, int32_t, w->qvalues[k], row_spikes_int8)
 
 void ndsnn_conv_spikes(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const uint8_t *in, float *out,
                        int32_t *acc)
@@ -189,15 +257,11 @@ void ndsnn_conv_spikes(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const u
                 acc[i] = 0;
             }
             conv_spikes_int8(w, g, o, in, acc, &cursor);
-            for (i = 0; i < plane; ++i) {
-                dst[i] = (float)acc[i] * w->scales[o] + bias;
-            }
+            dequantise(dst, acc, plane, w->scales[o], bias);
         } else {
             ndsnn_zero(dst, plane);
             conv_spikes_fp32(w, g, o, in, dst, &cursor);
-            for (i = 0; i < plane; ++i) {
-                dst[i] += bias;
-            }
+            affine(dst, plane, 1.0f, bias);
         }
     }
 }
@@ -210,33 +274,43 @@ void ndsnn_linear_spikes(const ndsnn_csr *w, const uint8_t *in, float *out)
         cursor.col = -1;
         if (w->qvalues != NULL) {
             int32_t sum = 0;
-            for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
-                if (in[next_column(&cursor, k)]) {
-                    sum += w->qvalues[k];
-                }
+            for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) { /* branchless: a spike is 0 or 1 */
+                sum += w->qvalues[k] * (int32_t)in[next_column(&cursor, k)];
             }
             out[o] = (float)sum * w->scales[o] + bias_at(w, o);
         } else {
             float sum = 0.0f;
             for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
-                if (in[next_column(&cursor, k)]) {
-                    sum += w->values[k];
-                }
+                sum += w->values[k] * (float)in[next_column(&cursor, k)];
             }
             out[o] = sum + bias_at(w, o);
         }
     }
 }
 
-void ndsnn_lif(const float *x, float *v, uint8_t *spikes, int32_t count, float tau, float v_threshold)
+/* LIF over `count` neurons, in blocks of a constant length: a loop of known trip count that compilers
+ * vectorise at -O2 (GCC's cheap cost model), with the division kept (vector division rounds as scalar). */
+#define LIF_BLOCK 16
+
+static void lif_block(const float *restrict x, float *restrict v, uint8_t *restrict spikes, int32_t count,
+                      float tau, float v_threshold)
 {
     int32_t i;
     for (i = 0; i < count; ++i) {
         float h = v[i] + (x[i] - v[i]) / tau; /* a division, as the reference: same rounding */
-        uint8_t fired = (uint8_t)(h >= v_threshold);
-        spikes[i] = fired;
+        int fired = h >= v_threshold;
+        spikes[i] = (uint8_t)fired;
         v[i] = fired ? 0.0f : h;
     }
+}
+
+void ndsnn_lif(const float *x, float *v, uint8_t *spikes, int32_t count, float tau, float v_threshold)
+{
+    int32_t i;
+    for (i = 0; i + LIF_BLOCK <= count; i += LIF_BLOCK) {
+        lif_block(x + i, v + i, spikes + i, LIF_BLOCK, tau, v_threshold);
+    }
+    lif_block(x + i, v + i, spikes + i, count - i, tau, v_threshold);
 }
 
 /* Input rows [*lo, *hi) of output row o's window, clipped to the map (padding never wins a max). */
@@ -252,11 +326,65 @@ static void window(int32_t o, int32_t size, int32_t kernel, int32_t stride, int3
     }
 }
 
-/* Max-pooling of a [C, H, W] map of ELEM_T. On spike bytes (0/1) the maximum is the OR of the window. */
+/* Max-pooling of a [C, H, W] map of ELEM_T. On spike bytes (0/1) the maximum is the OR of the window.
+ * Windows that tile the map (kernel = stride, no padding: every max-pool of the registry's models) take
+ * a direct path without clipping. */
+#define MAX2(a, b) ((a) > (b) ? (a) : (b))
 #define NDSNN_DEFINE_MAXPOOL(NAME, ELEM_T)                                                             \
+    static void NAME##_2x2_block(const ELEM_T *restrict top, const ELEM_T *restrict bottom,           \
+                                 ELEM_T *restrict out)                                                 \
+    {                                                                                                  \
+        int32_t i;                                                                                     \
+        for (i = 0; i < ROW_BLOCK; ++i) {                                                              \
+            out[i] = MAX2(MAX2(top[2 * i], top[2 * i + 1]), MAX2(bottom[2 * i], bottom[2 * i + 1]));   \
+        }                                                                                              \
+    }                                                                                                  \
+    static void NAME##_2x2(const ELEM_T *restrict top, const ELEM_T *restrict bottom,                 \
+                           ELEM_T *restrict out, int32_t n)                                            \
+    {                                                                                                  \
+        int32_t i = 0;                                                                                 \
+        for (; i + ROW_BLOCK <= n; i += ROW_BLOCK) {                                                   \
+            NAME##_2x2_block(top + 2 * i, bottom + 2 * i, out + i);                                    \
+        }                                                                                              \
+        for (; i < n; ++i) {                                                                           \
+            out[i] = MAX2(MAX2(top[2 * i], top[2 * i + 1]), MAX2(bottom[2 * i], bottom[2 * i + 1]));   \
+        }                                                                                              \
+    }                                                                                                  \
+    static void NAME##_tiled(const ndsnn_pool_geometry *g, const ELEM_T *in, ELEM_T *out)              \
+    {                                                                                                  \
+        int32_t c, oy, ox, ky, kx;                                                                     \
+        for (c = 0; c < g->channels; ++c) {                                                            \
+            const ELEM_T *src = in + c * g->in_h * g->in_w;                                            \
+            for (oy = 0; oy < g->out_h; ++oy) {                                                        \
+                const ELEM_T *top = src + oy * g->stride_h * g->in_w;                                  \
+                if (g->kernel_h == 2 && g->kernel_w == 2) { /* 2x2: the common case, in blocks */       \
+                    NAME##_2x2(top, top + g->in_w, out, g->out_w);                                     \
+                    out += g->out_w;                                                                   \
+                    continue;                                                                          \
+                }                                                                                      \
+                for (ox = 0; ox < g->out_w; ++ox) {                                                    \
+                    const ELEM_T *corner = top + ox * g->stride_w;                                     \
+                    ELEM_T best = corner[0];                                                           \
+                    for (ky = 0; ky < g->kernel_h; ++ky) {                                             \
+                        for (kx = 0; kx < g->kernel_w; ++kx) {                                         \
+                            ELEM_T value = corner[ky * g->in_w + kx];                                  \
+                            best = value > best ? value : best;                                        \
+                        }                                                                              \
+                    }                                                                                  \
+                    *out++ = best;                                                                     \
+                }                                                                                      \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+                                                                                                       \
     void NAME(const ndsnn_pool_geometry *g, const ELEM_T *in, ELEM_T *out)                             \
     {                                                                                                  \
         int32_t c, oy, ox, iy, ix, y0, y1, x0, x1;                                                     \
+        if (g->pad_h == 0 && g->pad_w == 0 && g->kernel_h == g->stride_h && g->kernel_w == g->stride_w && \
+            g->out_h * g->stride_h <= g->in_h && g->out_w * g->stride_w <= g->in_w) {                  \
+            NAME##_tiled(g, in, out);                                                                  \
+            return;                                                                                    \
+        }                                                                                              \
         for (c = 0; c < g->channels; ++c) {                                                            \
             const ELEM_T *src = in + c * g->in_h * g->in_w;                                            \
             for (oy = 0; oy < g->out_h; ++oy) {                                                        \

@@ -53,7 +53,8 @@ void ndsnn_conv_spikes(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const u
                        int32_t *acc);
 void ndsnn_linear_spikes(const ndsnn_csr *w, const uint8_t *in, float *out);
 
-/* Multi-step LIF, one time step: h = v + (x - v) / tau; spike = h >= v_threshold; v = spike ? 0 : h. */
+/* Multi-step LIF, one time step: h = v + (x - v) / tau; spike = h >= v_threshold; v = spike ? 0 : h.
+ * x, v and spikes do not overlap. */
 void ndsnn_lif(const float *x, float *v, uint8_t *spikes, int32_t count, float tau, float v_threshold);
 
 void ndsnn_maxpool_analog(const ndsnn_pool_geometry *g, const float *in, float *out);
