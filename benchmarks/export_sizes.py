@@ -66,11 +66,11 @@ def size_breakdown(path: Path) -> dict[str, int]:
     """Bytes of CSR values, column and row indices, dense tensors and the JSON header of an artefact."""
     tensors, _ = load_raw(path)
     sparse, plain = split_csr(tensors)
-    out = {"values": 0, "col_indices": 0, "col_gaps": 0, "crow_indices": 0, "scales": 0, "shape": 0}
+    out = {"values": 0, "col_indices": 0, "col_gaps": 0, "flat_gaps": 0, "crow_indices": 0, "scales": 0, "shape": 0}
     for parts in sparse.values():
         for part, tensor in parts.items():
             out[part] += tensor.nbytes
-    out["columns"] = out["col_indices"] + out["col_gaps"]
+    out["columns"] = out["col_indices"] + out["col_gaps"] + out["flat_gaps"]
     out["dense_params"] = sum(t.nbytes for t in plain.values())
     out["header"] = 8 + int.from_bytes(path.read_bytes()[:8], "little")
     return out
@@ -150,7 +150,9 @@ def sizes_section(rows: list[dict[str, Any]]) -> list[str]:
     """The `## Sizes` section: file bytes per variant and % of dense, then where the bytes go."""
     lines = ["## Sizes", "",
              "Column indices: `int16` = plain `col_indices`; the other CSR columns choose per parameter the "
-             "smaller of plain and uint8 gaps (`col_gaps`, version 3). int8: one fp32 scale per output row.", "",
+             "smallest of plain, uint8 row-wise gaps (`col_gaps` + `crow_indices`, version 3) and uint8 flat gaps "
+             "over the whole matrix (`flat_gaps`, no `crow_indices`, version 4). int8: one bf16 scale per output "
+             "row (version 4).", "",
              "| model | sparsity | dense fp32 bytes | " + " | ".join(f"{title} | %" for _, title in SIZE_COLUMNS)
              + " | int8 target <= 0.6% at 99% |",
              "|---|---|---|" + "---|---|" * len(SIZE_COLUMNS) + "---|"]
@@ -167,7 +169,8 @@ def sizes_section(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         a, b = r["breakdown_fp32_plain"], r["breakdown_int8_fold"]
         lines.append(f"| {r['arch']} | {r['sparsity']:.2f} | {a['values']:,} / {b['values']:,} | "
-                     f"{a['columns']:,} / {b['columns']:,} ({b['col_gaps']:,} as gaps) | {a['crow_indices']:,} | "
+                     f"{a['columns']:,} / {b['columns']:,} ({b['col_gaps']:,} as row gaps, {b['flat_gaps']:,} as "
+                     f"flat gaps) | {a['crow_indices']:,} / {b['crow_indices']:,} | "
                      f"{b['scales']:,} | {a['dense_params']:,} / {b['dense_params']:,} | "
                      f"{a['header']:,} / {b['header']:,} |")
     return lines

@@ -28,11 +28,13 @@ from ndsnn_cli.formats.csr import (
     CSR_FORMAT,
     CSR_PARTS,
     CSR_VERSION,
+    FLAT_SINCE_VERSION,
     GAP_ESCAPE,
     GAPS_SINCE_VERSION,
     INT8_MAX,
     VALUE_DTYPES,
     dense_dtype,
+    flat_positions,
     gap_columns,
     split_parameters,
 )
@@ -102,7 +104,10 @@ def _variance(path: str | Path, name: str, tensor: torch.Tensor) -> None:
 def check_csr(path: str | Path, name: str, parts: Mapping[str, torch.Tensor], value_dtype: torch.dtype) -> list[int]:
     """The CSR invariants of one parameter; returns its original shape. The named checks run in an order
     where each reads only what the previous ones made safe: presence, shape, dtypes and lengths before
-    indexing, index ranges before use."""
+    indexing, index ranges before use. Flat gaps are checked encoded, then as the row pointers and columns
+    they decode to."""
+    if "flat_gaps" in parts:
+        parts = _unflattened(path, name, parts)
     gapped = _csr_parts_present(path, name, parts)
     shape = _csr_shape(path, name, parts["shape"])
     rows, cols = shape[0], math.prod(shape[1:])
@@ -199,6 +204,37 @@ def _csr_columns_in_rows(path: str | Path, where: str, col64: torch.Tensor, crow
         _fail(path, where, f"must be strictly increasing within each row (row {row})")
 
 
+def _unflattened(path: str | Path, name: str, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A `flat_gaps` parameter checked as its decoder reads it (uint8, nothing row-wise beside it, no escape
+    open at the end, one final byte per stored value, the last position inside rows x cols), then returned as
+    the crow_indices and col_indices it decodes to, for the row-wise checks that follow."""
+    where = f"{name}.flat_gaps"
+    stray = next((part for part in ("crow_indices", "col_indices", "col_gaps") if part in parts), None)
+    if stray:
+        _fail(path, f"{name}.{stray}", "a parameter with flat_gaps has no crow_indices, col_indices or col_gaps")
+    for part in ("values", "shape"):
+        if part not in parts:
+            _fail(path, f"{name}.{part}", "missing (a flat_gaps parameter has flat_gaps, values, shape)")
+    gaps, values = parts["flat_gaps"], parts["values"]
+    if gaps.dtype != torch.uint8 or gaps.dim() != 1 or values.dim() != 1:
+        _fail(path, where, f"must be 1-D uint8 beside 1-D values (got {gaps.dtype} {list(gaps.shape)}, values "
+                           f"{list(values.shape)})")
+    shape = _csr_shape(path, name, parts["shape"])
+    rows, cols = shape[0], math.prod(shape[1:])
+    if gaps.numel() and int(gaps[-1]) == GAP_ESCAPE:
+        _fail(path, where, f"ends inside an escape (last byte {GAP_ESCAPE}: the gap is truncated)")
+    if int((gaps != GAP_ESCAPE).sum()) != values.numel():
+        _fail(path, where, f"encodes {int((gaps != GAP_ESCAPE).sum())} gaps ({gaps.numel()} bytes), but "
+                           f"{values.numel()} values are stored")
+    flat = flat_positions(gaps)
+    if flat.numel() and int(flat[-1]) >= rows * cols:
+        _fail(path, where, f"runs past the {rows} x {cols} matrix (to position {int(flat[-1])})")
+    crow = torch.zeros(rows + 1, dtype=torch.int64)
+    crow[1:] = torch.bincount(flat // cols, minlength=rows).cumsum(0)
+    col = (flat % cols).to(torch.int16 if cols < COL_INT16_BELOW else torch.int32)
+    return {**{k: v for k, v in parts.items() if k != "flat_gaps"}, "crow_indices": crow, "col_indices": col}
+
+
 def _check_gaps(path: str | Path, where: str, gaps: torch.Tensor, crow: torch.Tensor, cols: int) -> torch.Tensor:
     """The gap stream read as its C decoder reads it: no escape left open at the end, one final byte per
     stored weight (crow[-1] of them), every row's last column inside the row. Returns the columns."""
@@ -218,7 +254,8 @@ def _check_gaps(path: str | Path, where: str, gaps: torch.Tensor, crow: torch.Te
 
 def _check_scales(path: str | Path, name: str, parts: Mapping[str, torch.Tensor], rows: int,
                   value_dtype: torch.dtype) -> None:
-    """int8 values: in [-127, 127], with one finite positive fp32 scale per row; other dtypes: no scales."""
+    """int8 values: in [-127, 127], with one finite positive fp32 (bf16 from version 4) scale per row; other
+    dtypes: no scales."""
     if value_dtype != torch.int8:
         if "scales" in parts:
             _fail(path, f"{name}.scales", "only int8 artefacts have scales")
@@ -229,11 +266,12 @@ def _check_scales(path: str | Path, name: str, parts: Mapping[str, torch.Tensor]
     if "scales" not in parts:
         _fail(path, f"{name}.scales", "missing (int8 values need one scale per output row)")
     scales = parts["scales"]
-    if scales.dtype != torch.float32 or scales.numel() != rows:
-        _fail(path, f"{name}.scales", f"must be float32 of length rows = {rows} (got {scales.dtype}, "
-                                      f"{scales.numel()})")
+    if scales.dtype not in (torch.float32, torch.bfloat16) or scales.numel() != rows:
+        _fail(path, f"{name}.scales", f"must be float32 of length rows = {rows} (or bfloat16, version 4; got "
+                                      f"{scales.dtype}, {scales.numel()})")
     if not bool((torch.isfinite(scales) & (scales > 0)).all()):
         _fail(path, f"{name}.scales", "must be finite and > 0")
+    scales = scales.float()
     if not bool(torch.isfinite(scales * INT8_MAX).all()):  # w = scale * q with |q| <= 127, in float32
         _fail(path, f"{name}.scales", f"= {float(scales.max()):.3g}: scale x {INT8_MAX} overflows float32, so the "
                                       "dequantised weights would be infinite")
@@ -253,6 +291,8 @@ def check_artefact(path: str | Path, tensors: Mapping[str, torch.Tensor], metada
             (f"{name}.col_gaps" for name, parts in sparse.items() if "col_gaps" in parts), None)
         if newer:
             _fail(path, "version", f"{metadata['version']} has no {newer} (version {GAPS_SINCE_VERSION} and later)")
+    if metadata["version"] < FLAT_SINCE_VERSION:
+        _no_version_4_parts(path, metadata["version"], sparse)
     shapes = {name: check_csr(path, name, parts, value_dtype) for name, parts in sparse.items()}
     plain_dtype = dense_dtype(metadata["dtype"])
     for name, tensor in plain.items():
@@ -263,6 +303,13 @@ def check_artefact(path: str | Path, tensors: Mapping[str, torch.Tensor], metada
         shapes[name] = list(tensor.shape)
     if "graph" in metadata:
         check_graph(path, metadata, shapes, dense={name: t.dtype for name, t in plain.items()})
+
+
+def _no_version_4_parts(path: str | Path, version: int, sparse: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    newer = next((f"{name}.{part}" for name, parts in sparse.items() for part in ("flat_gaps", "scales")
+                  if part in parts and (part == "flat_gaps" or parts[part].dtype == torch.bfloat16)), None)
+    if newer:
+        _fail(path, "version", f"{version} has no {newer} as stored (version {FLAT_SINCE_VERSION} and later)")
 
 
 def sample_elements(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, Any]) -> int:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from typer.testing import CliRunner
 
 from ndsnn_cli.checkpoint import load_checkpoint
 from ndsnn_cli.data.loading import build_datasets
+from ndsnn_cli.errors import UserError
 from ndsnn_cli.export import csr
 from ndsnn_cli.export.fold import fold_batchnorm, inference_graph, load_trained
 from ndsnn_cli.export.runtime import SparseNetwork, load_network
@@ -93,11 +96,15 @@ def test_csr_arrays_load_in_scipy_and_torch_as_stored(run_dir: Path, tmp_path: P
     path, _ = csr.export_csr(run_dir, tmp_path / "a.safetensors", indices="plain")
     raw, _ = csr.load_raw(path)
     state, _ = csr.load(path)
-    gapped, _ = csr.load_raw(csr.export_csr(run_dir, tmp_path / "g.safetensors")[0])
+    gapped, _ = csr.load_raw(csr.export_csr(run_dir, tmp_path / "g.safetensors", indices="gaps")[0])
+    flat, _ = csr.load_raw(csr.export_csr(run_dir, tmp_path / "f.safetensors", indices="flat")[0])
     for name in ("body.1.weight", "body.6.weight"):
         crow, col, values = raw[f"{name}.crow_indices"], raw[f"{name}.col_indices"], raw[f"{name}.values"]
         plain = csr.decoded({p: gapped[f"{name}.{p}"] for p in ("crow_indices", "col_gaps", "values", "shape")})
         assert torch.equal(plain["col_indices"], col.to(torch.int64))  # the gap stream decodes to the same
+        unflat = csr.decoded({p: flat[f"{name}.{p}"] for p in ("flat_gaps", "values", "shape")})
+        assert f"{name}.crow_indices" not in flat and torch.equal(unflat["crow_indices"], crow.to(torch.int64))
+        assert torch.equal(unflat["col_indices"], col.to(torch.int64))  # the flat stream too
         assert crow.dtype == torch.int32 and col.dtype == torch.int16 and values.dtype == torch.float32
         dense2d = state[name].reshape(state[name].shape[0], -1)
         matrix = scipy.sparse.csr_matrix((values.numpy(), col.numpy(), crow.numpy()), shape=tuple(dense2d.shape))
@@ -133,7 +140,7 @@ def test_column_encoding_is_the_smaller_per_parameter() -> None:
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "int8"])
-@pytest.mark.parametrize("indices", ["plain", "gaps"])
+@pytest.mark.parametrize("indices", ["plain", "gaps", "flat"])
 def test_pack_then_load_gives_the_exact_mask_and_values(tmp_path: Path, dtype: str, indices: str) -> None:
     """Masks bit-exact through pack -> file -> validated load; fp32 values bit-exact; int8 values
     dequantised to exactly float32(scale * q) with q from the one quantiser."""
@@ -148,8 +155,9 @@ def test_pack_then_load_gives_the_exact_mask_and_values(tmp_path: Path, dtype: s
     path = tmp_path / "a.safetensors"
     path.write_bytes(csr.pack({"w": weight, "b": torch.randn(6)}, {"w": mask}, metadata, dtype, indices))
     raw, meta = csr.load_raw(path)
-    assert meta["version"] == csr.CSR_VERSION == 3 and meta["dtype"] == dtype
-    assert (f"w.{'col_gaps' if indices == 'gaps' else 'col_indices'}" in raw)
+    assert meta["version"] == csr.CSR_VERSION == 4 and meta["dtype"] == dtype
+    assert f"w.{ {'gaps': 'col_gaps', 'plain': 'col_indices', 'flat': 'flat_gaps'}[indices]}" in raw
+    assert ("w.crow_indices" in raw) == (indices != "flat")  # flat gaps: no row pointers
     state, _ = csr.load(path)
     sparse, _ = csr.split_csr(raw)
     plain = csr.decoded(sparse["w"])
@@ -163,8 +171,8 @@ def test_pack_then_load_gives_the_exact_mask_and_values(tmp_path: Path, dtype: s
     else:
         values = weight.reshape(6, -1)[mask.reshape(6, -1)]
         scales, q = csr.quantise_rows(values.numpy(), plain["crow_indices"].numpy())
-        assert torch.equal(raw["w.values"], torch.from_numpy(q))
-        assert torch.equal(raw["w.scales"], torch.from_numpy(scales))
+        assert torch.equal(raw["w.values"], torch.from_numpy(q)) and raw["w.scales"].dtype == torch.bfloat16
+        assert torch.equal(raw["w.scales"].float(), torch.from_numpy(scales))  # bf16 values: stored losslessly
         rows = torch.repeat_interleave(torch.arange(6), plain["crow_indices"].diff())
         expected = torch.from_numpy(q).float() * torch.from_numpy(scales)[rows]
         assert torch.equal(plain["values"], expected) and torch.equal(state["w"].reshape(6, -1)[mask.reshape(6, -1)],
@@ -181,9 +189,10 @@ def test_csr_sizes_follow_the_format(run_dir: Path, tmp_path: Path) -> None:
         for name, mask in masks.items():
             nnz, rows = int(mask.sum()), mask.shape[0]
             assert raw[f"{name}.values"].nbytes == nnz * width
-            # gap-coded columns: 90% sparse, every gap < 255, so one byte per weight instead of int16's two
-            assert raw[f"{name}.col_gaps"].nbytes == nnz
-            assert raw[f"{name}.crow_indices"].nbytes == (rows + 1) * 4
+            # flat gaps: 90% sparse, every gap < 255, so one byte per weight instead of int16's two, and
+            # no row pointers (the row-wise gaps would need (rows + 1) int32 more)
+            assert raw[f"{name}.flat_gaps"].nbytes == nnz and f"{name}.crow_indices" not in raw
+            assert rows > 1
         sizes[dtype] = path.stat().st_size
     model_bytes = sum(t.nbytes for t in load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
                       .model_state.values())
@@ -426,9 +435,9 @@ def test_inspect_reports_checkpoint_and_artefact_layers(run_dir: Path, tmp_path:
         nnz = int(mask.sum())
         assert layers[name]["storage"] == "csr" and layers[name]["nnz"] == nnz
         assert layers[name]["density"] == pytest.approx(nnz / mask.numel())
-        # fp16 values + one gap byte per weight (no gap reaches 255 at 90%), int32 row pointers, int64 shape
-        assert layers[name]["bytes"] == nnz * (2 + 1) + (mask.shape[0] + 1) * 4 + mask.dim() * 8
-        assert layers[name]["indices"] == "gaps-u8" and layers[name]["dtype"] == "float16"
+        # fp16 values + one flat gap byte per weight (no gap reaches 255 at 90%, no row pointers), int64 shape
+        assert layers[name]["bytes"] == nnz * (2 + 1) + mask.dim() * 8
+        assert layers[name]["indices"] == "flat-u8" and layers[name]["dtype"] == "float16"
     assert artefact["recipe"]["method"] == "ndsnn" and artefact["bn_folded"] is True
     int8_path, _ = csr.export_csr(run_dir, tmp_path / "q.safetensors", fold_bn=True, dtype="int8")
     code, out, _ = run_main("inspect", str(int8_path), "--json")
@@ -436,8 +445,8 @@ def test_inspect_reports_checkpoint_and_artefact_layers(run_dir: Path, tmp_path:
     int8_layers = {layer["name"]: layer for layer in json.loads(out)["layers"]}
     for name, mask in masks.items():
         nnz, rows = int(mask.sum()), mask.shape[0]
-        # int8 values + gap bytes + row pointers + one fp32 scale per row + shape
-        assert int8_layers[name]["bytes"] == nnz * (1 + 1) + (rows + 1) * 4 + rows * 4 + mask.dim() * 8
+        # int8 values + flat gap bytes + one bf16 scale per row + shape
+        assert int8_layers[name]["bytes"] == nnz * (1 + 1) + rows * 2 + mask.dim() * 8
         assert int8_layers[name]["dtype"] == "int8"
     code, out, _ = run_main("inspect", str(run_dir), "--json")
     assert code == 0
@@ -485,3 +494,76 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_file(run_dir: Path, tmp_path
         assert "Traceback" not in stderr
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "corrupt.safetensors", "foreign.safetensors"]
+
+
+def _flat_artefact(mutate: Any) -> bytes:
+    """A version-4 int8 artefact with one flat-gap parameter `w` (6 x 300, gaps past 255), `mutate`d:
+    (tensors, metadata) -> None."""
+    generator = torch.Generator().manual_seed(1)
+    weight, mask = torch.randn(6, 300, generator=generator), torch.rand(6, 300, generator=generator) < 0.02
+    mask[0, 0] = mask[5, 299] = True  # the first and the last position of the matrix
+    data = csr.pack({"w": weight}, {"w": mask}, {"timesteps": 1, **_catalog_free(300, 1, 6)}, "int8", "flat")
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    tensors = dict(load_safetensors(data))
+    mutate(tensors, header)
+    return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata=header)
+
+
+def _set_version(version: int) -> Any:
+    return lambda t, h: h.update(version=str(version))
+
+
+@pytest.mark.parametrize(("mutate", "rule"), [
+    (lambda t, h: None, None),
+    (lambda t, h: t.update({"w.flat_gaps": torch.cat([t["w.flat_gaps"], torch.tensor([255], dtype=torch.uint8)])}),
+     "w.flat_gaps: ends inside an escape"),
+    (lambda t, h: t.update({"w.flat_gaps": torch.cat([t["w.flat_gaps"], torch.tensor([0], dtype=torch.uint8)])}),
+     "w.flat_gaps: encodes"),
+    (lambda t, h: t.update({"w.flat_gaps": torch.cat([torch.full((7,), 255, dtype=torch.uint8), t["w.flat_gaps"]])}),
+     "w.flat_gaps: runs past the 6 x 300 matrix"),
+    (lambda t, h: t.update({"w.flat_gaps": t["w.flat_gaps"].to(torch.int16)}), "w.flat_gaps: must be 1-D uint8"),
+    (lambda t, h: t.update({"w.crow_indices": torch.zeros(7, dtype=torch.int32)}),
+     "w.crow_indices: a parameter with flat_gaps has no crow_indices"),
+    (lambda t, h: t.pop("w.shape"), "w.shape: missing"),
+    (lambda t, h: t.update({"w.scales": t["w.scales"][:-1]}), "w.scales: must be float32 of length rows = 6"),
+    (_set_version(3), "version: 3 has no w.flat_gaps as stored (version 4 and later)"),
+])
+def test_flat_gap_artefacts_are_checked_before_they_are_decoded(tmp_path: Path, mutate: Any, rule: str | None) -> None:
+    """Version 4's flat gaps (no row pointers) and bf16 scales: a good file loads to the exact mask; each
+    broken rule is one UserError naming the tensor, raised by load_raw before any decoding."""
+    path = tmp_path / "flat.safetensors"
+    path.write_bytes(_flat_artefact(mutate))
+    if rule is None:
+        state, meta = csr.load(path)
+        assert meta["version"] == 4 and int((state["w"] != 0).sum()) <= int(state["w"].numel() * 0.03)
+        raw, _ = csr.load_raw(path)
+        assert raw["w.scales"].dtype == torch.bfloat16 and "w.crow_indices" not in raw
+        return
+    with pytest.raises(UserError, match=re.escape(rule)):
+        csr.load_raw(path)
+
+
+def test_version_3_artefacts_with_fp32_scales_and_row_gaps_still_load(tmp_path: Path) -> None:
+    """Written as version 3 wrote them (crow_indices + col_gaps, fp32 scales): read as before; bf16 scales in a
+    version-3 file are refused."""
+    def as_version_3(t: dict, h: dict) -> None:
+        flat = t.pop("w.flat_gaps")
+        positions = gap_columns(flat, torch.tensor([0, int((flat != 255).sum())]))
+        crow = torch.zeros(7, dtype=torch.int32)
+        crow[1:] = torch.bincount(positions // 300, minlength=6).cumsum(0)
+        t.update({"w.crow_indices": crow, "w.col_gaps": csr.encode_gaps(crow, positions % 300),
+                  "w.scales": t["w.scales"].float()})
+        h.update(version="3")
+
+    path = tmp_path / "v3.safetensors"
+    path.write_bytes(_flat_artefact(as_version_3))
+    flat_path = tmp_path / "v4.safetensors"
+    flat_path.write_bytes(_flat_artefact(lambda t, h: None))
+    assert torch.equal(csr.load(path)[0]["w"], csr.load(flat_path)[0]["w"])
+    def with_bf16_scales(t: dict, h: dict) -> None:
+        as_version_3(t, h)
+        t["w.scales"] = t["w.scales"].bfloat16()
+
+    path.write_bytes(_flat_artefact(with_bf16_scales))
+    with pytest.raises(UserError, match=re.escape("version: 3 has no w.scales as stored")):
+        csr.load_raw(path)

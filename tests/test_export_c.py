@@ -106,8 +106,10 @@ def _check_portable(directory: Path | dict[str, str]) -> None:
 def test_int8_rows_are_symmetric_per_output_channel_and_round_to_nearest() -> None:
     values = np.array([0.5, -1.27, 0.01, 0.0, 0.0, 2.0], dtype=np.float32)
     scales, q = csr.quantise_rows(values, np.array([0, 3, 5, 5, 6]))
-    assert scales.tolist() == pytest.approx([0.01, 1.0, 1.0, 2.0 / 127])  # all-zero and empty rows: scale 1
+    # max|w| / 127 to the nearest bfloat16 (0.01 -> 0.010009765625 = 41 / 4096); all-zero and empty rows: 1
+    assert scales.tolist() == [41 / 4096, 1.0, 1.0, float(torch.tensor(2.0 / 127).bfloat16())]
     assert q.tolist() == [50, -127, 1, 0, 0, 127]
+    assert all(torch.tensor(s).bfloat16().item() == s for s in scales.tolist())  # stored as bf16 losslessly
 
 
 def test_arena_reuses_a_freed_slot_and_grows_the_largest_free_one() -> None:

@@ -270,7 +270,8 @@ SEMANTIC_CASES: list[tuple[str, Mutation, str]] = [
     ("recipe_over_1mb", _meta("recipe", "#" * (1 << 20) + "\n"), "recipe: 1,048,577 characters: more than"),
 ]
 INT8_SEMANTIC_CASES: list[tuple[str, Mutation, str]] = [
-    ("scales_1e38", _csr("scales", _set(0, 1e38)), ".scales: = 1e+38: scale x 127 overflows float32"),
+    ("scales_1e38", _csr("scales", lambda x, p: _set(0, 1e38)(x.float(), p)),  # fp32: bf16 would round 1e38
+     ".scales: = 1e+38: scale x 127 overflows float32"),
 ]
 
 

@@ -4,16 +4,18 @@ Per sparse parameter P (its 2-D view `[out, in*kh*kw]`): `P.crow_indices` (int32
 not fit), the column indices, `P.values`, `P.shape` (int64, the original shape). Positions come from
 the checkpoint's mask, so a grown weight that is exactly zero is kept.
 
-Column indices are stored one of two ways, whichever is smaller for that parameter (version 3):
+Positions are stored one of three ways, whichever is smallest for that parameter: `P.crow_indices` with
 `P.col_indices` (int16 when cols < 32768, else int32; the arrays then go unchanged into
-`scipy.sparse.csr_matrix((values, col, crow), shape)` or `torch.sparse_csr_tensor`), or `P.col_gaps`,
-a uint8 stream of within-row gaps decoded sequentially (`encode_gaps`): per stored weight, the gap
-`col - prev - 1` (prev = -1 at the start of each row) written as n bytes 255 ("add 255, read on")
-and one byte 0..254. `decoded(parts)` gives the plain arrays.
+`scipy.sparse.csr_matrix((values, col, crow), shape)` or `torch.sparse_csr_tensor`) or with `P.col_gaps`
+(version 3), a uint8 stream of within-row gaps decoded sequentially (`encode_gaps`): per stored weight,
+the gap `col - prev - 1` (prev = -1 at the start of each row) written as n bytes 255 ("add 255, read on")
+and one byte 0..254; or `P.flat_gaps` alone (version 4): the same code over the row-major positions
+`row * cols + col` of the whole matrix (prev = -1 once), so no row pointers are stored at all.
+`decoded(parts)` gives the plain arrays.
 
-Values are fp32, fp16, bf16, or int8 with `P.scales` (fp32, one per output row: `scale = max|w| / 127`,
-`q = round(w / scale)`, clipped to ±127; `quantise_rows`, shared with the C target). Readers
-dequantise once (`w = scale * q`).
+Values are fp32, fp16, bf16, or int8 with `P.scales` (one per output row: `scale = max|w| / 127` rounded to
+bfloat16, `q = round(w / scale)`, clipped to ±127; `quantise_rows`, shared with the C target), stored as
+bf16 (version 4; fp32 before, still read). Readers dequantise once (`w = scale * q`).
 
 This module imports no training code: the runtime reads artefacts through it.
 """
@@ -41,6 +43,7 @@ from ndsnn_cli.formats.csr import (
     JSON_KEYS,
     VALUE_DTYPES,
     dense_dtype,
+    flat_positions,
     gap_columns,
     split_parameters,
 )
@@ -51,7 +54,8 @@ from ndsnn_cli.validate import check_artefact
 def to_csr(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype,
            indices: str = "auto") -> dict[str, torch.Tensor]:
     """CSR arrays of `weight`'s 2-D view at the mask's positions (not at weight != 0). `dtype` int8 adds
-    per-row `scales`; `indices` is "plain" (col_indices), "gaps" (col_gaps) or "auto" (the smaller)."""
+    per-row `scales`; `indices` is "plain" (col_indices), "gaps" (col_gaps), "auto" (the smaller of the
+    two, with crow_indices) or "flat" (flat_gaps alone)."""
     if indices not in INDEX_ENCODINGS:
         raise UserError(f"indices {indices!r}: must be one of {', '.join(INDEX_ENCODINGS)}")
     rows = weight.shape[0]
@@ -62,13 +66,17 @@ def to_csr(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype,
     crow = torch.zeros(rows + 1, dtype=torch.int64)
     crow[1:] = mask2d.sum(1).cumsum(0)
     col = mask2d.nonzero()[:, 1]  # row-major order: sorted by row, then column
-    parts = {"crow_indices": crow.to(index_dtype)}
-    plain = col.to(torch.int16 if cols < COL_INT16_BELOW else torch.int32)
-    gaps = encode_gaps(crow, col) if indices != "plain" else None
-    if gaps is not None and (indices == "gaps" or gaps.nbytes < plain.nbytes):
-        parts["col_gaps"] = gaps
+    if indices == "flat":
+        flat = col + torch.repeat_interleave(torch.arange(rows), crow[1:] - crow[:-1]) * cols
+        parts = {"flat_gaps": encode_gaps(torch.tensor([0, nnz]), flat)}
     else:
-        parts["col_indices"] = plain
+        parts = {"crow_indices": crow.to(index_dtype)}
+        plain = col.to(torch.int16 if cols < COL_INT16_BELOW else torch.int32)
+        gaps = encode_gaps(crow, col) if indices != "plain" else None
+        if gaps is not None and (indices == "gaps" or gaps.nbytes < plain.nbytes):
+            parts["col_gaps"] = gaps
+        else:
+            parts["col_indices"] = plain
     values = weight.detach().reshape(rows, -1)[mask2d]
     if dtype == torch.int8:
         scales, quantised = quantise_rows(values.float().numpy(), crow.numpy())
@@ -94,29 +102,42 @@ def encode_gaps(crow: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
 
 
 def quantise_rows(values: np.ndarray, row_ptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output row: scale = max|w| / 127 (1 for an empty or all-zero row), q = round(w / scale).
-    The one quantiser of every target (CSR artefact and C)."""
+    """Symmetric int8 per output row: scale = max|w| / 127 rounded to the nearest bfloat16 (1 for an empty or
+    all-zero row), q = round(w / scale). The one quantiser of every target (CSR artefact and C). bfloat16
+    keeps fp32's range and 8 significant bits: a scale costs 2 bytes, the row's step is at most 2^-8 off
+    max|w| / 127, so its largest weight still quantises to +-127 (127 (1 +- 2^-8) rounds to 127) and every
+    weight stays within half a step."""
     rows = len(row_ptr) - 1
-    scales = np.ones(rows, dtype=np.float32)
+    peaks = np.zeros(rows, dtype=np.float32)
+    for row in range(rows):
+        part = values[row_ptr[row]:row_ptr[row + 1]]
+        peaks[row] = np.abs(part).max() if len(part) else 0.0
+    scales = torch.from_numpy(peaks / np.float32(127.0)).to(torch.bfloat16).float().numpy()
+    scales[peaks == 0] = 1.0
     quantised = np.zeros(len(values), dtype=np.int8)
     for row in range(rows):
         part = values[row_ptr[row]:row_ptr[row + 1]]
-        peak = float(np.abs(part).max()) if len(part) else 0.0
-        if peak > 0:
-            scales[row] = np.float32(peak / 127.0)
+        if peaks[row] > 0:
             quantised[row_ptr[row]:row_ptr[row + 1]] = np.clip(np.rint(part / scales[row]), -127, 127)
     return scales, quantised
 
 
 def decoded(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Plain CSR arrays of validated parts: crow and col as int64, values as float32 (int8 dequantised once:
-    scale * q), shape. Only for parts `check_csr` accepted: the gap stream is trusted here."""
-    crow = parts["crow_indices"].to(torch.int64)
+    scale * q), shape. Only for parts `check_csr` accepted: the gap streams are trusted here."""
+    if "flat_gaps" in parts:
+        rows, cols = int(parts["shape"][0]), math.prod(int(s) for s in parts["shape"][1:])
+        flat = flat_positions(parts["flat_gaps"])
+        crow = torch.zeros(rows + 1, dtype=torch.int64)
+        crow[1:] = torch.bincount(flat // cols, minlength=rows).cumsum(0)
+        col = flat % cols
+    else:
+        crow = parts["crow_indices"].to(torch.int64)
+        col = gap_columns(parts["col_gaps"], crow) if "col_gaps" in parts else parts["col_indices"].to(torch.int64)
     counts = crow[1:] - crow[:-1]
-    col = gap_columns(parts["col_gaps"], crow) if "col_gaps" in parts else parts["col_indices"].to(torch.int64)
     values = parts["values"].float()
     if "scales" in parts:
-        values = values * torch.repeat_interleave(parts["scales"], counts)
+        values = values * torch.repeat_interleave(parts["scales"].float(), counts)
     return {"crow_indices": crow, "col_indices": col, "values": values, "shape": parts["shape"]}
 
 
@@ -125,7 +146,7 @@ def from_csr(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     shape = [int(s) for s in parts["shape"]]
     rows = shape[0]
     cols = math.prod(shape[1:])
-    plain = decoded(parts) if "col_gaps" in parts or "scales" in parts else parts
+    plain = decoded(parts) if {"col_gaps", "flat_gaps", "scales"} & set(parts) else parts
     crow = plain["crow_indices"].to(torch.int64)
     dense = torch.zeros(rows, cols, dtype=plain["values"].dtype)
     row_of = torch.repeat_interleave(torch.arange(rows), crow[1:] - crow[:-1])
@@ -141,13 +162,23 @@ def pack(state: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], metadat
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         if name in masks:
-            parts = to_csr(tensor, masks[name], target, indices)
-            tensors.update({f"{name}.{part}": t for part, t in parts.items()})
+            parts = _artefact_parts(tensor, masks[name], target, indices)
+            tensors.update({f"{name}.{part}": t.to(torch.bfloat16) if part == "scales" else t
+                            for part, t in parts.items()})  # scales are bf16 values (quantise_rows): lossless
         else:
             tensors[name] = (tensor.to(plain_target) if tensor.is_floating_point() else tensor).contiguous()
     header = {"format": CSR_FORMAT, "dtype": dtype, **metadata, "version": CSR_VERSION}
     strings = {k: json.dumps(v) if k in JSON_KEYS else str(v) for k, v in header.items()}
     return save_safetensors_canonical(tensors, strings)
+
+
+def _artefact_parts(weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype,
+                    indices: str) -> dict[str, torch.Tensor]:
+    """`to_csr`'s parts for the artefact: for "auto", the smaller of the row-wise choice and flat gaps."""
+    if indices != "auto":
+        return to_csr(weight, mask, dtype, indices)
+    candidates = [to_csr(weight, mask, dtype, "auto"), to_csr(weight, mask, dtype, "flat")]
+    return min(candidates, key=lambda parts: sum(t.nbytes for t in parts.values()))
 
 
 def load_raw(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

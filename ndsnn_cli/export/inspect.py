@@ -46,8 +46,8 @@ def _inspect_artefact(file: Path) -> dict[str, Any]:
         layers.append({"name": name, "shape": shape, "storage": "csr", "nnz": nnz, "density": nnz / numel,
                        "bytes": sum(t.numel() * t.element_size() for t in parts.values()),
                        "dtype": str(parts["values"].dtype).removeprefix("torch."),
-                       "indices": "gaps-u8" if "col_gaps" in parts else
-                       str(parts["col_indices"].dtype).removeprefix("torch.")})
+                       "indices": "gaps-u8" if "col_gaps" in parts else "flat-u8" if "flat_gaps" in parts
+                       else str(parts["col_indices"].dtype).removeprefix("torch.")})
     for name, tensor in plain.items():
         layers.append({"name": name, "shape": list(tensor.shape), "storage": "dense", "nnz": tensor.numel(),
                        "density": 1.0, "bytes": tensor.numel() * tensor.element_size(),

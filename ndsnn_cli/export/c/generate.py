@@ -319,6 +319,8 @@ def generate_sources(model: Any, masks: dict[str, torch.Tensor], *, contract: di
     """
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: the C target takes {' or '.join(DTYPES)}")
+    if indices not in ("auto", "plain", "gaps"):  # the kernels walk rows: row pointers, not flat gaps
+        raise UserError(f"indices {indices!r}: the C target takes auto, plain or gaps")
     shape = tuple(contract["shape"])
     ops = graph.network_graph(model, shape)
     cut = next(i for i, op in enumerate(ops) if isinstance(op, graph.RepeatTimesteps))
