@@ -119,7 +119,12 @@ def fit(report: dict[str, Any], part: Part | None, flash: int | None, ram: int |
             (("flash", used_flash, budget["flash"]), ("RAM", used_ram, budget["ram"])) if limit and used > limit]
     return {"flash_bytes": used_flash, "ram_bytes": used_ram, "stack_bytes": stack, "measured": measured,
             "budget": budget, "fits": not over, "reason": f"{', '.join(over)} ({budget['name']})" if over else "",
-            "parts": {name: used_flash <= p.flash and used_ram <= p.ram for name, p in PARTS.items()}}
+            "parts": parts_fitting(used_flash, used_ram)}
+
+
+def parts_fitting(flash: int, ram: int) -> dict[str, bool]:
+    """Whether `flash` and `ram` bytes fit each named part class."""
+    return {name: flash <= part.flash and ram <= part.ram for name, part in PARTS.items()}
 
 
 def fit_line(fit: dict[str, Any]) -> str:

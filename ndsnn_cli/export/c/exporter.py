@@ -83,6 +83,9 @@ def export_result(source: str | Path, out: str | Path | None, options: ExportOpt
                             ram=cortex_m4.parse_bytes("--ram", options.ram))
     summary = [f"flash {report['flash_bytes']:,} bytes of const data (+ code), RAM {report['ram_bytes']:,} bytes "
                f"static, {options.dtype} values; build: make -C {path} && {path}/demo IMAGES.f32"]
+    if options.target != "host":
+        summary.append(f"Cortex-M4 firmware (QEMU mps2-an386): make -C {path} qemu IMAGES=IMAGES.f32 "
+                       "(results.bin); the model files link unchanged with a vendor start-up")
     notes = []
     check = report.get("verify")
     if check is None:

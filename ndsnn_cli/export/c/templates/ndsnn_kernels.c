@@ -407,29 +407,22 @@ static void window(int32_t o, int32_t size, int32_t kernel, int32_t stride, int3
 NDSNN_DEFINE_MAXPOOL(ndsnn_maxpool_analog, float)
 NDSNN_DEFINE_MAXPOOL(ndsnn_maxpool_spikes, uint8_t)
 
-void ndsnn_avgpool_analog(const float *in, int32_t channels, int32_t plane, float *out)
-{
-    int32_t c, i;
-    for (c = 0; c < channels; ++c) {
-        float sum = 0.0f;
-        for (i = 0; i < plane; ++i) {
-            sum += in[c * plane + i];
-        }
-        out[c] = sum / (float)plane;
+/* Global average pooling of a [C, plane] map of ELEM_T, summed in SUM_T (spikes: an exact int32 count). */
+#define NDSNN_DEFINE_AVGPOOL(NAME, ELEM_T, SUM_T)                                                      \
+    void NAME(const ELEM_T *in, int32_t channels, int32_t plane, float *out)                           \
+    {                                                                                                  \
+        int32_t c, i;                                                                                  \
+        for (c = 0; c < channels; ++c) {                                                               \
+            SUM_T sum = 0;                                                                             \
+            for (i = 0; i < plane; ++i) {                                                              \
+                sum += in[c * plane + i];                                                              \
+            }                                                                                          \
+            out[c] = (float)sum / (float)plane;                                                        \
+        }                                                                                              \
     }
-}
 
-void ndsnn_avgpool_spikes(const uint8_t *in, int32_t channels, int32_t plane, float *out)
-{
-    int32_t c, i;
-    for (c = 0; c < channels; ++c) {
-        int32_t fired = 0;
-        for (i = 0; i < plane; ++i) {
-            fired += in[c * plane + i];
-        }
-        out[c] = (float)fired / (float)plane;
-    }
-}
+NDSNN_DEFINE_AVGPOOL(ndsnn_avgpool_analog, float, float)
+NDSNN_DEFINE_AVGPOOL(ndsnn_avgpool_spikes, uint8_t, int32_t)
 
 void ndsnn_add_analog(const float *a, const float *b, float *out, int32_t count)
 {
