@@ -165,6 +165,28 @@ def onnx_sessions(checkpoint: Path, workdir: Path) -> tuple[Any, Any] | None:
                  for m in (str(path), identity.SerializeToString()))
 
 
+def multiply_accumulates(model: Any, masks: dict[str, torch.Tensor], shape: tuple[int, ...],
+                         timesteps: int) -> dict[str, int]:
+    """Weight x output-position products of one inference (the encoder once, the body T times): over the
+    stored weights (what the C kernels compute, every position, branchless) and over all weights (what a
+    dense runtime computes). Host-independent: divided by a time they give the rate each side achieved."""
+    from ndsnn_cli.export import graph
+
+    ops = graph.network_graph(model, shape)
+    cut = next(i for i, op in enumerate(ops) if isinstance(op, graph.RepeatTimesteps))
+    totals = {"stored_macs": 0, "dense_macs": 0}
+    for index, op in enumerate(ops):
+        for inner in graph.walk([op]):
+            if isinstance(inner, graph.Conv2d | graph.Linear):
+                positions = inner.out_shape[1] * inner.out_shape[2] if isinstance(inner, graph.Conv2d) else 1
+                weight = dict(model.named_parameters())[inner.weight]
+                steps = 1 if index < cut else timesteps
+                stored = int(masks[inner.weight].sum()) if inner.weight in masks else weight.numel()
+                totals["stored_macs"] += stored * positions * steps
+                totals["dense_macs"] += weight.numel() * positions * steps
+    return totals
+
+
 def spike_rates(model: Any, pixels: torch.Tensor, contract: dict[str, Any]) -> list[float]:
     """Mean spike rate of each LIF layer on the timed images: the spike-fed layers' work depends on it."""
     from ndsnn_cli.evaluation import spike_rates as lif_rates
@@ -280,6 +302,8 @@ def measure(checkpoint: Path, pixels: torch.Tensor, m4_pixels: torch.Tensor | No
     rows: list[dict[str, Any]] = [
         {"build": "load before", **load()},
         {"build": "spike rates per LIF layer on the timed images", "rates": spike_rates(model, pixels, contract)},
+        {"build": "multiply-accumulates per inference",
+         **multiply_accumulates(model, masks, tuple(contract["shape"]), recipe.model.timesteps)},
         {"build": "dense fp32 weight arrays alone (4 B per conv/linear weight, no indices)",
          "const_bytes": 4 * weights}]
     passes: dict[str, Any] = {}
@@ -307,9 +331,13 @@ def measure(checkpoint: Path, pixels: torch.Tensor, m4_pixels: torch.Tensor | No
     return rows
 
 
-def random_checkpoint(arch: str, dataset: str, sparsity: float, timesteps: int, path: Path) -> Path:
+def random_checkpoint(arch: str, dataset: str, sparsity: float, timesteps: int, path: Path,
+                      calibrate: torch.Tensor | None = None) -> Path:
     """An untrained registry model with uniform random masks (weights rescaled to their active fan-in),
-    saved as an ndsnn checkpoint so that every exporter reads it as a trained run."""
+    saved as an ndsnn checkpoint so that every exporter reads it as a trained run. `calibrate` (images):
+    BatchNorm statistics measured on them and BN affine drawn (weight U(1, 2.5), bias U(0, 0.8)) so that
+    every LIF layer fires, as the tests' random networks do; otherwise an untrained VGG-16 fires no spike at
+    all and times as a silent network."""
     from ndsnn_cli.build import build_model
     from ndsnn_cli.checkpoint import save_checkpoint
     from ndsnn_cli.recipe import Recipe
@@ -328,8 +356,24 @@ def random_checkpoint(arch: str, dataset: str, sparsity: float, timesteps: int, 
                 masks[name] = torch.rand(param.shape, generator=generator) >= sparsity
                 param.mul_(masks[name])
                 scale_to_active_fan_in(param, masks[name])
+        if calibrate is not None:
+            calibrate_batchnorm(model, calibrate, generator)
     return save_checkpoint(path, model=model, optimizer=None, extra_tensors={f"mask::{n}": m for n, m in masks.items()},
                            meta={"recipe": recipe.to_toml(), "epoch": 0, "step": 0})
+
+
+def calibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, generator: torch.Generator) -> None:
+    """BN running statistics of `images` (a cumulative average over one batch), BN affine drawn so that the
+    normalised pre-activations cross the LIF threshold at moderate rates."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
+            module.momentum = None
+            module.reset_running_stats()
+            module.weight.uniform_(1.0, 2.5, generator=generator)
+            module.bias.uniform_(0.0, 0.8, generator=generator)
+    model.train()
+    model(images)
+    model.eval()
 
 
 def test_images(checkpoint: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -360,6 +404,8 @@ def main() -> None:
     parser.add_argument("--compile-dense", action="store_true")
     parser.add_argument("--m4", action="store_true", help="Cortex-M4 sizes, and cost under QEMU")
     parser.add_argument("--m4-images", type=int, default=32, help="images run under QEMU per build")
+    parser.add_argument("--calibrate-bn", action="store_true",
+                        help="random masks: BN statistics and affine set so that every LIF layer fires")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     from ndsnn_cli.rundir import RUN_CHECKPOINT
@@ -368,8 +414,15 @@ def main() -> None:
         if args.run:
             checkpoint = args.run / RUN_CHECKPOINT if args.run.is_dir() else args.run
         else:
+            calibration = None
+            if args.calibrate_bn:
+                from ndsnn_cli.data import input_contract
+
+                contract = input_contract(args.dataset)
+                calibration = c.normalise(torch.rand(64, *contract["shape"], generator=torch.Generator()
+                                                     .manual_seed(1)), contract)
             checkpoint = random_checkpoint(args.arch, args.dataset, args.sparsity, args.timesteps,
-                                           Path(tmp) / "random.safetensors")
+                                           Path(tmp) / "random.safetensors", calibration)
         test = test_images(checkpoint) if args.run else None
         if test is not None:  # real test images: the spike activity the latency depends on
             pixels = test[0][:args.images]

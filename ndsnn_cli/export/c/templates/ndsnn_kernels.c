@@ -54,21 +54,50 @@ static void valid_range(int32_t size, int32_t out_size, int32_t stride, int32_t 
     }
 }
 
-/* Where weight k of a conv row reads: its input channel and kernel offsets (dilated). */
-static void conv_tap(const ndsnn_conv_geometry *g, int32_t col, int32_t *channel, int32_t *dy, int32_t *dx)
+/* A kernel tap's dilated offsets and the output window [y0, y1) x [x0, x1) whose inputs lie inside the map. */
+typedef struct {
+    int32_t dy, dx, y0, y1, x0, x1;
+} tap_window;
+
+#define MAX_TAPS 9 /* taps whose windows are computed once per layer call (3x3 and smaller kernels) */
+
+/* The windows of every tap of a layer's kernel, computed once per call instead of once per weight (the
+ * same for every weight of a tap; on the stack: 9 x 24 bytes). count 0: a kernel over MAX_TAPS taps. */
+typedef struct {
+    int32_t count;
+    tap_window window[MAX_TAPS];
+} tap_windows;
+
+static void tap_window_of(const ndsnn_conv_geometry *g, int32_t tap, tap_window *win)
 {
-    int32_t within;
-    if (g->kernel_h == 3 && g->kernel_w == 3) { /* constant divisors: multiplies, not divides */
-        within = col % 9;
-        *channel = col / 9;
-        *dy = (within / 3) * g->dilation_h;
-        *dx = (within % 3) * g->dilation_w;
-        return;
+    win->dy = (tap / g->kernel_w) * g->dilation_h;
+    win->dx = (tap % g->kernel_w) * g->dilation_w;
+    valid_range(g->in_h, g->out_h, g->stride_h, g->pad_h, win->dy, &win->y0, &win->y1);
+    valid_range(g->in_w, g->out_w, g->stride_w, g->pad_w, win->dx, &win->x0, &win->x1);
+}
+
+static void tap_windows_of(const ndsnn_conv_geometry *g, tap_windows *all)
+{
+    int32_t tap;
+    all->count = g->kernel_h * g->kernel_w <= MAX_TAPS ? g->kernel_h * g->kernel_w : 0;
+    for (tap = 0; tap < all->count; ++tap) {
+        tap_window_of(g, tap, &all->window[tap]);
     }
-    within = col % (g->kernel_h * g->kernel_w);
-    *channel = col / (g->kernel_h * g->kernel_w);
-    *dy = (within / g->kernel_w) * g->dilation_h;
-    *dx = (within % g->kernel_w) * g->dilation_w;
+}
+
+/* Where column `col` of a conv row reads: its input channel and its tap's window (from the table, or
+ * computed into `scratch` for a large kernel). 3x3 kernels divide by a constant: a multiply, not a divide. */
+static const tap_window *window_of(const ndsnn_conv_geometry *g, const tap_windows *all, int32_t col,
+                                   int32_t *channel, tap_window *scratch)
+{
+    int32_t taps = g->kernel_h * g->kernel_w;
+    int32_t tap = taps == 9 ? col % 9 : col % taps;
+    *channel = taps == 9 ? col / 9 : col / taps;
+    if (all->count) {
+        return &all->window[tap];
+    }
+    tap_window_of(g, tap, scratch);
+    return scratch;
 }
 
 /* Row kernels: dst[i] += w * src[i * stride] over n outputs. For stride 1, blocks of ROW_BLOCK have a
@@ -176,6 +205,8 @@ void ndsnn_conv_analog(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const f
     int32_t plane = g->out_h * g->out_w;
     int32_t o, k, i, oy;
     column_cursor cursor = columns_of(w);
+    tap_windows windows;
+    tap_windows_of(g, &windows);
     for (o = 0; o < g->out_c; ++o) {
         float *dst = out + o * plane;
         for (i = 0; i < plane; ++i) {
@@ -183,16 +214,15 @@ void ndsnn_conv_analog(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const f
         }
         cursor.col = -1;
         for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {
-            int32_t channel, dy, dx, y0, y1, x0, x1;
+            int32_t channel;
+            tap_window scratch;
             float weight = w->qvalues != NULL ? (float)w->qvalues[k] : w->values[k];
-            const float *src;
-            conv_tap(g, next_column(&cursor, k), &channel, &dy, &dx);
-            valid_range(g->in_h, g->out_h, g->stride_h, g->pad_h, dy, &y0, &y1);
-            valid_range(g->in_w, g->out_w, g->stride_w, g->pad_w, dx, &x0, &x1);
-            src = in + channel * g->in_h * g->in_w;
-            for (oy = y0; oy < y1; ++oy) {
-                const float *row = src + (oy * g->stride_h - g->pad_h + dy) * g->in_w - g->pad_w + dx;
-                row_analog(dst + oy * g->out_w + x0, row + x0 * g->stride_w, x1 - x0, g->stride_w, weight);
+            const tap_window *win = window_of(g, &windows, next_column(&cursor, k), &channel, &scratch);
+            /* an index, not a pointer: the window's corner may lie outside the map (padding) */
+            int32_t base = channel * g->in_h * g->in_w + (win->dy - g->pad_h) * g->in_w + win->dx - g->pad_w;
+            for (oy = win->y0; oy < win->y1; ++oy) {
+                row_analog(dst + oy * g->out_w + win->x0, in + base + oy * g->stride_h * g->in_w + win->x0 * g->stride_w,
+                           win->x1 - win->x0, g->stride_w, weight);
             }
         }
         affine(dst, plane, w->scales != NULL ? w->scales[o] : 1.0f, bias_at(w, o));
@@ -220,22 +250,21 @@ void ndsnn_linear_analog(const ndsnn_csr *w, const float *in, float *out)
  * stands at row o's first column. C99 has no templates, so the two variants are one macro (ACC_T:
  * accumulator type; WEIGHT: the tap's value). */
 #define NDSNN_DEFINE_CONV_SPIKES(NAME, ACC_T, WEIGHT, ROW)                                                     \
-    static void NAME(const ndsnn_csr *w, const ndsnn_conv_geometry *g, int32_t o, const uint8_t *in,   \
-                     ACC_T *acc, column_cursor *cursor)                                                 \
+    static void NAME(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const tap_windows *windows,      \
+                     int32_t o, const uint8_t *in, ACC_T *acc, column_cursor *cursor)                   \
     {                                                                                                   \
         int32_t k, oy;                                                                                  \
         cursor->col = -1;                                                                               \
         for (k = w->row_ptr[o]; k < w->row_ptr[o + 1]; ++k) {                                           \
-            int32_t channel, dy, dx, y0, y1, x0, x1;                                                    \
+            int32_t channel;                                                                            \
+            tap_window scratch;                                                                         \
             const ACC_T weight = (ACC_T)(WEIGHT);                                                       \
-            const uint8_t *src;                                                                         \
-            conv_tap(g, next_column(cursor, k), &channel, &dy, &dx);                                    \
-            valid_range(g->in_h, g->out_h, g->stride_h, g->pad_h, dy, &y0, &y1);                        \
-            valid_range(g->in_w, g->out_w, g->stride_w, g->pad_w, dx, &x0, &x1);                        \
-            src = in + channel * g->in_h * g->in_w;                                                     \
-            for (oy = y0; oy < y1; ++oy) {                                                              \
-                const uint8_t *row = src + (oy * g->stride_h - g->pad_h + dy) * g->in_w - g->pad_w + dx; \
-                ROW(acc + oy * g->out_w + x0, row + x0 * g->stride_w, x1 - x0, g->stride_w, weight);    \
+            const tap_window *win = window_of(g, windows, next_column(cursor, k), &channel, &scratch);  \
+            /* an index, not a pointer: the window's corner may lie outside the map (padding) */        \
+            int32_t base = channel * g->in_h * g->in_w + (win->dy - g->pad_h) * g->in_w + win->dx - g->pad_w; \
+            for (oy = win->y0; oy < win->y1; ++oy) {                                                    \
+                ROW(acc + oy * g->out_w + win->x0, in + base + oy * g->stride_h * g->in_w + win->x0 * g->stride_w, \
+                    win->x1 - win->x0, g->stride_w, weight);                                            \
             }                                                                                           \
         }                                                                                               \
     }
@@ -249,6 +278,8 @@ void ndsnn_conv_spikes(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const u
     int32_t plane = g->out_h * g->out_w;
     int32_t o, i;
     column_cursor cursor = columns_of(w);
+    tap_windows windows;
+    tap_windows_of(g, &windows);
     for (o = 0; o < g->out_c; ++o) {
         float *dst = out + o * plane;
         float bias = bias_at(w, o);
@@ -256,11 +287,11 @@ void ndsnn_conv_spikes(const ndsnn_csr *w, const ndsnn_conv_geometry *g, const u
             for (i = 0; i < plane; ++i) {
                 acc[i] = 0;
             }
-            conv_spikes_int8(w, g, o, in, acc, &cursor);
+            conv_spikes_int8(w, g, &windows, o, in, acc, &cursor);
             dequantise(dst, acc, plane, w->scales[o], bias);
         } else {
             ndsnn_zero(dst, plane);
-            conv_spikes_fp32(w, g, o, in, dst, &cursor);
+            conv_spikes_fp32(w, g, &windows, o, in, dst, &cursor);
             affine(dst, plane, 1.0f, bias);
         }
     }
