@@ -58,11 +58,10 @@ def train_export_source(out: Any, *, name: str, arch: str = "scnn", train_limit:
     from ndsnn_cli.train import train
 
     torch.set_num_threads(1)
-    recipe = Recipe().replace(
-        name=name, model={"arch": arch, "timesteps": 2},
-        data={"dataset": dataset, "train_limit": train_limit, "test_limit": test_limit, "batch_size": 32,
-              "augment": False},
-        train={"epochs": 1, "device": "cpu", "optimizer": "adam", "lr": 0.02, "weight_decay": 0.0},
+    recipe = tiny_run_recipe(
+        name=name, model={"arch": arch},
+        data={"dataset": dataset, "train_limit": train_limit, "test_limit": test_limit, "batch_size": 32},
+        train={"epochs": 1, "optimizer": "adam", "lr": 0.02, "weight_decay": 0.0},
         sparsity={"method": "ndsnn", "final": final, "initial": 0.5, "update_every_steps": update_every_steps})
     train(recipe, out)
     return out

@@ -11,18 +11,25 @@ import typer
 from ndsnn_cli import limits as L
 from ndsnn_cli.cli.app import app
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.export.exporters import EXPORTERS, dtypes_help, formats_help
 
 
-@app.command()
+@app.command(help=f"""Export a trained run as one of: {", ".join(EXPORTERS)} (see --format).
+
+    \b
+    Examples:
+      ndsnn export runs/quick --format csr --fold-bn -o quick.safetensors
+      ndsnn export runs/quick --format onnx -o quick.onnx
+      ndsnn export runs/quick --format nir -o quick.nir   (BN folded; dt 1e-4 s; max-pooling of spikes only)
+      ndsnn export runs/quick --format c --dtype int8 -o quick_c/   (make -C quick_c && quick_c/demo X.f32)
+      ndsnn export runs/quick --format c --dtype int8 --target stm32l432 -o quick_m4/   (runs on QEMU's M4)
+    """)
 def export(
     source: Annotated[Path, typer.Argument(metavar="RUN_OR_CKPT", help="Run directory or checkpoint .safetensors.")],
-    format: Annotated[str, typer.Option("--format", "-f",
-                                        help="csr (sparse safetensors), onnx, nir or c (C99 directory).")] = "csr",
+    format: Annotated[str, typer.Option("--format", "-f", help=formats_help())] = "csr",
     out: Annotated[Path | None, typer.Option("--out", "-o",
                                              help="Output file (default: <run>/export/last.<ext>).")] = None,
-    dtype: Annotated[str, typer.Option(
-        "--dtype", help="Value dtype: fp32, fp16, bf16 or int8 (csr; int8 with per-row scales); fp32 or int8 (c).")
-    ] = "fp32",
+    dtype: Annotated[str, typer.Option("--dtype", help=dtypes_help())] = "fp32",
     fold_bn: Annotated[bool, typer.Option("--fold-bn",
                                           help="CSR: fold BatchNorm into the preceding conv/linear.")] = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify",
@@ -41,16 +48,6 @@ def export(
     ram: Annotated[str | None, typer.Option("--ram", metavar="SIZE", help="C: RAM budget (e.g. 64K).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Export a trained run as a CSR-packed safetensors artefact, a verified ONNX model or a NIR graph.
-
-    \b
-    Examples:
-      ndsnn export runs/quick --format csr --fold-bn -o quick.safetensors
-      ndsnn export runs/quick --format onnx -o quick.onnx
-      ndsnn export runs/quick --format nir -o quick.nir   (BN folded; dt 1e-4 s; max-pooling of spikes only)
-      ndsnn export runs/quick --format c --dtype int8 -o quick_c/   (make -C quick_c && quick_c/demo X.f32)
-      ndsnn export runs/quick --format c --dtype int8 --target stm32l432 -o quick_m4/   (runs on QEMU's M4)
-    """
     from ndsnn_cli.export.exporters import ExportOptions, ExportVerificationError, export
 
     options = ExportOptions(dtype=dtype, fold_bn=fold_bn, verify=verify, sparse_initializers=sparse_initializers,

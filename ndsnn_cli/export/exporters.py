@@ -58,19 +58,35 @@ class ExportVerificationError(Exception):
 
 @dataclass(frozen=True)
 class Exporter:
-    """A format and the module whose `export_result(source, out, options) -> ExportResult` writes it."""
+    """A format, the module whose `export_result(source, out, options) -> ExportResult` writes it, what it
+    is (the CLI help shows it) and the value dtypes it takes (`--dtype`; tests check them against the
+    format's own tables)."""
 
     format: str
     module: str
     description: str
+    dtypes: tuple[str, ...] = ("fp32",)
 
 
 EXPORTERS: dict[str, Exporter] = {e.format: e for e in (
-    Exporter("csr", "ndsnn_cli.export.csr", "CSR-packed safetensors artefact (the reference runtime's input)"),
+    Exporter("csr", "ndsnn_cli.export.csr", "CSR-packed safetensors artefact (the reference runtime's input)",
+             ("fp32", "fp16", "bf16", "int8")),
     Exporter("onnx", "ndsnn_cli.export.onnx", "ONNX, T unrolled, BN folded, verified with onnxruntime"),
     Exporter("nir", "ndsnn_cli.export.nir", "NIR graph (HDF5) for neuromorphic toolchains"),
-    Exporter("c", "ndsnn_cli.export.c", "portable C99 sparse spiking runtime (directory; fp32 or --dtype int8)"),
+    Exporter("c", "ndsnn_cli.export.c", "portable C99 sparse spiking runtime (a directory), verified against "
+             "the reference runtime", ("fp32", "int8")),
 )}
+
+
+def formats_help() -> str:
+    """`--format`'s help, from the registry: each format and what it writes."""
+    return "; ".join(f"{e.format}: {e.description}" for e in EXPORTERS.values()) + "."
+
+
+def dtypes_help() -> str:
+    """`--dtype`'s help, from the registry: the value dtypes of each format that takes more than fp32."""
+    takes = [f"{e.format}: {', '.join(e.dtypes)}" for e in EXPORTERS.values() if e.dtypes != ("fp32",)]
+    return f"Value dtype ({'; '.join(takes)}; int8 with per-row scales; other formats: fp32)."
 
 
 def export(format: str, source: str | Path, out: str | Path | None, options: ExportOptions) -> ExportResult:
