@@ -130,8 +130,9 @@ def test_sparse_linear_matches_masked_dense(kernel, spikes) -> None:
     dense = _run(linear, x, spikes)
     execution = SparseExecution(linear, masks, "on", "cpu")
     execution.available = (kernel,)
-    execution.rebuild()
+    assert execution.rebuild() == {"weight": kernel}
     sparse = _run(linear, x, spikes)
+    assert execution.layers["weight"].calls == 1   # the kernel ran: a silent dense fallback would compare dense with dense
     for a, b in zip(sparse[:2] + sparse[3:], dense[:2] + dense[3:], strict=True):
         _close(a, b)
     _close(sparse[2], dense[2] * masks.masks["weight"])
