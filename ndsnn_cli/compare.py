@@ -8,6 +8,7 @@ Dense runs once per seed (sparsity 0). The core never prints: progress goes to a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -35,6 +36,8 @@ class RunSpec:
     recipe: Recipe
     run_dir: Path
     label: str = ""  # the table row: the method, or e.g. "rigl-pub" for a baseline at its published settings
+    budgets: tuple[str, ...] = ("epochs",)  # the budgets (equal_cost.BUDGETS) whose tables this run is in
+    length: str = ""  # "" at the recipe's length, "-e<epochs>" (LTH "-r<epochs per round>") at another
 
     @property
     def row(self) -> str:
@@ -42,13 +45,16 @@ class RunSpec:
 
     @property
     def key(self) -> str:
-        return run_key(self.row, self.sparsity, self.seed)
+        return run_key(self.row, self.sparsity, self.seed) + self.length
 
 
 @dataclass
 class Plan:
     runs: list[RunSpec]
     notes: list[str] = field(default_factory=list)  # assumptions shown on screen and in the reports
+    budgets: list[str] = field(default_factory=lambda: ["epochs"])
+    reference: str = "ndsnn"  # --budget-ref: the row whose cost the other budgets match
+    missing: dict[tuple[str, str, float], str] = field(default_factory=dict)  # (budget, row, sparsity) -> why
 
 
 def run_key(method: str, sparsity: float, seed: int) -> str:
@@ -174,36 +180,77 @@ def first_sparse_layer(recipe: Recipe) -> str:
     return sparse_parameter_names(build_model(recipe))[0]
 
 
+def _variants(base: Recipe, method: str, sparsity: float, seed: int, baselines: str,
+              first_layer: str) -> list[tuple[Recipe, str, list[str]]]:
+    """The (recipe, row label, notes) runs of one method at one sparsity and seed: its shared-settings run,
+    its published-settings run (`rigl-pub`, ...), or both, per `baselines`."""
+    recipe, notes = run_recipe(base, method, sparsity, seed)
+    if baselines == "same" or method not in PUBLISHED_METHODS:
+        return [(recipe, method, notes)]
+    published, pub_notes = published_recipe(recipe, first_layer)
+    label = method if published.to_toml() == recipe.to_toml() else f"{method}-pub"
+    published = published.replace(name=f"{base.name}-{run_key(label, sparsity, seed)}")
+    pub = (published, label, [n for n in notes if not n.startswith("lth: the recipe")] + pub_notes)
+    return [pub] if baselines == "published" or label == method else [(recipe, method, notes), pub]
+
+
+def _variant(base: Recipe, method: str, label: str, sparsity: float, seed: int, first_layer: str) -> Recipe:
+    """The run recipe of row `label` (a method, or `<method>-pub` for its published settings)."""
+    baselines = "published" if label.endswith("-pub") else "same"
+    found = [r for r, lab, _ in _variants(base, method, sparsity, seed, baselines, first_layer) if lab == label]
+    if not found:  # lth at published settings when the recipe's own are LTH-SNN's: the row is "lth"
+        found = [r for r, _, _ in _variants(base, method, sparsity, seed, baselines, first_layer)]
+    return found[0]
+
+
+def parse_reference(text: str) -> tuple[str, str]:
+    """`--budget-ref`: a method (`ndsnn`) or a published baseline's row (`rigl-pub`) -> (method, row)."""
+    label = text.strip().lower()
+    method = label.removesuffix("-pub")
+    if method not in METHODS or (label != method and method not in PUBLISHED_METHODS):
+        known = [*METHODS, *(f"{m}-pub" for m in PUBLISHED_METHODS)]
+        raise UserError(f"--budget-ref: unknown '{text}' (known: {', '.join(known)})")
+    return method, label
+
+
 def plan_runs(base: Recipe, methods: Sequence[str], sparsities: Sequence[float], seeds: int,
-              out: str | Path, baselines: str = "same") -> Plan:
-    """Every (method, sparsity, seed) run; dense once per seed. Seeds are base.seed, base.seed + 1, ...
+              out: str | Path, baselines: str = "same", budgets: Sequence[str] = ("epochs",),
+              budget_ref: str = "ndsnn",
+              seconds_per_step: dict[tuple[str, float], float] | None = None) -> Plan:
+    """Every (method, sparsity, seed) run of every budget; dense once per seed. Seeds are base.seed, + 1, ...
 
     `baselines`: "same" runs every method with the recipe's shared settings; "published" runs RigL, SET
     and LTH at their papers' settings (rows `rigl-pub`, `set-pub`; LTH keeps its row when the recipe
     already uses LTH-SNN's settings); "both" runs the two side by side. Other methods run once either way.
+    `budgets` (equal_cost.BUDGETS): "epochs" trains the recipe's length; "flops", "steps" and "wall" scale each
+    row's length to cost what `budget_ref` costs at the recipe's length at each sparsity (`equal_cost`). A run
+    two budgets agree on trains once. "wall" needs `seconds_per_step[(row, sparsity)]` (measured on the
+    epochs-budget runs, `measured_seconds_per_step`); rows without one wait in `plan.missing`.
     """
+    from ndsnn_cli import equal_cost
+
     if seeds < 1:
         raise UserError(f"--seeds {seeds} must be >= 1")
     if baselines not in BASELINES:
         raise UserError(f"--baselines: unknown '{baselines}' (known: {', '.join(BASELINES)})")
+    unknown = [b for b in budgets if b not in equal_cost.BUDGETS]
+    if unknown or not budgets:
+        raise UserError(f"--budget: unknown '{','.join(unknown)}' (known: {', '.join(equal_cost.BUDGETS)})")
+    ref_method, ref_label = parse_reference(budget_ref)
+    if "wall" in budgets and "epochs" not in budgets:
+        raise UserError("--budget wall measures each method's seconds per step on its runs at the recipe's length: "
+                        "add epochs (e.g. --budget epochs,wall)")
     out = Path(out)
-    plan = Plan([])
-    first_layer = first_sparse_layer(base) if baselines != "same" and set(methods) & {"rigl", "set"} else ""
+    plan = Plan([], budgets=list(budgets), reference=ref_label)
+    wants_first = (baselines != "same" and set(methods) & {"rigl", "set"}) or ref_label in ("rigl-pub", "set-pub")
+    first_layer = first_sparse_layer(base) if wants_first else ""
     for method in methods:
         for sparsity in ([0.0] if method == "dense" else sparsities):
             for seed in range(base.seed, base.seed + seeds):
-                recipe, notes = run_recipe(base, method, sparsity, seed)
-                variants = [(recipe, method, notes)]
-                if baselines != "same" and method in PUBLISHED_METHODS:
-                    published, pub_notes = published_recipe(recipe, first_layer)
-                    label = method if published.to_toml() == recipe.to_toml() else f"{method}-pub"
-                    published = published.replace(name=f"{base.name}-{run_key(label, sparsity, seed)}")
-                    pub = (published, label, [n for n in notes if not n.startswith("lth: the recipe")] + pub_notes)
-                    variants = [pub] if baselines == "published" or label == method else [*variants, pub]
-                for recipe, label, notes in variants:
+                for recipe, label, notes in _variants(base, method, sparsity, seed, baselines, first_layer):
                     plan.notes += [n for n in notes if n not in plan.notes]
                     plan.runs.append(RunSpec(method, sparsity, seed, recipe, out / run_key(label, sparsity, seed),
-                                             "" if label == method else label))
+                                             "" if label == method else label, budgets=()))
     if "lth" in methods:
         from ndsnn_cli.sparse.schedules import lth_round_sparsities
 
@@ -212,7 +259,133 @@ def plan_runs(base: Recipe, methods: Sequence[str], sparsities: Sequence[float],
         counts = ", ".join(f"{s:g}: {len(lth_round_sparsities(s, lth.sparsity.prune_rate))}" for s in sparsities)
         plan.notes.append(f"lth: {round_epochs} epoch(s) per round, rewind to epoch {lth.sparsity.rewind_epoch}, "
                           f"prune_rate {lth.sparsity.prune_rate:g}; rounds incl. the dense one per sparsity: {counts}")
+    recipe_runs = list(plan.runs)
+    for budget in budgets:
+        _plan_budget(plan, budget, base, recipe_runs, out, (ref_method, ref_label), first_layer,
+                     seconds_per_step or {})
+    plan.runs = [r for r in plan.runs if r.budgets]
     return plan
+
+
+def _plan_budget(plan: Plan, budget: str, base: Recipe, recipe_runs: list[RunSpec], out: Path,
+                 ref: tuple[str, str], first_layer: str, seconds_per_step: dict[tuple[str, float], float]) -> None:
+    """Tag or add the runs of one budget: each row's length fitted to the reference's cost per sparsity."""
+    from ndsnn_cli import equal_cost
+
+    lines: dict[float, list[str]] = {}
+    rows = list(dict.fromkeys((s.row, s.method, s.sparsity) for s in recipe_runs))
+    for row, method, sparsity in rows:
+        specs = [s for s in recipe_runs if s.row == row and s.sparsity == sparsity]
+        if budget == "epochs":
+            _tag(plan, specs, budget)
+            model = equal_cost.cost_model(specs[0].recipe)
+            lines.setdefault(sparsity, []).append(_length_text(row, specs[0].recipe, model))
+            continue
+        if method == "dense":
+            plan.missing[(budget, row, sparsity)] = "dense trains at the recipe's length only (no reference at 0)"
+            continue
+        try:
+            fit = _fit_row(budget, base, method, row, sparsity, specs[0].recipe, ref, first_layer, seconds_per_step)
+        except equal_cost.NoFit as exc:
+            plan.missing[(budget, row, sparsity)] = str(exc)
+            lines.setdefault(sparsity, []).append(f"{row} not run ({exc})")
+            continue
+        if fit.epochs == equal_cost.length_epochs(specs[0].recipe):
+            _tag(plan, specs, budget)
+        else:
+            _tag(plan, [_scaled_spec(plan, base, spec, fit.epochs, first_layer, out) for spec in specs], budget)
+        model = equal_cost.cost_model(fit.recipe)
+        lines.setdefault(sparsity, []).append(_length_text(row, fit.recipe, model) + f", {fit.ratio:.2f}x the budget")
+    plan.notes.append(_budget_note(budget, ref[1], lines))
+
+
+def _fit_row(budget: str, base: Recipe, method: str, row: str, sparsity: float, recipe: Recipe,
+             ref: tuple[str, str], first_layer: str, seconds_per_step: dict[tuple[str, float], float]) -> Any:
+    """The length of `row` at `sparsity` whose `budget` cost is nearest the reference's (equal_cost.fit_length)."""
+    from ndsnn_cli import equal_cost
+
+    ref_recipe = _variant(base, ref[0], ref[1], sparsity, base.seed, first_layer)
+    if budget == "wall":
+        ref_key = (ref[1], 0.0 if ref[0] == "dense" else sparsity)
+        missing = [f"{r} at {s:g}" for r, s in (ref_key, (row, sparsity)) if (r, s) not in seconds_per_step]
+        if missing:
+            raise equal_cost.NoFit("waits for the recipe-length runs of " + " and ".join(missing)
+                                   + " to measure seconds per step")
+        target = equal_cost.measure_for("wall", seconds_per_step[ref_key])(ref_recipe)
+        measure = equal_cost.measure_for("wall", seconds_per_step[(row, sparsity)])
+    else:
+        measure = equal_cost.measure_for(budget)
+        target = measure(ref_recipe)
+    unit = "epoch per round" if method == "lth" else "epoch"
+
+    def make(epochs: int) -> Recipe:
+        return _variant(equal_cost.with_length(base, method, epochs), method, row, sparsity, base.seed, first_layer)
+
+    return equal_cost.fit_length(make, measure, target or 0.0, equal_cost.length_epochs(recipe), unit)
+
+
+def _scaled_spec(plan: Plan, base: Recipe, spec: RunSpec, epochs: int, first_layer: str, out: Path) -> RunSpec:
+    """The run of `spec`'s row and seed at another length (`-e<epochs>`, LTH `-r<epochs per round>`); one
+    RunSpec per run directory, shared by the budgets that pick it."""
+    from ndsnn_cli import equal_cost
+
+    length = f"-{'r' if spec.method == 'lth' else 'e'}{epochs}"
+    key = spec.key + length
+    existing = next((r for r in plan.runs if r.key == key), None)
+    if existing is not None:
+        return existing
+    recipe = _variant(equal_cost.with_length(base, spec.method, epochs), spec.method, spec.row, spec.sparsity,
+                      spec.seed, first_layer).replace(name=f"{base.name}-{key}")
+    scaled = RunSpec(spec.method, spec.sparsity, spec.seed, recipe, out / key, spec.label, budgets=(), length=length)
+    plan.runs.append(scaled)
+    return scaled
+
+
+def measured_seconds_per_step(plan: Plan, summaries: dict[str, dict[str, Any]]) -> dict[tuple[str, float], float]:
+    """(row, sparsity) -> seconds per optimizer step, mean over the seeds of its finished recipe-length runs.
+
+    A run's seconds: summary.json `train_wall_s` (training only) where the trainer records it, else
+    `wall_time_s` (training plus per-epoch evaluation); its steps: the cost model's (LTH: every round).
+    """
+    from ndsnn_cli import equal_cost
+
+    per_cell: dict[tuple[str, float], list[float]] = {}
+    for spec in plan.runs:
+        summary = summaries.get(spec.key)
+        model = equal_cost.cost_model(spec.recipe)
+        if spec.length or summary is None or model is None or not model.steps:
+            continue
+        seconds = float(summary.get("train_wall_s", summary["wall_time_s"]))
+        per_cell.setdefault((spec.row, spec.sparsity), []).append(seconds / model.steps)
+    return {cell: statistics.fmean(values) for cell, values in per_cell.items()}
+
+
+def _tag(plan: Plan, specs: list[RunSpec], budget: str) -> None:
+    for spec in specs:
+        index = next(i for i, r in enumerate(plan.runs) if r.key == spec.key)
+        if budget not in plan.runs[index].budgets:
+            plan.runs[index] = dataclasses.replace(plan.runs[index], budgets=(*plan.runs[index].budgets, budget))
+
+
+def _length_text(row: str, recipe: Recipe, model: Any) -> str:
+    from ndsnn_cli import equal_cost
+
+    epochs = equal_cost.length_epochs(recipe)
+    unit = "epoch(s) per round" if recipe.sparsity.method == "lth" else "epoch(s)"
+    cost = "cost model n/a" if model is None else f"{model.steps} steps, {model.flops:.3g} FLOPs"
+    return f"{row} {epochs} {unit} ({cost})"
+
+
+def _budget_note(budget: str, reference: str, lines: dict[float, list[str]]) -> str:
+    from ndsnn_cli import equal_cost
+
+    head = ("budget epochs (the recipe's length for every method)" if budget == "epochs" else
+            f"budget {budget} (each row trained the whole epochs nearest {reference}'s "
+            f"{equal_cost.BUDGET_UNITS[budget]} at the recipe's length, per sparsity)")
+    if budget == "wall":
+        head += (" [seconds per step measured on each row's recipe-length runs: summary train_wall_s where "
+                 "recorded, else wall_time_s (training + evaluation), over the cost model's steps; mean over seeds]")
+    return head + ": " + "; ".join(f"at {format_sparsity(s)}: " + ", ".join(parts) for s, parts in lines.items())
 
 
 def run_status(spec: RunSpec) -> str:
@@ -358,23 +531,9 @@ def training_flops_for_run(recipe: Recipe, run_dir: Path) -> float | None:
     The model (not the run's recorded masks) so that LTH, whose realised cost `cost.run_cost` does not
     cover, is counted the same way as the methods it is the baseline for. None where it cannot say.
     """
-    from ndsnn_cli import cost
+    from ndsnn_cli import equal_cost
 
-    method = recipe.sparsity.method
-    # seed and name do not change the predicted FLOPs: one computation per (method, sparsity, settings)
-    key = recipe.replace(name="flops", seed=0).to_toml()
-    if key not in _flops_cache:
-        try:
-            from ndsnn_cli.data import train_size
-
-            _flops_cache[key] = cost.method_cost(recipe, method, cost.model_layers(recipe),
-                                                 train_size(recipe.data)).train_flops
-        except UserError:
-            _flops_cache[key] = None
-    return _flops_cache[key]
-
-
-_flops_cache: dict[str, float | None] = {}
+    return equal_cost.training_flops(recipe)
 
 
 def read_summaries(plan: Plan) -> dict[str, dict[str, Any]]:
@@ -395,49 +554,63 @@ def _std(values: list[float]) -> float:
 
 def aggregate(plan: Plan, summaries: dict[str, dict[str, Any]], *,
               flops: Callable[[RunSpec], float | None] | None = None) -> dict[str, Any]:
-    """Mean ± sample std (n - 1; 0 for one seed) of test accuracy per (method, sparsity), best per column,
-    wall time, and training FLOPs relative to LTH at the same sparsity (when the FLOPs model answers)."""
+    """Per budget, mean ± sample std (n - 1; 0 for one seed) of test accuracy per (row, sparsity), best per
+    column, wall time, optimizer steps and training FLOPs (the `ndsnn cost` model), the latter also relative
+    to LTH at the recipe's length at the same sparsity (when LTH is among the rows)."""
     flops = flops or (lambda spec: training_flops_for_run(spec.recipe, spec.run_dir))
     methods = list(dict.fromkeys(s.row for s in plan.runs))
     columns = sorted({s.sparsity for s in plan.runs})
     cells: list[dict[str, Any]] = []
-    for method in methods:
+    for budget in plan.budgets:
+        for method in methods:
+            for sparsity in columns:
+                specs = [s for s in plan.runs if s.row == method and s.sparsity == sparsity and budget in s.budgets]
+                why = plan.missing.get((budget, method, sparsity))
+                if specs or why:
+                    cells.append(_cell(budget, method, sparsity, specs, summaries, flops, why))
+    for budget in plan.budgets:
         for sparsity in columns:
-            specs = [s for s in plan.runs if s.row == method and s.sparsity == sparsity]
-            if not specs:
-                continue
-            done = [(s, summaries[s.key]) for s in specs if s.key in summaries]
-            accuracies = [float(summary["test_accuracy"]) for _, summary in done]
-            walls = [float(summary["wall_time_s"]) for _, summary in done]
-            realised = [float(summary["sparsity"]["sparsity"]) for _, summary in done]
-            run_flops = [flops(s) for s, _ in done] if done else []
-            cell = {"method": method, "sparsity": sparsity, "runs": len(specs), "done": len(done),
-                    "seeds": [s.seed for s, _ in done], "test_accuracy": accuracies,
-                    "accuracy_mean": statistics.fmean(accuracies) if accuracies else None,
-                    "accuracy_std": _std(accuracies) if accuracies else None,
-                    "realised_sparsity_mean": statistics.fmean(realised) if realised else None,
-                    "wall_time_s_mean": statistics.fmean(walls) if walls else None,
-                    "epochs": done[0][1].get("total_epochs", done[0][1]["epochs"]) if done else None,
-                    "training_flops": (statistics.fmean(run_flops)
-                                       if run_flops and all(f is not None for f in run_flops) else None)}
-            cells.append(cell)
-    for sparsity in columns:
-        column = [c for c in cells if c["sparsity"] == sparsity and c["accuracy_mean"] is not None]
-        best = max((c["accuracy_mean"] for c in column), default=None)
-        lth = next((c["training_flops"] for c in cells if c["method"] == "lth" and c["sparsity"] == sparsity), None)
-        for cell in column:
-            cell["best"] = cell["accuracy_mean"] == best
-        for cell in (c for c in cells if c["sparsity"] == sparsity):
-            cell.setdefault("best", False)
-            f = cell["training_flops"]
-            cell["flops_vs_lth"] = f / lth if f is not None and lth else None
+            column = [c for c in cells if c["budget"] == budget and c["sparsity"] == sparsity]
+            best = max((c["accuracy_mean"] for c in column if c["accuracy_mean"] is not None), default=None)
+            for c in column:
+                c["best"] = c["accuracy_mean"] is not None and c["accuracy_mean"] == best
+    for c in cells:
+        lth = next((x["training_flops"] for x in cells if x["method"] in ("lth", "lth-pub") and x["budget"] == "epochs"
+                    and x["sparsity"] == c["sparsity"]), None)
+        c["flops_vs_lth"] = c["training_flops"] / lth if c["training_flops"] is not None and lth else None
     notes = list(plan.notes) + ["training FLOPs: the `ndsnn cost` model (ndsnn_cli.cost.method_cost) of each "
-                                "run's recipe, relative to LTH at the same sparsity"]
-    return {"methods": methods, "sparsities": columns, "cells": cells, "notes": notes}
+                                "run's recipe; % of LTH: against LTH at the recipe's length at the same sparsity"]
+    return {"budgets": list(plan.budgets), "reference": plan.reference, "methods": methods, "sparsities": columns,
+            "cells": cells, "notes": notes}
 
 
-def cell(table: dict[str, Any], method: str, sparsity: float) -> dict[str, Any] | None:
-    return next((c for c in table["cells"] if c["method"] == method and c["sparsity"] == sparsity), None)
+def _cell(budget: str, method: str, sparsity: float, specs: list[RunSpec], summaries: dict[str, dict[str, Any]],
+          flops: Callable[[RunSpec], float | None], missing: str | None) -> dict[str, Any]:
+    from ndsnn_cli import equal_cost
+
+    done = [(s, summaries[s.key]) for s in specs if s.key in summaries]
+    accuracies = [float(summary["test_accuracy"]) for _, summary in done]
+    walls = [float(summary["wall_time_s"]) for _, summary in done]
+    realised = [float(summary["sparsity"]["sparsity"]) for _, summary in done]
+    run_flops = [flops(s) for s, _ in done] if done else []
+    model = equal_cost.cost_model(specs[0].recipe) if specs else None
+    return {"budget": budget, "method": method, "sparsity": sparsity, "runs": len(specs), "done": len(done),
+            "seeds": [s.seed for s, _ in done], "run_dirs": [s.key for s in specs], "test_accuracy": accuracies,
+            "accuracy_mean": statistics.fmean(accuracies) if accuracies else None,
+            "accuracy_std": _std(accuracies) if accuracies else None,
+            "realised_sparsity_mean": statistics.fmean(realised) if realised else None,
+            "wall_time_s_mean": statistics.fmean(walls) if walls else None,
+            "epochs": done[0][1].get("total_epochs", done[0][1]["epochs"]) if done else None,
+            "length_epochs": equal_cost.length_epochs(specs[0].recipe) if specs else None,
+            "steps": model.steps if model else None,
+            "training_flops": (statistics.fmean(run_flops)
+                               if run_flops and all(f is not None for f in run_flops) else None),
+            "missing": missing}
+
+
+def cell(table: dict[str, Any], method: str, sparsity: float, budget: str = "epochs") -> dict[str, Any] | None:
+    return next((c for c in table["cells"] if c["method"] == method and c["sparsity"] == sparsity
+                 and c.get("budget", "epochs") == budget), None)
 
 
 def format_accuracy(c: dict[str, Any] | None) -> str:

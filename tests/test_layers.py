@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                "ndsnn_cli.evaluation")),
     ("training", ("ndsnn_cli.trainer", "ndsnn_cli.lth", "ndsnn_cli.train")),
     ("products of a run", ("ndsnn_cli.export", "ndsnn_cli.export.*", "ndsnn_cli.cost")),
+    ("equal training cost", ("ndsnn_cli.equal_cost",)),
     ("comparison", ("ndsnn_cli.compare",)),
     ("command line", ("ndsnn_cli.cli", "ndsnn_cli.cli.*", "ndsnn_cli.__main__")),
 ]

@@ -36,6 +36,12 @@ def prune_compare(
     json_output: Annotated[bool, typer.Option("--json", help="Print the result table as JSON.")] = False,
     baselines: Annotated[str, typer.Option("--baselines", help="RigL, SET and LTH at the recipe's shared settings "
                                            "(same), at their papers' settings (published), or both.")] = "same",
+    budget: Annotated[str, typer.Option("--budget", help="Comma-separated: epochs (the recipe's length for every "
+                                        "method), flops, steps, wall (each method trained as long as costs what "
+                                        "--budget-ref costs, per sparsity): one set of tables per budget.")
+                      ] = "epochs",
+    budget_ref: Annotated[str, typer.Option("--budget-ref", help="The method (or e.g. rigl-pub) whose cost at the "
+                                            "recipe's length the other budgets match.")] = "ndsnn",
     overrides: Annotated[list[str] | None, typer.Option("--set", metavar="TABLE.KEY=VALUE",
                                                         help="Change a recipe key for every run, e.g. "
                                                              "--set sparsity.init=dense (repeatable).")] = None,
@@ -51,18 +57,26 @@ def prune_compare(
         --sparsities 0.9,0.99 --seeds 2 --out runs/cmp
       ndsnn prune-compare recipes/compare-fmnist.toml --methods ndsnn,rigl,set --baselines both
       ndsnn prune-compare recipes/compare-fmnist.toml --methods set,rigl --set sparsity.init=dense
+      ndsnn prune-compare recipes/compare-fmnist.toml --methods ndsnn,rigl,set --budget epochs,flops
     """
     import json
 
     from rich.console import Console
 
     from ndsnn_cli import compare
+    from ndsnn_cli.equal_cost import parse_budgets
     from ndsnn_cli.recipe import load_recipe
 
     base = compare.apply_overrides(load_recipe(recipe_path), overrides or [])
-    plan = compare.plan_runs(base, compare.parse_methods(methods), compare.parse_sparsities(sparsities), seeds,
-                             out or Path(os.environ.get("NDSNN_RUNS", "runs")) / f"compare-{base.name}", baselines)
-    out_dir = plan.runs[0].run_dir.parent
+    budgets = parse_budgets(budget)
+    compare.parse_reference(budget_ref)
+    out_dir = out or Path(os.environ.get("NDSNN_RUNS", "runs")) / f"compare-{base.name}"
+
+    def make_plan(measured: dict[tuple[str, float], float] | None = None) -> Plan:
+        return compare.plan_runs(base, compare.parse_methods(methods), compare.parse_sparsities(sparsities), seeds,
+                                 out_dir, baselines, budgets, budget_ref, measured)
+
+    plan = make_plan()
     compare.check_run_dirs(plan)
     console = Console(stderr=True)
     quiet = json_output
@@ -73,6 +87,12 @@ def prune_compare(
     if not report_only:
         with LiveOverview(plan, enabled=not quiet) as live:
             results = compare.execute(plan, jobs=jobs, on_event=live.on_event)
+    if "wall" in budgets:  # the wall budget's lengths come from the seconds per step the runs above measured
+        plan = make_plan(compare.measured_seconds_per_step(plan, compare.read_summaries(plan)))
+        compare.check_run_dirs(plan)
+        if not report_only:
+            with LiveOverview(plan, enabled=not quiet) as live:
+                results.update(compare.execute(plan, jobs=jobs, on_event=live.on_event))
     summaries = compare.read_summaries(plan)
     if report_only and not summaries:
         from ndsnn_cli.errors import UserError
