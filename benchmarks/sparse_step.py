@@ -66,17 +66,17 @@ def layer_ratios(shapes: list[tuple[int, int, int]], densities: tuple[float, ...
                 conv.weight.mul_(mask)
             x = (torch.rand(batch, c_in, size, size) < SPIKE_RATE).float().contiguous(memory_format=torch.channels_last)
             grad = torch.randn(batch, c_out, size, size).contiguous(memory_format=torch.channels_last)
-            execution = SparseExecution(conv, Masks({"weight": conv.weight}, {"weight": mask}), "on", "cpu")
-            execution.available = ("numba",)
-            execution.rebuild()
-            dense_layer = execution.layers["weight"]
-            kernel, layout = dense_layer.kernel, dense_layer.layout
-            pairs = []
-            for _ in range(repeats + 1):  # the first pair warms up (JIT cache load, allocator)
-                dense_layer.kernel = None
-                dense = _pass(conv, x, grad)
-                dense_layer.kernel, dense_layer.layout = kernel, layout
-                pairs.append(_pass(conv, x, grad) / dense)
+            with SparseExecution(conv, Masks({"weight": conv.weight}, {"weight": mask}), "on", "cpu") as execution:
+                execution.available = ("numba",)
+                execution.rebuild()
+                dense_layer = execution.layers["weight"]
+                kernel, layout = dense_layer.kernel, dense_layer.layout
+                pairs = []
+                for _ in range(repeats + 1):  # the first pair warms up (JIT cache load, allocator)
+                    dense_layer.kernel = None
+                    dense = _pass(conv, x, grad)
+                    dense_layer.kernel, dense_layer.layout = kernel, layout
+                    pairs.append(_pass(conv, x, grad) / dense)
             row.append(statistics.median(pairs[1:]))
         print(f"  {c_in:>3}->{c_out:<3} @{size:>2}x{size:<2}     " + "    ".join(f"{r:5.2f}x" for r in row))
 
@@ -98,7 +98,7 @@ def _step_setup(arch: str, batch: int, timesteps: int, sparsity: float):  # noqa
     masks.apply()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     images, labels = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    execution = SparseExecution(model, masks, "auto", "cpu")
+    execution = SparseExecution(model, masks, "auto", "cpu").__enter__()  # installed for the process's lifetime
     return model, masks, optimizer, images, labels, execution
 
 

@@ -6,6 +6,7 @@ The core never prints: progress goes to a `TrainCallbacks` object the CLI suppli
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -163,15 +164,14 @@ def train_once(recipe: Recipe, run_dir: Path, *, resume: bool, callbacks: TrainC
                 start: RoundStart | None = None, datasets: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """One training run: set up, train epoch by epoch (evaluating and checkpointing after each), summarise."""
     run = _setup(recipe, run_dir, resume, callbacks, start or RoundStart(), datasets)
-    try:
+    # the sparse layers' forwards are swapped for the run only: restored on any exit, a raise included
+    with contextlib.closing(run.loggers), run.kernels if run.kernels is not None else contextlib.nullcontext():
         callbacks.on_run_start(recipe, run.total_steps, run.steps_per_epoch, run.state.step)
         last_record: dict[str, Any] = {}
         for epoch in range(run.state.epoch, run.epochs):
             _train_epoch(run, epoch)
             last_record = _end_epoch(run, epoch)
         return _finish(run, last_record)
-    finally:
-        run.loggers.close()
 
 
 def _setup(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallbacks, start: RoundStart,
@@ -359,8 +359,6 @@ def _finish(run: Run, last_record: dict[str, Any]) -> dict[str, Any]:
                        run.epochs, time.perf_counter() - run.started)
     summary["sparse_kernels"] = (run.kernels.summary() if run.kernels is not None
                                  else {"mode": run.recipe.train.sparse_kernels, "layers": {}})
-    if run.kernels is not None:
-        run.kernels.remove()
     if distributed.active():
         distributed.broadcast_tensors(run.model.buffers())
         tensors = [*run.model.state_dict().values(), *(run.method.masks.masks.values() if run.method.masks else [])]

@@ -1,26 +1,42 @@
-"""Sparse kernels: the dispatch rule against a table, and every kernel against the masked-dense path
-(forward, spikes, input/weight/bias gradients) within fp32 tolerance, layer by layer and end to end."""
+"""Sparse kernels: the dispatch rule against a table, and every registered kernel against the masked-dense
+path (forward, spikes, input/weight/bias gradients) within fp32 tolerance, layer by layer and end to end:
+the registry's contract, which a new kernel (one class + one registry line: the toy kernel here) passes."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ndsnn_cli.kernels import DENSE, KERNELS, SPARSE_KERNEL_MODES, available_kernels, choose
-from ndsnn_cli.kernels.execution import SparseExecution
+from ndsnn_cli.kernels import DENSE, KERNELS, SPARSE_KERNEL_MODES, KernelInfo, available_kernels, choose
+from ndsnn_cli.kernels.execution import SparseExecution, create_kernel
 from ndsnn_cli.kernels.layout import build_layout
+from ndsnn_cli.kernels.protocol import SparseKernel
 from ndsnn_cli.snn.neuron import mark_spikes, saving_spikes_as_bool
 from ndsnn_cli.sparse.masks import Masks
 
 KERNEL_NAMES = available_kernels()  # torch-sparse always; numba when installed
+# the contract runs over every registered kernel; one whose optional dependency is missing is skipped, by name
+REGISTERED = [pytest.param(name, marks=pytest.mark.skipif(name not in KERNEL_NAMES, reason=f"{name}: "
+                                                           f"{KERNELS[name].requires} not installed"))
+              for name in KERNELS]
 # fp32: the kernels sum in another order than oneDNN; differences stay below TOL x the largest |value|
 TOL = 2e-5
 
 NUMBA_CROSS = KERNELS["numba"].crossover_density
+
+
+@pytest.fixture
+def install():  # noqa: ANN201
+    """`install(execution)`: its forwards swapped in until the test ends."""
+    with contextlib.ExitStack() as stack:
+        yield stack.enter_context
 
 
 @pytest.mark.parametrize(("mode", "density", "device", "available", "expected"), [
@@ -50,8 +66,9 @@ def test_layout_lists_the_mask_positions_by_output_and_by_input_channel() -> Non
     mask[0, 1, 2, 0] = mask[2, 0, 1, 1] = mask[2, 1, 0, 2] = True
     layout = build_layout(mask)
     assert layout.nnz == 3 and layout.rowptr.tolist() == [0, 1, 1, 3] and layout.colptr.tolist() == [0, 1, 3]
-    assert list(zip(layout.tap_out, layout.tap_in, layout.tap_kh, layout.tap_kw, strict=True)) == [
-        (0, 1, 2, 0), (2, 0, 1, 1), (2, 1, 0, 2)]
+    taps = (layout.tap_out, layout.tap_in, layout.tap_kh, layout.tap_kw)
+    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.int32 for t in taps)
+    assert list(zip(*(t.tolist() for t in taps), strict=True)) == [(0, 1, 2, 0), (2, 0, 1, 1), (2, 1, 0, 2)]
     assert layout.col_out.tolist() == [2, 0, 2]  # input channel 0: tap (2,0); channel 1: (0,1), (2,1)
     weight = torch.arange(54.0).reshape(3, 2, 3, 3)
     assert layout.values(weight).tolist() == [15.0, 40.0, 47.0]
@@ -90,10 +107,31 @@ CONVS = {  # (c_in, c_out, kernel, stride, padding, size)
 }
 
 
-@pytest.mark.parametrize("kernel", KERNEL_NAMES)
-@pytest.mark.parametrize("case", list(CONVS))
-@pytest.mark.parametrize(("memory_format", "spikes"), [(torch.channels_last, True), (torch.contiguous_format, False)])
-def test_sparse_conv_matches_masked_dense(kernel, case, memory_format, spikes) -> None:
+class _Counting:
+    """A kernel whose method calls are counted: the test sees the kernel itself ran, not a dense fallback."""
+
+    def __init__(self, kernel: SparseKernel) -> None:
+        self.kernel, self.calls = kernel, collections.Counter()
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        method = getattr(self.kernel, name)
+
+        def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.calls[name] += 1
+            return method(*args, **kwargs)
+        return counted
+
+
+def _counting(execution: SparseExecution) -> _Counting:
+    layer = execution.layers["weight"]
+    layer.kernel = _Counting(layer.kernel)
+    return layer.kernel
+
+
+def check_conv_contract(kernel: str, case: str, memory_format: torch.memory_format, spikes: bool) -> None:
+    """The contract of a registered kernel on one conv: forward, input, weight (sparse and dense) and bias
+    gradients equal the masked-dense path's within TOL, computed by the kernel's own methods, in the
+    input's memory format; the module's forward restored after the block."""
     c_in, c_out, k, stride, pad, size = CONVS[case]
     torch.manual_seed(0)
     conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad).to(memory_format=torch.channels_last)
@@ -102,46 +140,141 @@ def test_sparse_conv_matches_masked_dense(kernel, case, memory_format, spikes) -
     x = (x < 0.3).float() if spikes else x
     x = x.contiguous(memory_format=memory_format)
     dense = _run(conv, x, spikes)
-    execution = SparseExecution(conv, masks, "on", "cpu")
-    execution.available = (kernel,)
-    assert execution.rebuild() == {"weight": kernel}
-    sparse = _run(conv, x, spikes)
-    assert execution.layers["weight"].calls == 1
-    for name, a, b in zip(("out", "grad_x", "grad_b"), sparse[:2] + sparse[3:], dense[:2] + dense[3:], strict=True):
-        assert a.shape == b.shape, name
-        _close(a, b)
-    _close(sparse[2], dense[2] * masks.masks["weight"])       # weight gradient at the mask only
-    assert not sparse[2][~masks.masks["weight"]].any()
-    assert sparse[0].is_contiguous(memory_format=memory_format)
-    execution.set_dense_weight_grad(True)                      # an update step: the dense gradient
-    _close(_run(conv, x, spikes)[2], dense[2])
-    execution.remove()
+    with SparseExecution(conv, masks, "on", "cpu") as execution:
+        execution.available = (kernel,)
+        assert execution.rebuild() == {"weight": kernel}
+        assert isinstance(execution.layers["weight"].kernel, SparseKernel)
+        counts = _counting(execution)
+        sparse = _run(conv, x, spikes)
+        assert execution.layers["weight"].calls == 1
+        assert counts.calls["forward"] == counts.calls["input_grad"] == counts.calls["weight_grad"] == 1
+        for name, a, b in zip(("out", "grad_x", "grad_b"), sparse[:2] + sparse[3:], dense[:2] + dense[3:],
+                              strict=True):
+            assert a.shape == b.shape, name
+            _close(a, b)
+        _close(sparse[2], dense[2] * masks.masks["weight"])       # weight gradient at the mask only
+        assert not sparse[2][~masks.masks["weight"]].any()
+        assert sparse[0].is_contiguous(memory_format=memory_format)
+        execution.set_dense_weight_grad(True)                      # an update step: the dense gradient
+        _close(_run(conv, x, spikes)[2], dense[2])
+        assert counts.calls["forward"] == 2
     assert "forward" not in conv.__dict__
 
 
-@pytest.mark.parametrize("kernel", KERNEL_NAMES)
-@pytest.mark.parametrize("spikes", [True, False])
-def test_sparse_linear_matches_masked_dense(kernel, spikes) -> None:
+def check_linear_contract(kernel: str, spikes: bool) -> None:
+    """The contract on a linear layer ([N, F] as [F, 1, 1, N] maps)."""
     torch.manual_seed(0)
     linear = nn.Linear(40, 12)
     masks = _masked_layer(linear, 0.2, 2)
     x = torch.rand(16, 40)
     x = (x < 0.2).float() if spikes else x
     dense = _run(linear, x, spikes)
-    execution = SparseExecution(linear, masks, "on", "cpu")
-    execution.available = (kernel,)
-    assert execution.rebuild() == {"weight": kernel}
-    sparse = _run(linear, x, spikes)
-    assert execution.layers["weight"].calls == 1   # the kernel ran (not a silent dense fallback)
-    for a, b in zip(sparse[:2] + sparse[3:], dense[:2] + dense[3:], strict=True):
-        _close(a, b)
-    _close(sparse[2], dense[2] * masks.masks["weight"])
-    execution.set_dense_weight_grad(True)
-    _close(_run(linear, x, spikes)[2], dense[2])
+    with SparseExecution(linear, masks, "on", "cpu") as execution:
+        execution.available = (kernel,)
+        assert execution.rebuild() == {"weight": kernel}
+        counts = _counting(execution)
+        sparse = _run(linear, x, spikes)
+        # the kernel ran (a silent dense fallback computes the same numbers and would pass the rest)
+        assert execution.layers["weight"].calls == 1
+        assert counts.calls["forward"] == counts.calls["input_grad"] == counts.calls["weight_grad"] == 1
+        for a, b in zip(sparse[:2] + sparse[3:], dense[:2] + dense[3:], strict=True):
+            _close(a, b)
+        _close(sparse[2], dense[2] * masks.masks["weight"])
+        execution.set_dense_weight_grad(True)
+        _close(_run(linear, x, spikes)[2], dense[2])
+        assert counts.calls["forward"] == 2
+    assert "forward" not in linear.__dict__
+
+
+@pytest.mark.parametrize("kernel", REGISTERED)
+@pytest.mark.parametrize("case", list(CONVS))
+@pytest.mark.parametrize(("memory_format", "spikes"), [(torch.channels_last, True), (torch.contiguous_format, False)])
+def test_sparse_conv_matches_masked_dense(kernel, case, memory_format, spikes) -> None:
+    check_conv_contract(kernel, case, memory_format, spikes)
+
+
+@pytest.mark.parametrize("kernel", REGISTERED)
+@pytest.mark.parametrize("spikes", [True, False])
+def test_sparse_linear_matches_masked_dense(kernel, spikes) -> None:
+    check_linear_contract(kernel, spikes)
+
+
+class ToyKernel:
+    """A whole kernel in a few lines (the weight scattered to dense, torch's convs on the batch-last maps):
+    registered by one `KernelInfo` line below, it runs through the contract like the shipped ones."""
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def forward(self, x, values, bias, layout, stride: int, pad: int, out) -> None:  # noqa: ANN001
+        weight = values.new_zeros(layout.shape)
+        weight[_taps(layout)] = values
+        out.copy_(F.conv2d(x.float().permute(3, 0, 1, 2), weight, bias, stride, pad).permute(1, 2, 3, 0))
+
+    def input_grad(self, grad_out, values, layout, stride: int, pad: int, grad_in) -> None:  # noqa: ANN001
+        weight = values.new_zeros(layout.shape)
+        weight[_taps(layout)] = values
+        grad = torch.nn.grad.conv2d_input((grad_in.shape[3], *grad_in.shape[:3]), weight,
+                                          grad_out.permute(3, 0, 1, 2), stride, pad)
+        grad_in.copy_(grad.permute(1, 2, 3, 0))
+
+    def weight_grad(self, grad_out, x, layout, stride: int, pad: int) -> torch.Tensor:  # noqa: ANN001
+        grad = torch.nn.grad.conv2d_weight(x.float().permute(3, 0, 1, 2), layout.shape,
+                                           grad_out.permute(3, 0, 1, 2), stride, pad)
+        return grad[_taps(layout)].contiguous()
+
+
+def _taps(layout) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+    """The taps' 4-d coordinates (a linear layer's index has two)."""
+    return (layout.tap_out.long(), layout.tap_in.long(), layout.tap_kh.long(), layout.tap_kw.long())
+
+
+def test_a_new_kernel_is_one_class_and_one_registry_line(monkeypatch) -> None:
+    monkeypatch.setitem(KERNELS, "toy", KernelInfo("toy", f"{__name__}:ToyKernel", ("cpu",), None, 0.0, False))
+    assert "toy" in available_kernels() and isinstance(create_kernel("toy"), SparseKernel)
+    assert choose("on", 0.1, "cpu", ("toy",)) == "toy" and choose("on", 0.1, "cuda", ("toy",)) == DENSE
+    for case in CONVS:
+        check_conv_contract("toy", case, torch.channels_last, True)
+    check_linear_contract("toy", False)
+
+
+def test_an_incomplete_or_unknown_kernel_is_refused(monkeypatch) -> None:
+    with pytest.raises(ValueError, match="unknown sparse kernel 'nope'"):
+        create_kernel("nope")
+    monkeypatch.setitem(KERNELS, "half", KernelInfo("half", "collections:OrderedDict", ("cpu",), None, 0.0, False))
+    with pytest.raises(TypeError, match="lacks a SparseKernel method"):
+        create_kernel("half")
+
+
+def test_the_forwards_are_restored_when_the_block_raises() -> None:
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    with pytest.raises(RuntimeError, match="boom"), SparseExecution(conv, _masked_layer(conv, 0.5, 0), "on", "cpu"):
+        assert "forward" in conv.__dict__
+        raise RuntimeError("boom")
+    assert "forward" not in conv.__dict__
+
+
+def test_a_run_that_raises_leaves_no_patched_layer(tiny_recipe, tmp_path, monkeypatch) -> None:
+    """The trainer swaps the forwards for the run only: a run that fails mid-epoch gives them back."""
+    import ndsnn_cli.trainer as trainer
+    from ndsnn_cli.train import train
+
+    models, build = [], trainer.build_training_model
+    monkeypatch.setattr(trainer, "build_training_model", lambda *args: models.append(build(*args)) or models[-1])
+
+    class Fails(trainer.TrainCallbacks):
+        def on_step(self, step: int, epoch: int, loss: float, accuracy: float) -> None:
+            assert any("forward" in m.__dict__ for m in models[0].modules())  # patched while training
+            raise RuntimeError("interrupted")
+
+    recipe = tiny_recipe(sparsity={"method": "static", "final": 0.9}, train={"sparse_kernels": "on"})
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train(recipe, tmp_path / "run", callbacks=Fails())
+    assert models and not [name for name, m in models[0].named_modules() if "forward" in m.__dict__]
 
 
 @pytest.mark.parametrize("kernel", KERNEL_NAMES)
-def test_bf16_autocast_runs_the_kernel_and_matches_the_dense_autocast_path(kernel) -> None:
+def test_bf16_autocast_runs_the_kernel_and_matches_the_dense_autocast_path(kernel, install) -> None:
     """Under CPU bf16 autocast the kernel computes in fp32 and returns bf16, as autocast's conv does:
     output and gradients equal the dense autocast path's within bf16 rounding (oneDNN rounds the
     weights to bf16 too; the kernel does not), and the gradients reach fp32 parameters."""
@@ -160,7 +293,7 @@ def test_bf16_autocast_runs_the_kernel_and_matches_the_dense_autocast_path(kerne
         return out.detach(), inputs.grad, conv.weight.grad.clone(), conv.bias.grad.clone()
 
     dense = run()
-    execution = SparseExecution(conv, masks, "on", "cpu")
+    execution = install(SparseExecution(conv, masks, "on", "cpu"))
     execution.available = (kernel,)
     execution.rebuild()
     sparse = run()
@@ -175,7 +308,7 @@ def test_bf16_autocast_runs_the_kernel_and_matches_the_dense_autocast_path(kerne
 
 @pytest.mark.parametrize("kernel", KERNEL_NAMES)
 @pytest.mark.parametrize("layer", ["conv", "linear"])
-def test_a_forward_without_autograd_runs_in_chunks_with_the_same_numbers(kernel, layer, monkeypatch) -> None:
+def test_a_forward_without_autograd_runs_in_chunks_with_the_same_numbers(kernel, layer, monkeypatch, install) -> None:
     """Evaluation (no autograd) runs the batch in chunks written into the result: bit-identical to the
     training forward (each output sums its taps in the same order), in the input's memory format."""
     import ndsnn_cli.kernels.execution as execution_module
@@ -184,7 +317,7 @@ def test_a_forward_without_autograd_runs_in_chunks_with_the_same_numbers(kernel,
     module = nn.Conv2d(6, 16, 3, stride=2, padding=1) if layer == "conv" else nn.Linear(30, 7)
     masks = _masked_layer(module, 0.3, 5)
     x = torch.rand(10, 6, 9, 9).contiguous(memory_format=torch.channels_last) if layer == "conv" else torch.rand(10, 30)
-    execution = SparseExecution(module, masks, "on", "cpu")
+    execution = install(SparseExecution(module, masks, "on", "cpu"))
     execution.available = (kernel,)
     execution.rebuild()
     trained = module(x)
@@ -196,7 +329,7 @@ def test_a_forward_without_autograd_runs_in_chunks_with_the_same_numbers(kernel,
 
 
 @pytest.mark.parametrize("path", [DENSE, *KERNEL_NAMES])
-def test_a_layer_is_clocked_forward_and_backward_on_its_path(path, monkeypatch) -> None:
+def test_a_layer_is_clocked_forward_and_backward_on_its_path(path, monkeypatch, install) -> None:
     """Training calls add their forward and backward time to the path they took: a sparse kernel's
     autograd Function clocks both directions; on the dense path, clocks on the output and the weight
     time the layer's backward node (started when the output's gradient arrives, stopped at the weight's).
@@ -204,7 +337,8 @@ def test_a_layer_is_clocked_forward_and_backward_on_its_path(path, monkeypatch) 
     import ndsnn_cli.kernels.execution as execution_module
 
     conv = nn.Conv2d(3, 4, 3, padding=1)
-    execution = SparseExecution(conv, _masked_layer(conv, 0.5, 0), "off" if path == DENSE else "on", "cpu")
+    execution = install(SparseExecution(conv, _masked_layer(conv, 0.5, 0), "off" if path == DENSE else "on",
+                                        "cpu"))
     execution.available = () if path == DENSE else (path,)
     execution.rebuild()
     layer = execution.layers["weight"]
@@ -226,7 +360,7 @@ def test_a_layer_is_clocked_forward_and_backward_on_its_path(path, monkeypatch) 
 def test_layout_transposes_round_trip_bit_exactly(layout) -> None:
     """to_batch_last / from_batch_last (numba's contiguous fast path for NHWC, NCHW and [N, F]; the
     strided fallback for anything else) give exactly `x.permute(1, 2, 3, 0)` and back, spikes as uint8."""
-    from ndsnn_cli.kernels.execution import create_kernel, from_batch_last, to_batch_last
+    from ndsnn_cli.kernels.execution import from_batch_last, to_batch_last
 
     kernel = create_kernel("numba")
     generator = torch.Generator().manual_seed(3)
@@ -283,7 +417,7 @@ def _spiking_model_step(model: nn.Module, images: torch.Tensor) -> tuple[dict[st
 
 
 @pytest.mark.parametrize("kernel", KERNEL_NAMES)
-def test_spiking_cnn_spikes_and_gradients_match_layer_by_layer(kernel) -> None:
+def test_spiking_cnn_spikes_and_gradients_match_layer_by_layer(kernel, install) -> None:
     from ndsnn_cli.snn.models import NeuronConfig, create_model
     from ndsnn_cli.sparse.masks import random_mask, sparse_parameter_names
 
@@ -298,7 +432,7 @@ def test_spiking_cnn_spikes_and_gradients_match_layer_by_layer(kernel) -> None:
     masks.apply()
     images = torch.rand(8, 1, 16, 16)
     dense = _spiking_model_step(model, images)
-    execution = SparseExecution(model, masks, "on", "cpu")
+    execution = install(SparseExecution(model, masks, "on", "cpu"))
     execution.available = (kernel,)
     assert set(execution.rebuild().values()) == {kernel}
     sparse = _spiking_model_step(model, images)

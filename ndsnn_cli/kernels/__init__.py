@@ -19,10 +19,14 @@ DENSE = "dense"
 
 @dataclass(frozen=True)
 class KernelInfo:
-    """One sparse kernel: where it runs, what it needs, and the density below which it beats dense."""
+    """One sparse kernel: its implementation, where it runs, what it needs, and the density below which it
+    beats dense. `factory` ("module:Class") names a class following `protocol.SparseKernel`, imported only
+    when a layer first runs it (`execution.create_kernel`): the recipe and CLI read this table without torch
+    or numba. A new kernel is its module plus one entry in `KERNELS`."""
 
     name: str
-    devices: tuple[str, ...]
+    factory: str                  # "package.module:Class", constructed with no arguments
+    devices: tuple[str, ...]      # torch device types its inputs, buffers and layout may live on
     requires: str | None          # a module that must be importable (an optional dependency)
     crossover_density: float      # auto mode: sparse when a layer's density is at or below this
     auto: bool                    # auto mode may pick it (measured faster than dense somewhere)
@@ -34,17 +38,17 @@ class KernelInfo:
 # 512->512 @2), at 0.91-1.09x at 0.20 and 1.31-1.40x at 0.30 (0.46x on 512->512 @2); so 0.15.
 # The pure-torch kernel (torch.sparse per kernel offset) is the always-available fallback for "on";
 # plain torch.sparse ops measured 0.7-5.4x *slower* than dense at 99% (issue 14), so auto skips it.
-KERNELS: dict[str, KernelInfo] = {
-    "numba": KernelInfo("numba", ("cpu",), "numba", 0.15, True),
-    "torch-sparse": KernelInfo("torch-sparse", ("cpu",), None, 0.0, False),
-}
-PREFERENCE = ("numba", "torch-sparse")  # for "on": the first available kernel
+# Order is preference: "on" and "auto" take the first kernel that is available and fits.
+KERNELS: dict[str, KernelInfo] = {k.name: k for k in (
+    KernelInfo("numba", "ndsnn_cli.kernels.numba_cpu:NumbaKernel", ("cpu",), "numba", 0.15, True),
+    KernelInfo("torch-sparse", "ndsnn_cli.kernels.torch_sparse:TorchSparseKernel", ("cpu",), None, 0.0, False),
+)}
 
 
 def available_kernels() -> tuple[str, ...]:
-    """Kernels whose optional dependency is importable here (no import is done)."""
-    return tuple(name for name in PREFERENCE
-                 if KERNELS[name].requires is None or importlib.util.find_spec(KERNELS[name].requires) is not None)
+    """Kernels whose optional dependency is importable here (no import is done), in preference order."""
+    return tuple(name for name, info in KERNELS.items()
+                 if info.requires is None or importlib.util.find_spec(info.requires) is not None)
 
 
 def choose(mode: str, density: float, device_type: str, available: Collection[str]) -> str:
@@ -58,8 +62,7 @@ def choose(mode: str, density: float, device_type: str, available: Collection[st
         raise ValueError(f"unknown sparse_kernels mode {mode!r} (known: {', '.join(SPARSE_KERNEL_MODES)})")
     if mode == "off":
         return DENSE
-    for name in PREFERENCE:
-        info = KERNELS[name]
+    for name, info in KERNELS.items():
         if name not in available or device_type not in info.devices:
             continue
         if mode == "on":

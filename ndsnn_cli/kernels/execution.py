@@ -1,8 +1,10 @@
 """Run a model's conv and linear layers on sparse kernels: an autograd Function and the per-model plan.
 
-`SparseExecution(model, masks, mode, device_type)` replaces the `forward` of every sparse layer
+`with SparseExecution(model, masks, mode, device_type):` replaces the `forward` of every sparse layer
 (state_dict and parameters unchanged) by one that runs the kernel `choose` picked for it, or the
-module's own dense forward. `rebuild()` re-decides and rebuilds the layouts (after every mask update,
+module's own dense forward, and restores them on any exit. Kernels are found in the registry
+(`kernels.KERNELS`) and follow `protocol.SparseKernel`; buffers, autocast and layouts follow the
+input's and the weight's device. `rebuild()` re-decides and rebuilds the layouts (after every mask update,
 never per step); `dense_weight_grad` asks for the dense weight gradient (drop-and-grow update steps).
 While training on the CPU it also clocks each layer's forward + backward, by the path it took
 (`summary()["sparse_layers_s"]` / `["dense_layers_s"]`): where a sparse run's wall time goes.
@@ -10,6 +12,7 @@ While training on the CPU it also clocks each layer's forward + backward, by the
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,28 +21,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ndsnn_cli.kernels import DENSE, available_kernels, choose
+from ndsnn_cli.kernels import DENSE, KERNELS, available_kernels, choose
 from ndsnn_cli.kernels.layout import TapLayout, build_layout
+from ndsnn_cli.kernels.protocol import SparseKernel
 from ndsnn_cli.snn.neuron import is_spikes, mark_spikes
 
 
-def create_kernel(name: str) -> Any:
-    """The implementation registered under `name` (numba is imported only here)."""
-    if name == "numba":
-        from ndsnn_cli.kernels.numba_cpu import NumbaKernel, set_threads
+def create_kernel(name: str) -> SparseKernel:
+    """A new instance of the kernel registered under `name`, its module imported on first use
+    (`KernelInfo.factory`).
 
-        threads = torch.get_num_threads()
-        set_threads(threads)
-        # numba's OpenMP pool shares libgomp with torch: launching it sets the process's OpenMP thread
-        # count to NUMBA_NUM_THREADS (all cores), which torch then uses too. Give torch its count back, or
-        # a run set to 1 thread trains on 2 from its first sparse layer on (other sums, other bits).
-        torch.set_num_threads(threads)
-        return NumbaKernel()
-    if name == "torch-sparse":
-        from ndsnn_cli.kernels.torch_sparse import TorchSparseKernel
-
-        return TorchSparseKernel()
-    raise ValueError(f"unknown sparse kernel {name!r}")
+    Torch's thread count is restored after construction: numba's OpenMP pool shares libgomp with torch,
+    and launching it (the numba kernel does, sizing it to torch's count) sets the process's OpenMP thread
+    count to NUMBA_NUM_THREADS (all cores), which torch then uses too. Without this a run set to 1 thread
+    trains on 2 from its first sparse layer on (other sums, other bits)."""
+    info = KERNELS.get(name)
+    if info is None:
+        raise ValueError(f"unknown sparse kernel {name!r} (known: {', '.join(KERNELS)})")
+    module_name, _, class_name = info.factory.partition(":")
+    threads = torch.get_num_threads()
+    kernel = getattr(importlib.import_module(module_name), class_name)()
+    torch.set_num_threads(threads)
+    if not isinstance(kernel, SparseKernel):
+        raise TypeError(f"sparse kernel {name!r}: {info.factory} lacks a SparseKernel method")
+    return kernel
 
 
 @dataclass
@@ -49,7 +54,7 @@ class SparseLayer:
     name: str
     module: nn.Conv2d | nn.Linear
     kernel_name: str = DENSE
-    kernel: Any = None
+    kernel: SparseKernel | None = None
     layout: TapLayout | None = None
     stride: int = 1
     pad: int = 0
@@ -82,13 +87,13 @@ def _as_cpn(t: torch.Tensor) -> torch.Tensor:
     return t.permute(1, 2, 3, 0).reshape(t.shape[1], t.shape[2] * t.shape[3], t.shape[0])  # a view here
 
 
-def to_batch_last(x: torch.Tensor, kernel: Any, spikes: bool | None = None) -> torch.Tensor:
+def to_batch_last(x: torch.Tensor, kernel: SparseKernel, spikes: bool | None = None) -> torch.Tensor:
     """[N, C, H, W] (any memory format) or [N, F] -> contiguous [C, H, W, N] ([F, 1, 1, N]); spike maps
     (`spikes`, by default `is_spikes(x)`) as uint8 (0/1 exactly: the kernels then read 1 byte per input
     and backward keeps 1 byte)."""
     dtype = torch.uint8 if (is_spikes(x) if spikes is None else spikes) else torch.float32
     shape = (x.shape[1], 1, 1, x.shape[0]) if x.dim() == 2 else (x.shape[1], x.shape[2], x.shape[3], x.shape[0])
-    y = torch.empty(shape, dtype=dtype)
+    y = torch.empty(shape, dtype=dtype, device=x.device)
     kernel.copy(_as_cpn(x), y.view(shape[0], shape[1] * shape[2], shape[3]))
     return y
 
@@ -101,17 +106,18 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format | None:
 
 
 def _empty_result(fmt: torch.memory_format | None, channels: int, height: int, width: int,
-                  batch: int) -> torch.Tensor:
+                  batch: int, device: torch.device) -> torch.Tensor:
     """An empty layer result `[N, C, H, W]` in `fmt` (`[N, C]` for a linear layer: fmt None)."""
     if fmt is None:
-        return torch.empty(batch, channels)
-    return torch.empty(batch, channels, height, width, memory_format=fmt)
+        return torch.empty(batch, channels, device=device)
+    return torch.empty(batch, channels, height, width, memory_format=fmt, device=device)
 
 
-def from_batch_last(y: torch.Tensor, like: torch.Tensor | torch.memory_format | None, kernel: Any) -> torch.Tensor:
+def from_batch_last(y: torch.Tensor, like: torch.Tensor | torch.memory_format | None,
+                    kernel: SparseKernel) -> torch.Tensor:
     """Inverse of `to_batch_last` for a result, in the memory format of `like` (the layer's input, or its
     `memory_format_of`)."""
-    out = _empty_result(memory_format_of(like) if isinstance(like, torch.Tensor) else like, *y.shape)
+    out = _empty_result(memory_format_of(like) if isinstance(like, torch.Tensor) else like, *y.shape, y.device)
     kernel.copy(y.view(y.shape[0], y.shape[1] * y.shape[2], y.shape[3]), _as_cpn(out))
     return out
 
@@ -125,8 +131,9 @@ def _forward_batch_last(layer: SparseLayer, x_bl: torch.Tensor, values: torch.Te
     layout = layer.layout
     h_out = (x_bl.shape[1] + 2 * layer.pad - layout.shape[2]) // layer.stride + 1
     w_out = (x_bl.shape[2] + 2 * layer.pad - layout.shape[3]) // layer.stride + 1
-    out = torch.empty(layout.shape[0], h_out, w_out, x_bl.shape[3])
-    bias_values = bias.detach().float().contiguous() if bias is not None else torch.zeros(layout.shape[0])
+    out = torch.empty(layout.shape[0], h_out, w_out, x_bl.shape[3], device=x_bl.device)
+    bias_values = (bias.detach().float().contiguous() if bias is not None
+                   else torch.zeros(layout.shape[0], device=x_bl.device))
     layer.kernel.forward(x_bl, values, bias_values, layout, layer.stride, layer.pad, out)
     return out
 
@@ -142,7 +149,7 @@ def _sparse_inference(layer: SparseLayer, x: torch.Tensor, bias: torch.Tensor | 
         out_bl = _forward_batch_last(layer, to_batch_last(x[start:start + INFERENCE_CHUNK], layer.kernel, spikes),
                                      values, bias)
         if out is None:
-            out = _empty_result(memory_format_of(x), *out_bl.shape[:3], x.shape[0])
+            out = _empty_result(memory_format_of(x), *out_bl.shape[:3], x.shape[0], x.device)
         layer.kernel.copy(out_bl.view(out_bl.shape[0], -1, out_bl.shape[3]),
                           _as_cpn(out[start:start + out_bl.shape[3]]))
     return out
@@ -187,7 +194,7 @@ class _SparseLayerFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy.sum((1, 2, 3))
         if ctx.needs_input_grad[0]:
-            grad_bl = torch.empty(x_bl.shape, dtype=torch.float32)
+            grad_bl = torch.empty(x_bl.shape, dtype=torch.float32, device=x_bl.device)
             layer.kernel.input_grad(gy, values, layout, layer.stride, layer.pad, grad_bl)
             del gy
             grad_x = from_batch_last(grad_bl, ctx.x_format, layer.kernel)
@@ -244,25 +251,32 @@ def _dense_weight_grad(layer: SparseLayer, grad_output: torch.Tensor, x_bl: torc
         memory_format=torch.channels_last) else torch.contiguous_format)
 
 
+def _fits(layer: SparseLayer, x: torch.Tensor) -> bool:
+    """The call can run on the layer's kernel: one is planned, the input is on a device its registry entry
+    lists (the layout was built on the weight's device), fp32 or bf16, and the weight is fp32."""
+    return (layer.active and x.device.type in KERNELS[layer.kernel_name].devices
+            and x.device == layer.layout.device and x.dtype in (torch.float32, torch.bfloat16)
+            and layer.module.weight.dtype == torch.float32)
+
+
 def sparse_forward(layer: SparseLayer, x: torch.Tensor) -> torch.Tensor:
-    """The layer's forward: its sparse kernel when one is planned and the call fits it (an fp32 or bf16
-    CPU input, fp32 weights), else the module's own dense forward. Under CPU autocast the kernel
-    computes in fp32 from the same values (spikes are exact in bf16) and returns the autocast dtype,
-    as the dense op would. Training calls on the CPU are clocked (`SparseLayer.sparse_s` / `dense_s`)."""
+    """The layer's forward: its sparse kernel when one is planned and the call fits it (`_fits`), else the
+    module's own dense forward. Under autocast on the input's device the kernel computes in fp32 from the
+    same values (spikes are exact in bf16) and returns the autocast dtype, as the dense op would.
+    Training calls on the CPU are clocked (`SparseLayer.sparse_s` / `dense_s`)."""
     module = layer.module
-    fits = (layer.active and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and module.weight.dtype == torch.float32)
-    if not fits:
+    if not _fits(layer, x):
         if x.device.type == "cpu" and torch.is_grad_enabled() and module.weight.requires_grad:
             return _timed_dense_forward(layer, x)
         return type(module).forward(module, x)
     layer.calls += 1
     if x.dim() > 2 and isinstance(module, nn.Linear):  # [..., F]: the kernel takes [N, F]
         return sparse_forward(layer, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
-    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    device = x.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     if x.dtype != torch.float32:
         x = mark_spikes(x.float()) if is_spikes(x) else x.float()
-    with torch.autocast("cpu", enabled=False):  # the torch-sparse kernel's ops must not run in bf16
+    with torch.autocast(device, enabled=False):  # the torch-sparse kernel's ops must not run in bf16
         if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
             out = _SparseLayerFunction.apply(x, module.weight, module.bias, layer)
         else:
@@ -271,7 +285,10 @@ def sparse_forward(layer: SparseLayer, x: torch.Tensor) -> torch.Tensor:
 
 
 class SparseExecution:
-    """The sparse-kernel plan of one model: which layers run which kernel, rebuilt at mask updates."""
+    """The sparse-kernel plan of one model: which layers run which kernel, rebuilt at mask updates.
+
+    The layers' forwards are swapped only inside `with execution:`, which gives every
+    module its own forward back on any exit, a raise included: a failed run leaves no patched model."""
 
     def __init__(self, model: nn.Module, masks: Any, mode: str, device_type: str) -> None:
         self.masks, self.mode, self.device_type = masks, mode, device_type
@@ -279,7 +296,7 @@ class SparseExecution:
         self.rebuild_s = 0.0
         self.rebuilds = 0
         self.layers: dict[str, SparseLayer] = {}
-        self._kernels: dict[str, Any] = {}
+        self._kernels: dict[str, SparseKernel] = {}
         params = masks.params if masks is not None else {}
         for name in params:
             module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
@@ -288,7 +305,15 @@ class SparseExecution:
                 if isinstance(module, nn.Conv2d):
                     layer.stride, layer.pad = module.stride[0], int(module.padding[0])
                 self.layers[name] = layer
-                module.forward = lambda x, layer=layer: sparse_forward(layer, x)
+
+    def __enter__(self) -> SparseExecution:
+        """Every planned layer's forward runs `sparse_forward` until the block exits."""
+        for layer in self.layers.values():
+            layer.module.forward = lambda x, layer=layer: sparse_forward(layer, x)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
 
     def rebuild(self) -> dict[str, str]:
         """Choose each layer's kernel at its current density and build the layouts; {param: kernel}."""
@@ -315,10 +340,9 @@ class SparseExecution:
             layer.dense_weight_grad = dense
 
     def remove(self) -> None:
-        """Give every layer its own forward back."""
+        """Give every layer its own forward back (the plan and its clocks stay: `summary` after a run)."""
         for layer in self.layers.values():
             layer.module.__dict__.pop("forward", None)
-        self.layers = {}
 
     def summary(self) -> dict[str, Any]:
         kernels = self.assignment()

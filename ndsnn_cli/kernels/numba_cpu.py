@@ -142,7 +142,15 @@ def set_threads(count: int) -> None:
 
 
 class NumbaKernel:
-    """The registry's "numba" kernel: torch tensors in `[C, H, W, N]` in, numba kernels on their memory."""
+    """The registry's "numba" kernel (`protocol.SparseKernel`): CPU torch tensors in `[C, H, W, N]`, numba
+    kernels on their memory (zero-copy numpy views, the layout's too). Constructing it sizes numba's
+    thread pool to torch's thread count, which launches the pool (`execution.create_kernel` then gives
+    torch its own count back)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        set_threads(torch.get_num_threads())
 
     def copy(self, src, dst) -> None:  # noqa: ANN001
         """`dst.copy_(src)` for [C, P, N] views (a layout transpose), with a cast to dst's dtype."""
@@ -154,18 +162,18 @@ class NumbaKernel:
             tiled_copy(src.numpy(), dst.numpy())
 
     def forward(self, x, values, bias, layout, stride: int, pad: int, out) -> None:  # noqa: ANN001
-        conv_forward(x.numpy(), out.numpy(), bias.numpy(), layout.rowptr, layout.tap_in, layout.tap_kh,
-                     layout.tap_kw, values.numpy(), stride, pad)
+        conv_forward(x.numpy(), out.numpy(), bias.numpy(), layout.rowptr.numpy(), layout.tap_in.numpy(),
+                     layout.tap_kh.numpy(), layout.tap_kw.numpy(), values.numpy(), stride, pad)
 
     def input_grad(self, grad_out, values, layout, stride: int, pad: int, grad_in) -> None:  # noqa: ANN001
         col_values = values[layout.by_input].contiguous()
-        conv_input_grad(grad_out.numpy(), grad_in.numpy(), layout.colptr, layout.col_out, layout.col_kh,
-                        layout.col_kw, col_values.numpy(), stride, pad)
+        conv_input_grad(grad_out.numpy(), grad_in.numpy(), layout.colptr.numpy(), layout.col_out.numpy(),
+                        layout.col_kh.numpy(), layout.col_kw.numpy(), col_values.numpy(), stride, pad)
 
     def weight_grad(self, grad_out, x, layout, stride: int, pad: int):  # noqa: ANN001, ANN201
         import torch
 
         grad_values = torch.empty(layout.nnz, dtype=torch.float32)
-        conv_weight_grad(grad_out.numpy(), x.numpy(), grad_values.numpy(), layout.rowptr, layout.tap_in,
-                         layout.tap_kh, layout.tap_kw, stride, pad)
+        conv_weight_grad(grad_out.numpy(), x.numpy(), grad_values.numpy(), layout.rowptr.numpy(),
+                         layout.tap_in.numpy(), layout.tap_kh.numpy(), layout.tap_kw.numpy(), stride, pad)
         return grad_values

@@ -20,13 +20,13 @@ from ndsnn_cli.kernels.layout import TapLayout
 
 def _offsets(layout: TapLayout):  # noqa: ANN202
     """Per kernel offset: (kh, kw, row-order tap ids, their CSR crow and col indices)."""
-    out_ch, in_ch = torch.from_numpy(layout.tap_out).long(), torch.from_numpy(layout.tap_in).long()
-    kh, kw = torch.from_numpy(layout.tap_kh).long(), torch.from_numpy(layout.tap_kw).long()
+    out_ch, in_ch = layout.tap_out.long(), layout.tap_in.long()
+    kh, kw = layout.tap_kh.long(), layout.tap_kw.long()
     for a in range(layout.shape[2]):
         for b in range(layout.shape[3]):
             taps = ((kh == a) & (kw == b)).nonzero().flatten()
             if taps.numel():
-                crow = torch.zeros(layout.shape[0] + 1, dtype=torch.int64)
+                crow = torch.zeros(layout.shape[0] + 1, dtype=torch.int64, device=layout.device)
                 crow[1:] = torch.bincount(out_ch[taps], minlength=layout.shape[0]).cumsum(0)
                 yield a, b, taps, crow, in_ch[taps]
 
@@ -37,6 +37,8 @@ def _window(padded: torch.Tensor, a: int, b: int, stride: int, h_out: int, w_out
 
 
 class TorchSparseKernel:
+    """The registry's "torch-sparse" kernel (`protocol.SparseKernel`), on any device torch.sparse runs on."""
+
     def copy(self, src, dst) -> None:  # noqa: ANN001
         dst.copy_(src)
 
@@ -66,11 +68,12 @@ class TorchSparseKernel:
     def weight_grad(self, grad_out, x, layout, stride: int, pad: int) -> torch.Tensor:  # noqa: ANN001
         c_out, h_out, w_out, _ = grad_out.shape
         padded = F.pad(x.float(), (0, 0, pad, pad, pad, pad))
-        grad_values = torch.zeros(layout.nnz, dtype=torch.float32)
+        grad_values = torch.zeros(layout.nnz, dtype=torch.float32, device=grad_out.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for a, b, taps, crow, col in _offsets(layout):
-                pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(taps.numel()), (c_out, layout.shape[1]))
+                zeros = torch.zeros(taps.numel(), device=taps.device)
+                pattern = torch.sparse_csr_tensor(crow, col, zeros, (c_out, layout.shape[1]))
                 window = _window(padded, a, b, stride, h_out, w_out).reshape(x.shape[0], -1)
                 sampled = torch.sparse.sampled_addmm(pattern, grad_out.reshape(c_out, -1), window.t())
                 grad_values[taps] = sampled.values()
