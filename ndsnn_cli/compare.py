@@ -7,10 +7,7 @@ Dense runs once per seed (sparsity 0). The core never prints: progress goes to a
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import math
 import os
 import statistics
 from collections.abc import Callable, Sequence
@@ -18,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ndsnn_cli import plots
-from ndsnn_cli.atomic import write_bytes, write_json, write_text
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.recipe import METHODS, Recipe, load_recipe, parse_recipe, with_method
 
@@ -385,6 +380,8 @@ def _budget_note(budget: str, reference: str, lines: dict[float, list[str]]) -> 
     if budget == "wall":
         head += (" [seconds per step measured on each row's recipe-length runs: summary train_wall_s where "
                  "recorded, else wall_time_s (training + evaluation), over the cost model's steps; mean over seeds]")
+    from ndsnn_cli.compare_report import format_sparsity
+
     return head + ": " + "; ".join(f"at {format_sparsity(s)}: " + ", ".join(parts) for s, parts in lines.items())
 
 
@@ -606,160 +603,3 @@ def _cell(budget: str, method: str, sparsity: float, specs: list[RunSpec], summa
             "training_flops": (statistics.fmean(run_flops)
                                if run_flops and all(f is not None for f in run_flops) else None),
             "missing": missing}
-
-
-def cell(table: dict[str, Any], method: str, sparsity: float, budget: str = "epochs") -> dict[str, Any] | None:
-    return next((c for c in table["cells"] if c["method"] == method and c["sparsity"] == sparsity
-                 and c.get("budget", "epochs") == budget), None)
-
-
-def format_accuracy(c: dict[str, Any] | None) -> str:
-    """`87.12 ± 0.34` (percent); `—` where no run finished, `(2/3)` where only some seeds did."""
-    if c is None or c["accuracy_mean"] is None:
-        return "—"
-    text = f"{100 * c['accuracy_mean']:.2f} ± {100 * c['accuracy_std']:.2f}"
-    return text if c["done"] == c["runs"] else f"{text} ({c['done']}/{c['runs']})"
-
-
-def format_sparsity(sparsity: float) -> str:
-    return "0 (dense)" if sparsity == 0 else f"{sparsity:g}"
-
-
-def to_csv(table: dict[str, Any]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "sparsity", "runs_done", "runs", "accuracy_mean", "accuracy_std", "best",
-                     "test_accuracies", "realised_sparsity_mean", "epochs", "wall_time_s_mean", "training_flops",
-                     "flops_vs_lth"])
-    for c in table["cells"]:
-        writer.writerow([c["method"], f"{c['sparsity']:g}", c["done"], c["runs"], _num(c["accuracy_mean"]),
-                         _num(c["accuracy_std"]), int(c["best"]), ";".join(repr(a) for a in c["test_accuracy"]),
-                         _num(c["realised_sparsity_mean"]), _num(c["epochs"]), _num(c["wall_time_s_mean"]),
-                         _num(c["training_flops"]), _num(c["flops_vs_lth"])])
-    return buffer.getvalue()
-
-
-def _num(value: float | int | None) -> str:
-    return "" if value is None else repr(value)
-
-
-def to_markdown(table: dict[str, Any], plot: str | None = None) -> str:
-    """The accuracy and cost tables (and `plot`, the PNG's file name beside the Markdown, when given)."""
-    cols = table["sparsities"]
-    lines = ["## Test accuracy (%), mean ± std over seeds; best per sparsity in bold", "",
-             "| method | " + " | ".join(format_sparsity(s) for s in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
-    for method in table["methods"]:
-        row = []
-        for sparsity in cols:
-            c = cell(table, method, sparsity)
-            text = format_accuracy(c)
-            row.append(f"**{text}**" if c and c["best"] else text)
-        lines.append(f"| {method} | " + " | ".join(row) + " |")
-    lines += ["", "## Cost: training FLOPs relative to LTH at the same sparsity; mean wall time per run", "",
-              "| method | " + " | ".join(format_sparsity(s) for s in cols) + " |", "|---|" + "---:|" * len(cols)]
-    for method in table["methods"]:
-        lines.append(f"| {method} | " + " | ".join(format_cost(cell(table, method, s)) for s in cols) + " |")
-    if plot:
-        lines += ["", "## Accuracy vs sparsity (log density axis) and vs training FLOPs (one point per run)", "",
-                  f"![test accuracy vs sparsity and vs training FLOPs]({plot})"]
-    if table["notes"]:
-        lines += ["", "Notes:", ""] + [f"- {note}" for note in table["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def format_cost(c: dict[str, Any] | None) -> str:
-    if c is None or c["wall_time_s_mean"] is None:
-        return "—"
-    if c["flops_vs_lth"] is not None:
-        flops = f"{100 * c['flops_vs_lth']:.1f}% of LTH"
-    else:  # no LTH run at this sparsity (e.g. the dense column): the absolute count
-        flops = "FLOPs n/a" if c["training_flops"] is None else f"{c['training_flops']:.3g} FLOPs"
-    return f"{flops}, {c['wall_time_s_mean']:.1f} s"
-
-
-def results_figure(table: dict[str, Any]) -> Any:
-    """The report's figure: accuracy vs sparsity (log density axis) and, where the FLOPs model answers,
-    accuracy vs training FLOPs. One colour per table row (method) in both panels."""
-    plt = plots.pyplot()
-    flops = any(c["training_flops"] is not None and c["accuracy_mean"] is not None for c in table["cells"])
-    fig, axes = plt.subplots(1, 2 if flops else 1, figsize=(11.5 if flops else 6, 4.5), dpi=120, squeeze=False)
-    colours = {method: f"C{i}" for i, method in enumerate(table["methods"])}
-    _accuracy_vs_sparsity(axes[0][0], table, colours)
-    if flops:
-        _accuracy_vs_flops(axes[0][1], table, colours)
-    fig.tight_layout()
-    return fig
-
-
-def _accuracy_vs_sparsity(ax: Any, table: dict[str, Any], colours: dict[str, str]) -> None:
-    """Mean ± std over seeds at each sparsity, x = density 1 - s on a log axis; dense as a line (± std band)."""
-    for method in table["methods"]:
-        cs = [c for c in table["cells"] if c["method"] == method and c["accuracy_mean"] is not None]
-        if not cs:
-            continue
-        if method == "dense":
-            mean, std = 100 * cs[0]["accuracy_mean"], 100 * cs[0]["accuracy_std"]
-            ax.axhline(mean, color=colours[method], linestyle="--", label="dense")
-            if std:
-                ax.axhspan(mean - std, mean + std, color=colours[method], alpha=0.12, linewidth=0)
-            continue
-        ax.errorbar([1 - c["sparsity"] for c in cs], [100 * c["accuracy_mean"] for c in cs],
-                    yerr=[100 * c["accuracy_std"] for c in cs], marker="o", capsize=3, color=colours[method],
-                    label=method)
-    plots.log_density_axis(ax, "x", [s for s in table["sparsities"] if s > 0])
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy vs sparsity (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-
-
-def _accuracy_vs_flops(ax: Any, table: dict[str, Any], colours: dict[str, str]) -> None:
-    """One point per finished run at its cell's training FLOPs (the `ndsnn cost` model); a thin line joins
-    each method's means, cheapest first."""
-    for method in table["methods"]:
-        cs = sorted((c for c in table["cells"] if c["method"] == method and c["accuracy_mean"] is not None
-                     and c["training_flops"] is not None), key=lambda c: c["training_flops"])
-        if not cs:
-            continue
-        xs = [c["training_flops"] for c in cs for _ in c["test_accuracy"]]
-        ax.scatter(xs, [100 * a for c in cs for a in c["test_accuracy"]], color=colours[method], s=22,
-                   label=method, zorder=3)
-        if len(cs) > 1:
-            ax.plot([c["training_flops"] for c in cs], [100 * c["accuracy_mean"] for c in cs],
-                    color=colours[method], alpha=0.5, linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (ndsnn cost model)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy vs training cost (one point per run)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-
-
-def plot_png(table: dict[str, Any]) -> bytes:
-    return plots.png_bytes(results_figure(table))
-
-
-PLOT_FILE = "results.png"
-
-
-def write_reports(table: dict[str, Any], out: str | Path) -> dict[str, Path]:
-    """results.csv/.json/.md/.png in OUT, each written atomically; the Markdown shows the PNG."""
-    out = Path(out)
-    plot = PLOT_FILE if any(c["accuracy_mean"] is not None for c in table["cells"]) else None
-    paths = {"csv": write_text(out / "results.csv", to_csv(table)),
-             "json": write_json(out / "results.json", json_safe(table)),
-             "md": write_text(out / "results.md", to_markdown(table, plot))}
-    if plot:
-        paths["png"] = write_bytes(out / plot, plot_png(table))
-    return paths
-
-
-def json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value

@@ -13,6 +13,7 @@ from conftest import tiny_toml
 from typer.testing import CliRunner
 
 from ndsnn_cli import compare
+from ndsnn_cli import compare_report as report
 from ndsnn_cli.cli import app
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.recipe import parse_recipe
@@ -141,8 +142,8 @@ def test_report_only_renders_the_same_table_without_training(grid: tuple[Path, P
     assert result.exit_code == 0, result.output
     assert (out / "results.md").read_text() == md_before
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == mtimes
-    start = output.index("Test accuracy")
-    assert result.output[result.output.index("Test accuracy"):].split("written:")[0] == \
+    start = output.index("┃ method")  # the first table (its title wraps with the terminal width)
+    assert result.output[result.output.index("┃ method"):].split("written:")[0] == \
         output[start:].split("written:")[0]
 
 
@@ -196,15 +197,16 @@ def test_mean_and_std_aggregation_with_one_missing_seed(tmp_path: Path) -> None:
                            "sparsity": {"sparsity": 0.5}},
     }
     table = compare.aggregate(plan, summaries, flops=lambda spec: {"rigl": 3.0, "lth": 12.0}[spec.method])
-    rigl, lth = compare.cell(table, "rigl", 0.5), compare.cell(table, "lth", 0.5)
+    rigl, lth = report.cell(table, "rigl", 0.5), report.cell(table, "lth", 0.5)
     assert rigl["accuracy_mean"] == pytest.approx(0.6)
     assert rigl["accuracy_std"] == pytest.approx(statistics.stdev([0.5, 0.7]))
     assert (rigl["done"], rigl["runs"], rigl["best"], lth["best"]) == (2, 3, False, True)
     assert rigl["flops_vs_lth"] == 0.25 and lth["flops_vs_lth"] == 1.0 and lth["epochs"] == 4
-    assert compare.format_accuracy(rigl) == "60.00 ± 14.14 (2/3)"
-    assert compare.format_accuracy(lth) == "65.00 ± 0.00 (1/3)"
-    assert compare.format_cost(rigl) == "25.0% of LTH, 15.0 s"
-    assert compare.format_cost({**rigl, "flops_vs_lth": None}) == "3 FLOPs, 15.0 s"
+    assert report.format_accuracy(rigl) == "60.00 ± 14.14 (2/3)"
+    assert report.format_accuracy(lth) == "65.00 ± 0.00 (1/3)"
+    assert (report.format_lth_share(rigl), report.format_flops(rigl), report.format_seconds(rigl)) == \
+        ("25.0% of LTH", "3", "15.0 s")
+    assert report.format_lth_share({**rigl, "flops_vs_lth": None}) == "—"
 
 
 def test_bad_sparsities_and_seeds_are_user_errors() -> None:

@@ -199,12 +199,12 @@ def test_every_kind_of_file_is_0644_under_umask_022(synthetic_run: Path, tmp_pat
                             "--plot", str(tmp_path / "cost.png"))
     assert code == 0, err
     written.append(tmp_path / "cost.png")
-    from ndsnn_cli import compare
+    from ndsnn_cli import compare_report
 
     for render in ("to_csv", "to_markdown"):  # the call sites are under test here, not the table rendering
-        monkeypatch.setattr(compare, render, lambda *a: "x\n")
-    monkeypatch.setattr(compare, "plot_png", lambda table: b"png")
-    written += list(compare.write_reports({"cells": [{"accuracy_mean": 0.5}]}, tmp_path / "compare").values())
+        monkeypatch.setattr(compare_report, render, lambda *a: "x\n")
+    monkeypatch.setattr(compare_report, "plot_png", lambda table: b"png")
+    written += list(compare_report.write_reports({"cells": [{"accuracy_mean": 0.5}]}, tmp_path / "compare").values())
     assert len(written) >= 11
     for path in written:
         assert _mode(path) == 0o644, (path, oct(_mode(path)))

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training", ("ndsnn_cli.trainer", "ndsnn_cli.lth", "ndsnn_cli.train")),
     ("products of a run", ("ndsnn_cli.export", "ndsnn_cli.export.*", "ndsnn_cli.cost")),
     ("equal training cost", ("ndsnn_cli.equal_cost",)),
-    ("comparison", ("ndsnn_cli.compare",)),
+    ("comparison", ("ndsnn_cli.compare", "ndsnn_cli.compare_report")),
     ("command line", ("ndsnn_cli.cli", "ndsnn_cli.cli.*", "ndsnn_cli.__main__")),
 ]
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from ndsnn_cli import compare
+from ndsnn_cli import compare_report as report
 from ndsnn_cli.plots import spread_ticks
 from ndsnn_cli.recipe import Recipe
 
@@ -44,14 +45,16 @@ def _labels(ax: Any) -> dict[str, str]:
     def colour(handle: Any) -> Any:
         if isinstance(handle, ErrorbarContainer):
             return handle.lines[0].get_color()  # its data line
-        return handle.get_facecolor()[0] if isinstance(handle, PathCollection) else handle.get_color()
+        if isinstance(handle, PathCollection):  # a hollow ring has no face colour: its edge's
+            return (handle.get_facecolor() if len(handle.get_facecolor()) else handle.get_edgecolor())[0]
+        return handle.get_color()
 
     handles, labels = ax.get_legend_handles_labels()
     return {label: to_hex(colour(h)) for label, h in zip(labels, handles, strict=True)}
 
 
 def test_accuracy_vs_sparsity_is_on_a_log_density_axis_labelled_as_sparsity(tmp_path: Path) -> None:
-    fig = compare.results_figure(_table(tmp_path))
+    fig = report.results_figure(_table(tmp_path))
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and ax.xaxis_inverted()  # sparsity grows to the right
     assert "sparsity" in ax.get_xlabel() and "density" in ax.get_xlabel()
@@ -75,27 +78,36 @@ def test_accuracy_vs_sparsity_is_on_a_log_density_axis_labelled_as_sparsity(tmp_
 
 def test_accuracy_vs_training_flops_has_one_point_per_run_one_colour_per_method(tmp_path: Path) -> None:
     table = _table(tmp_path)
-    fig = compare.results_figure(table)
-    density_ax, flops_ax = fig.axes
+    fig = report.results_figure(table)
+    density_ax, flops_ax, wall_ax = fig.axes
     assert flops_ax.get_xscale() == "log" and flops_ax.get_xlabel().startswith("training FLOPs")
     assert flops_ax.get_ylabel() == "test accuracy (%)"
     points = {c.get_label(): c.get_offsets() for c in flops_ax.collections}
-    assert {row: len(p) for row, p in points.items()} == {"dense": 2, "ndsnn": 8, "rigl": 8, "rigl-pub": 8}
+    assert {row: len(p) for row, p in points.items()} == {"dense": 2, "ndsnn": 8, "rigl": 8, "rigl-pub": 8,
+                                                          "non-dominated at its sparsity": 4}
     assert sorted(points["rigl-pub"][:, 0]) == pytest.approx(sorted(2e12 * (1 - s) for s in SPARSITIES for _ in "ab"))
     assert sorted(points["dense"][:, 1]) == pytest.approx([90.0, 91.0])
-    assert _labels(flops_ax) == _labels(density_ax)  # the same colour for a method in both panels
-    assert len(set(_labels(flops_ax).values())) == len(ROWS)
+    # at each sparsity ndsnn has rigl's FLOPs and more accuracy, half rigl-pub's: it alone is not dominated
+    ringed = sorted(map(tuple, points["non-dominated at its sparsity"]))
+    expected = sorted((1e12 * (1 - s), 88.5 - i) for i, s in enumerate(SPARSITIES))
+    assert [x for x, _ in ringed] == pytest.approx([x for x, _ in expected])
+    assert [y for _, y in ringed] == pytest.approx([y for _, y in expected])
+    flops_colours = {k: v for k, v in _labels(flops_ax).items() if k in ROWS}
+    assert flops_colours == _labels(density_ax)  # the same colour for a method in every panel
+    assert len(set(flops_colours.values())) == len(ROWS)
+    assert wall_ax.get_xscale() == "log" and wall_ax.get_xlabel().startswith("wall time per run")
 
 
-def test_without_flops_the_figure_has_the_sparsity_panel_only(tmp_path: Path) -> None:
-    fig = compare.results_figure(_table(tmp_path, with_flops=False))
-    assert len(fig.axes) == 1 and fig.axes[0].get_xscale() == "log"
+def test_without_flops_the_figure_has_the_sparsity_and_wall_panels_only(tmp_path: Path) -> None:
+    fig = report.results_figure(_table(tmp_path, with_flops=False))
+    assert len(fig.axes) == 2 and fig.axes[0].get_xscale() == "log"
+    assert fig.axes[1].get_xlabel().startswith("wall time per run")
 
 
 def test_reports_write_the_png_and_the_markdown_shows_it(tmp_path: Path) -> None:
-    paths = compare.write_reports(_table(tmp_path), tmp_path / "out")
+    paths = report.write_reports(_table(tmp_path), tmp_path / "out")
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "![test accuracy vs sparsity and vs training FLOPs](results.png)" in paths["md"].read_text()
+    assert f"![{report.FIGURE_CAPTION}](results.png)" in paths["md"].read_text()
 
 
 def test_cost_plot_draws_density_on_a_log_axis_labelled_as_sparsity() -> None:

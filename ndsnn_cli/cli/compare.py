@@ -63,7 +63,7 @@ def prune_compare(
 
     from rich.console import Console
 
-    from ndsnn_cli import compare
+    from ndsnn_cli import compare, compare_report
     from ndsnn_cli.equal_cost import parse_budgets
     from ndsnn_cli.recipe import load_recipe
 
@@ -99,9 +99,9 @@ def prune_compare(
 
         raise UserError(f"{out_dir}: no finished runs of this grid to report (run without --report-only)")
     table = compare.aggregate(plan, summaries)
-    paths = compare.write_reports(table, out_dir)
+    paths = compare_report.write_reports(table, out_dir)
     if json_output:
-        typer.echo(json.dumps(compare.json_safe(table), indent=2))
+        typer.echo(json.dumps(compare_report.json_safe(table), indent=2))
     else:
         print_tables(table)
         Console().print("written: " + ", ".join(str(p) for p in paths.values()))
@@ -182,24 +182,27 @@ class LiveOverview:
 
 
 def print_tables(table: dict[str, Any]) -> None:
+    """The report's tables (compare_report.report_tables, as in results.md), its verdicts and notes."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from ndsnn_cli.compare import cell, format_accuracy, format_cost, format_sparsity
+    from ndsnn_cli.compare_report import frontier_text, report_tables, verdicts
 
     console = Console()
-    acc = Table(title="Test accuracy (%), mean ± std over seeds; best per sparsity in bold with *")
-    cost = Table(title="Training FLOPs relative to LTH at the same sparsity, mean wall time per run")
-    for t in (acc, cost):
+    for spec in report_tables(table):
+        title = f"{spec.section}: {spec.title}" + (" (* = best)" if spec.kind == "accuracy" else "")
+        t = Table(title=escape(title))
         t.add_column("method")
-        for sparsity in table["sparsities"]:
-            t.add_column(format_sparsity(sparsity), justify="right")
-    for method in table["methods"]:
-        cells = [cell(table, method, s) for s in table["sparsities"]]
-        acc.add_row(method, *[f"[bold]{format_accuracy(c)} *[/bold]" if c and c["best"] else format_accuracy(c)
-                              for c in cells])
-        cost.add_row(method, *[format_cost(c) for c in cells])
-    console.print(acc)
-    console.print(cost)
+        for column in spec.columns:
+            t.add_column(column, justify="right")
+        for row, cells in spec.rows:
+            t.add_row(escape(row), *[f"[bold]{escape(text)} *[/bold]" if best else escape(text)
+                                     for text, best in cells])
+        console.print(t)
+    for sentence in verdicts(table):
+        console.print(sentence, highlight=False)
+    for line in frontier_text(table):
+        console.print(f"non-dominated {line}", highlight=False)
     for note in table["notes"]:
-        console.print(f"[dim]note:[/dim] {note}")
+        console.print(f"[dim]note:[/dim] {escape(note)}", highlight=False)
