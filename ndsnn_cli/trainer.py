@@ -483,7 +483,15 @@ def _warn_dead_layers(model: SpikingNet, method: SparseMethod, rates: dict[str, 
     for name, info in dead.items():
         callbacks.on_warning(f"LIF layer {name} fired at rate {info['spike_rate']:.2g} at the first evaluation "
                              f"(fed by {info['weight']} at density {info['density']:.4f}): it passes almost no "
-                             "gradient; try [sparsity] init = \"scaled\" or a lower sparsity")
+                             f"gradient; {_dead_layer_hint(method, info['weight'])}")
+
+
+def _dead_layer_hint(method: SparseMethod, weight: str) -> str:
+    """What to change: sparse-aware init where the run has it off, else the layer's density."""
+    if method.init != "scaled":
+        return 'try [sparsity] init = "scaled" or a lower sparsity'
+    return f'init is already "scaled": try a lower sparsity, or keep {weight} dense ([sparsity] dense)'
+
 
 
 def _realised_masks(recipe: Recipe, model: SpikingNet, method: SparseMethod) -> Masks:

@@ -266,6 +266,13 @@ def test_a_silent_lif_layer_at_the_first_evaluation_is_named_with_its_density(ti
     assert layer["density"] == float(checkpoint.masks["encoder.1.weight"].float().mean())
     assert len(callbacks.messages) == 1
     assert "body.0" in callbacks.messages[0] and f"{layer['density']:.4f}" in callbacks.messages[0]
+    # init is already "scaled" (the default): the hint names the other remedies, not the one in use
+    assert 'init is already "scaled"' in callbacks.messages[0] and "encoder.1.weight dense" in callbacks.messages[0]
+    dense_init = tiny_recipe(model={"v_threshold": 1000.0},
+                             sparsity={"method": "static", "final": 0.9, "init": "dense"})
+    callbacks = Warnings()
+    train(dense_init, tmp_path / "dead-dense-init", callbacks=callbacks)
+    assert 'try [sparsity] init = "scaled"' in callbacks.messages[0]
 
 
 def test_a_firing_network_records_no_dead_layers(tiny_recipe: Callable[..., Recipe], tmp_path: Path) -> None:
