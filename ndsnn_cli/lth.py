@@ -28,7 +28,8 @@ def prune_global_magnitude(weights: dict[str, torch.Tensor], masks: dict[str, to
     return global_magnitude_masks(weights, masks, active_count(total, 1 - sparsity))
 
 
-def train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallbacks) -> dict[str, Any]:
+def train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallbacks,
+              datasets: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Iterative magnitude pruning with late rewinding: dense round 0, then prune, rewind, retrain."""
     sp = recipe.sparsity
     sparsities = lth_round_sparsities(sp.final, sp.prune_rate)
@@ -53,7 +54,8 @@ def train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallb
             else:
                 start = RoundStart(epochs=round_epochs[index], initial_state=load_checkpoint(rewind_path).model_state,
                                    initial_masks=masks)
-            summary = train_once(recipe, round_dir, resume=round_resume, callbacks=callbacks, start=start)
+            summary = train_once(recipe, round_dir, resume=round_resume, callbacks=callbacks, start=start,
+                                 datasets=datasets)
         for phase, seconds in summary.get("time_split", {}).items():
             split[phase] = split.get(phase, 0.0) + seconds
         rounds.append({"round": index, "target_sparsity": sparsity, "sparsity": summary["sparsity"]["sparsity"],

@@ -27,7 +27,7 @@ from ndsnn_cli.checkpoint import (
     save_checkpoint,
 )
 from ndsnn_cli.data import batches_per_epoch
-from ndsnn_cli.data.loading import build_datasets, make_loader
+from ndsnn_cli.data.loading import build_datasets, for_training, make_loader
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.evaluation import dead_layers, evaluate, predict, probe, spike_rates, spiking_loss
 from ndsnn_cli.kernels.execution import SparseExecution
@@ -231,7 +231,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallback
     torch.manual_seed(recipe.seed)
     if distributed.active() and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    train_set, test_set = datasets or build_datasets(recipe.data)
+    train_set, test_set = for_training(recipe.data, datasets or build_datasets(recipe.data))
     world = distributed.world_size()
     # batch_size is per rank: each rank trains on its 1/world share of every epoch
     steps_per_epoch, drop_last = batches_per_epoch(len(train_set), recipe.data.batch_size, world)
