@@ -302,7 +302,8 @@ def _fit_row(budget: str, base: Recipe, method: str, row: str, sparsity: float, 
     ref_recipe = _variant(base, ref[0], ref[1], sparsity, base.seed, first_layer)
     if budget == "wall":
         ref_key = (ref[1], 0.0 if ref[0] == "dense" else sparsity)
-        missing = [f"{r} at {s:g}" for r, s in (ref_key, (row, sparsity)) if (r, s) not in seconds_per_step]
+        cells = dict.fromkeys((ref_key, (row, sparsity)))  # the reference's own row: named once
+        missing = [f"{r} at {s:g}" for r, s in cells if (r, s) not in seconds_per_step]
         if missing:
             raise equal_cost.NoFit("waits for the recipe-length runs of " + " and ".join(missing)
                                    + " to measure seconds per step")

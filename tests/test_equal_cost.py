@@ -189,8 +189,10 @@ def test_budget_ref_can_be_a_published_baseline(tmp_path: Path) -> None:
 def test_wall_budget_uses_measured_seconds_per_step_train_wall_first(tmp_path: Path) -> None:
     base = base_recipe(3)
     plan = compare.plan_runs(base, ["ndsnn", "rigl"], [0.9], 2, tmp_path, budgets=["epochs", "wall"])
-    assert ("wall", "rigl", 0.9) in plan.missing and "waits for the recipe-length runs" in \
-        plan.missing[("wall", "rigl", 0.9)]
+    assert plan.missing[("wall", "rigl", 0.9)] == ("waits for the recipe-length runs of ndsnn at 0.9 and rigl at 0.9 "
+                                                   "to measure seconds per step")
+    assert plan.missing[("wall", "ndsnn", 0.9)] == ("waits for the recipe-length runs of ndsnn at 0.9 "
+                                                    "to measure seconds per step")  # the reference named once
     steps = 3 * STEPS_PER_EPOCH
     summaries = {  # train_wall_s (training only) where recorded; the older summaries' wall_time_s otherwise
         "ndsnn-s0.9-seed0": {"train_wall_s": 9.6, "wall_time_s": 20.0},
