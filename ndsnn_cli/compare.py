@@ -576,8 +576,10 @@ def aggregate(plan: Plan, summaries: dict[str, dict[str, Any]], *,
         lth = next((x["training_flops"] for x in cells if x["method"] in ("lth", "lth-pub") and x["budget"] == "epochs"
                     and x["sparsity"] == c["sparsity"]), None)
         c["flops_vs_lth"] = c["training_flops"] / lth if c["training_flops"] is not None and lth else None
+    share = any(c["flops_vs_lth"] is not None for c in cells)  # the report's % of LTH table, when it has one
     notes = list(plan.notes) + ["training FLOPs: the `ndsnn cost` model (ndsnn_cli.cost.method_cost) of each "
-                                "run's recipe; % of LTH: against LTH at the recipe's length at the same sparsity"]
+                                "run's recipe" + ("; % of LTH: against LTH at the recipe's length at the same "
+                                                  "sparsity" if share else "")]
     return {"budgets": list(plan.budgets), "reference": plan.reference, "methods": methods, "sparsities": columns,
             "cells": cells, "notes": notes}
 
