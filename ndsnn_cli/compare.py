@@ -553,8 +553,9 @@ def _std(values: list[float]) -> float:
 def aggregate(plan: Plan, summaries: dict[str, dict[str, Any]], *,
               flops: Callable[[RunSpec], float | None] | None = None) -> dict[str, Any]:
     """Per budget, mean ± sample std (n - 1; 0 for one seed) of test accuracy per (row, sparsity), best per
-    column, wall time, optimizer steps and training FLOPs (the `ndsnn cost` model), the latter also relative
-    to LTH at the recipe's length at the same sparsity (when LTH is among the rows)."""
+    column, wall time, training time (summary `train_wall_s`: steps only, evaluation aside; None unless every
+    finished run records it), optimizer steps and training FLOPs (the `ndsnn cost` model), the latter also
+    relative to LTH at the recipe's length at the same sparsity (when LTH is among the rows)."""
     flops = flops or (lambda spec: training_flops_for_run(spec.recipe, spec.run_dir))
     methods = list(dict.fromkeys(s.row for s in plan.runs))
     columns = sorted({s.sparsity for s in plan.runs})
@@ -576,8 +577,10 @@ def aggregate(plan: Plan, summaries: dict[str, dict[str, Any]], *,
         lth = next((x["training_flops"] for x in cells if x["method"] in ("lth", "lth-pub") and x["budget"] == "epochs"
                     and x["sparsity"] == c["sparsity"]), None)
         c["flops_vs_lth"] = c["training_flops"] / lth if c["training_flops"] is not None and lth else None
+    share = any(c["flops_vs_lth"] is not None for c in cells)  # the report's % of LTH table, when it has one
     notes = list(plan.notes) + ["training FLOPs: the `ndsnn cost` model (ndsnn_cli.cost.method_cost) of each "
-                                "run's recipe; % of LTH: against LTH at the recipe's length at the same sparsity"]
+                                "run's recipe" + ("; % of LTH: against LTH at the recipe's length at the same "
+                                                  "sparsity" if share else "")]
     return {"budgets": list(plan.budgets), "reference": plan.reference, "methods": methods, "sparsities": columns,
             "cells": cells, "notes": notes}
 
@@ -589,6 +592,7 @@ def _cell(budget: str, method: str, sparsity: float, specs: list[RunSpec], summa
     done = [(s, summaries[s.key]) for s in specs if s.key in summaries]
     accuracies = [float(summary["test_accuracy"]) for _, summary in done]
     walls = [float(summary["wall_time_s"]) for _, summary in done]
+    trains = [summary.get("train_wall_s") for _, summary in done]  # absent in summaries of older runs
     realised = [float(summary["sparsity"]["sparsity"]) for _, summary in done]
     run_flops = [flops(s) for s, _ in done] if done else []
     model = equal_cost.cost_model(specs[0].recipe) if specs else None
@@ -598,6 +602,8 @@ def _cell(budget: str, method: str, sparsity: float, specs: list[RunSpec], summa
             "accuracy_std": _std(accuracies) if accuracies else None,
             "realised_sparsity_mean": statistics.fmean(realised) if realised else None,
             "wall_time_s_mean": statistics.fmean(walls) if walls else None,
+            "train_wall_s_mean": (statistics.fmean(float(t) for t in trains)
+                                  if trains and all(t is not None for t in trains) else None),
             "epochs": done[0][1].get("total_epochs", done[0][1]["epochs"]) if done else None,
             "length_epochs": equal_cost.length_epochs(specs[0].recipe) if specs else None,
             "steps": model.steps if model else None,

@@ -1,8 +1,8 @@
 """prune-compare's report: the tables per budget, the equal-cost verdicts, the frontier figure, the files.
 
-Every table holds one kind of cell (accuracy, FLOPs, % of LTH, seconds), so that a reader (or a test)
-never meets a FLOPs count in an accuracy table or a percentage beside an absolute count. Markdown and the
-terminal render the same `ReportTable`s. The table dict comes from `compare.aggregate`.
+Every table holds one kind of cell (accuracy, FLOPs, % of LTH, wall seconds, training seconds), so that a
+reader (or a test) never meets a FLOPs count in an accuracy table or a percentage beside an absolute count.
+Markdown and the terminal render the same `ReportTable`s. The table dict comes from `compare.aggregate`.
 """
 
 from __future__ import annotations
@@ -54,12 +54,19 @@ def format_lth_share(c: dict[str, Any] | None) -> str:
 
 
 def format_seconds(c: dict[str, Any] | None) -> str:
+    """Mean wall time per run (training and per-epoch evaluation), `41.3 s`."""
     return "—" if c is None or c["wall_time_s_mean"] is None else f"{c['wall_time_s_mean']:.1f} s"
+
+
+def format_train_seconds(c: dict[str, Any] | None) -> str:
+    """Mean training time per run (summary `train_wall_s`, evaluation aside), `35.0 s`; `—` for runs too old
+    to record it."""
+    return "—" if c is None or c.get("train_wall_s_mean") is None else f"{c['train_wall_s_mean']:.1f} s"
 
 
 @dataclass(frozen=True)
 class ReportTable:
-    """One table of one kind of cell: `kind` is accuracy | flops | lth | seconds."""
+    """One table of one kind of cell: `kind` is accuracy | flops | lth | seconds | train_seconds."""
 
     title: str    # what the cells are, e.g. "training FLOPs (the `ndsnn cost` model)"
     kind: str
@@ -78,18 +85,22 @@ def budget_title(budget: str, reference: str) -> str:
 
 
 def report_tables(table: dict[str, Any]) -> list[ReportTable]:
-    """Per budget: accuracy, training FLOPs, % of LTH (when LTH is compared) and wall time."""
+    """Per budget: accuracy, training FLOPs, % of LTH (when LTH is compared), wall time and training time
+    (when the runs record it)."""
     cols = table["sparsities"]
     kinds = [("accuracy", "Test accuracy (%), mean ± std over seeds; best per sparsity in bold", format_accuracy),
              ("flops", "Training FLOPs (the `ndsnn cost` model)", format_flops),
              ("lth", "Training FLOPs, % of LTH's at the recipe's length at the same sparsity", format_lth_share),
-             ("seconds", "Wall time per run (s), mean over seeds", format_seconds)]
-    has_lth = any(c.get("flops_vs_lth") is not None for c in table["cells"])
+             ("seconds", "Wall time per run (s), training and evaluation, mean over seeds", format_seconds),
+             ("train_seconds", "Training time per run (s), evaluation aside (summary train_wall_s), mean over seeds",
+              format_train_seconds)]
+    shown = {"lth": any(c.get("flops_vs_lth") is not None for c in table["cells"]),
+             "train_seconds": any(c.get("train_wall_s_mean") is not None for c in table["cells"])}
     tables = []
     for budget in table.get("budgets", ["epochs"]):
         rows = [m for m in table["methods"] if any(cell(table, m, s, budget) for s in cols)]
         for kind, what, fmt in kinds:
-            if kind == "lth" and not has_lth:
+            if not shown.get(kind, True):
                 continue
             body = [(m, [(fmt(c := cell(table, m, s, budget)), bool(kind == "accuracy" and c and c["best"]))
                          for s in cols]) for m in rows]
@@ -189,13 +200,14 @@ def to_csv(table: dict[str, Any]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["budget", "method", "sparsity", "runs_done", "runs", "accuracy_mean", "accuracy_std", "best",
                      "test_accuracies", "realised_sparsity_mean", "epochs", "length_epochs", "steps",
-                     "wall_time_s_mean", "training_flops", "flops_vs_lth"])
+                     "wall_time_s_mean", "train_wall_s_mean", "training_flops", "flops_vs_lth"])
     for c in table["cells"]:
         writer.writerow([c.get("budget", "epochs"), c["method"], f"{c['sparsity']:g}", c["done"], c["runs"],
                          _num(c["accuracy_mean"]), _num(c["accuracy_std"]), int(c["best"]),
                          ";".join(repr(a) for a in c["test_accuracy"]), _num(c["realised_sparsity_mean"]),
                          _num(c["epochs"]), _num(c.get("length_epochs")), _num(c.get("steps")),
-                         _num(c["wall_time_s_mean"]), _num(c["training_flops"]), _num(c["flops_vs_lth"])])
+                         _num(c["wall_time_s_mean"]), _num(c.get("train_wall_s_mean")), _num(c["training_flops"]),
+                         _num(c["flops_vs_lth"])])
     return buffer.getvalue()
 
 
@@ -203,7 +215,7 @@ def _num(value: float | int | None) -> str:
     return "" if value is None else repr(value)
 
 
-FIGURE_CAPTION = "test accuracy vs sparsity, vs training FLOPs (the frontier) and vs wall time"
+FIGURE_CAPTION = "test accuracy vs sparsity, vs training FLOPs (the frontier) and vs measured time"
 
 
 def to_markdown(table: dict[str, Any], plot: str | None = None) -> str:
@@ -261,7 +273,8 @@ def json_safe(value: Any) -> Any:
 def results_figure(table: dict[str, Any]) -> Any:
     """Accuracy vs sparsity (log density axis; one line style per budget), the frontier (accuracy vs training
     FLOPs, one curve per method across budgets and sparsities, non-dominated points ringed) and accuracy vs
-    mean wall time per run. One colour per row (method) in every panel; panels without data are left out."""
+    measured time per run (`seconds_measure`). One colour per row (method) in every panel; panels without data
+    are left out."""
     plt = plots.pyplot()
     points = unique_points(table)
     panels = [_accuracy_vs_sparsity]
@@ -343,10 +356,21 @@ def _accuracy_vs_flops(ax: Any, table: dict[str, Any], colours: dict[str, str]) 
     ax.set_title("frontier: accuracy vs training FLOPs (dots: runs)")
 
 
+def seconds_measure(table: dict[str, Any]) -> tuple[str, str]:
+    """The time the wall panel plots, (cell key, what it is): training time (`train_wall_s_mean`, evaluation
+    aside) where every timed point records it, else wall time (one measure on one axis, never a mix)."""
+    timed = [p for p in unique_points(table) if p["wall_time_s_mean"] is not None]
+    if timed and all(p.get("train_wall_s_mean") is not None for p in timed):
+        return "train_wall_s_mean", "training time"
+    return "wall_time_s_mean", "wall time"
+
+
 def _accuracy_vs_wall(ax: Any, table: dict[str, Any], colours: dict[str, str]) -> None:
-    _cost_panel(ax, table, colours, "wall_time_s_mean")
-    ax.set_xlabel("wall time per run (s, mean over seeds; this machine, its load)")
-    ax.set_title("accuracy vs measured wall time")
+    key, what = seconds_measure(table)
+    _cost_panel(ax, table, colours, key)
+    aside = ", evaluation aside" if key == "train_wall_s_mean" else ", training and evaluation"
+    ax.set_xlabel(f"{what} per run (s{aside}; mean over seeds; this machine, its load)")
+    ax.set_title(f"accuracy vs measured {what}")
 
 
 def plot_png(table: dict[str, Any]) -> bytes:
