@@ -17,7 +17,7 @@ from ndsnn_cli.rundir import RUN_CHECKPOINT
 from ndsnn_cli.sparse.budget import active_count
 from ndsnn_cli.sparse.masks import global_magnitude_masks
 from ndsnn_cli.sparse.schedules import lth_round_epochs, lth_round_sparsities
-from ndsnn_cli.trainer import RoundStart, TrainCallbacks, train_once
+from ndsnn_cli.trainer import TIME_PHASES, TRAIN_PHASES, RoundStart, TrainCallbacks, train_once
 from ndsnn_cli.validate import check_run_summary, read_json_file
 
 
@@ -28,7 +28,8 @@ def prune_global_magnitude(weights: dict[str, torch.Tensor], masks: dict[str, to
     return global_magnitude_masks(weights, masks, active_count(total, 1 - sparsity))
 
 
-def train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallbacks) -> dict[str, Any]:
+def train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallbacks,
+              datasets: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Iterative magnitude pruning with late rewinding: dense round 0, then prune, rewind, retrain."""
     sp = recipe.sparsity
     sparsities = lth_round_sparsities(sp.final, sp.prune_rate)
@@ -36,6 +37,7 @@ def train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallb
     round_epochs = lth_round_epochs(epochs, sp.rewind_epoch, len(sparsities))
     rewind_path = run_dir / "rewind.safetensors"
     rounds: list[dict[str, Any]] = []
+    split = dict.fromkeys(TIME_PHASES, 0.0)  # summed over the rounds (each round's own is in its summary.json)
     masks: dict[str, torch.Tensor] | None = None
     started = time.perf_counter()
     for index, sparsity in enumerate(sparsities):
@@ -52,7 +54,10 @@ def train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallb
             else:
                 start = RoundStart(epochs=round_epochs[index], initial_state=load_checkpoint(rewind_path).model_state,
                                    initial_masks=masks)
-            summary = train_once(recipe, round_dir, resume=round_resume, callbacks=callbacks, start=start)
+            summary = train_once(recipe, round_dir, resume=round_resume, callbacks=callbacks, start=start,
+                                 datasets=datasets)
+        for phase, seconds in summary.get("time_split", {}).items():
+            split[phase] = split.get(phase, 0.0) + seconds
         rounds.append({"round": index, "target_sparsity": sparsity, "sparsity": summary["sparsity"]["sparsity"],
                        "test_accuracy": summary["test_accuracy"], "epochs": round_epochs[index]})
         if index + 1 < len(sparsities):
@@ -63,7 +68,8 @@ def train_lth(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallb
             masks = prune_global_magnitude(weights, previous, sparsities[index + 1])
     summary = dict(summary)
     summary.update({"method": "lth", "rounds": rounds, "round_epochs": epochs,
-                    "total_epochs": sum(round_epochs), "wall_time_s": time.perf_counter() - started})
+                    "total_epochs": sum(round_epochs), "wall_time_s": time.perf_counter() - started,
+                    "time_split": split, "train_wall_s": sum(split[p] for p in TRAIN_PHASES)})
     # The final round's checkpoint is the run's: `ndsnn export/inspect/cost RUN` find it where they look.
     write_bytes(run_dir / RUN_CHECKPOINT, (run_dir / f"round_{len(sparsities) - 1:02d}" / RUN_CHECKPOINT).read_bytes())
     write_json(run_dir / "summary.json", summary)

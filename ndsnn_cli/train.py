@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ndsnn_cli import distributed
-from ndsnn_cli.data.loading import build_datasets
+from ndsnn_cli.data.loading import build_datasets, for_training
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.loggers import check_available
 from ndsnn_cli.lth import train_lth
@@ -37,7 +37,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, resume: bool = False,
 
             distributed.on_main(claim)
             if recipe.sparsity.method == "lth":
-                return train_lth(recipe, run_dir, resume, callbacks)
+                return train_lth(recipe, run_dir, resume, callbacks, datasets)
             return train_once(recipe, run_dir, resume=resume, callbacks=callbacks, datasets=datasets)
     finally:
         distributed.shutdown()
@@ -53,7 +53,7 @@ def _check_inputs(recipe: Recipe) -> tuple[Any, Any]:
         if recipe.model.arch not in MODELS:
             raise UserError(f"[model] arch = {recipe.model.arch!r} is not a known model "
                             f"(known: {', '.join(sorted(MODELS))})")
-        return build_datasets(recipe.data)
+        return for_training(recipe.data, build_datasets(recipe.data))  # decoded once, for every LTH round too
     except UserError as exc:
         if str(exc).startswith(f"{recipe.source}:"):
             raise

@@ -27,7 +27,7 @@ from ndsnn_cli.checkpoint import (
     save_checkpoint,
 )
 from ndsnn_cli.data import batches_per_epoch
-from ndsnn_cli.data.loading import build_datasets, make_loader
+from ndsnn_cli.data.loading import build_datasets, for_training, make_loader
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.evaluation import dead_layers, evaluate, predict, probe, spike_rates, spiking_loss
 from ndsnn_cli.kernels.execution import SparseExecution
@@ -38,7 +38,7 @@ from ndsnn_cli.snn.models import SpikingNet
 from ndsnn_cli.sparse.masks import Masks, sparse_parameter_names
 from ndsnn_cli.sparse.methods import MaskUpdate, SparseMethod, build_method
 from ndsnn_cli.sparse.schedules import static_schedule
-from ndsnn_cli.validate import check_checkpoint_fits
+from ndsnn_cli.validate import check_checkpoint_fits, read_json_file
 
 
 class TrainCallbacks:
@@ -83,6 +83,45 @@ def learning_rate(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: 
         return t.lr
     progress = (step - warmup) / max(1, total_steps - warmup)
     return t.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+TIME_PHASES = ("setup", "data", "step", "mask_update", "evaluation", "checkpoint")
+TRAIN_PHASES = ("data", "step", "mask_update")  # a run's training time: what a step costs, evaluation aside
+TIME_SPLIT_FILE = "time_split.json"  # the split up to the last checkpoint, read back on resume
+
+
+@dataclass
+class TimeSplit:
+    """Where a run's wall time goes, in seconds per phase, summed over resumes (`TIME_SPLIT_FILE`).
+
+    `data`: waiting for a batch and moving it to the device; `step`: forward, backward, optimizer;
+    `mask_update`: the method's drop/grow and the kernel rebuild; `evaluation`: test set and spike rates
+    after each epoch; `checkpoint`: saving. On CUDA a phase ends at its host-side return (kernels are
+    asynchronous): the per-step `loss.item()` synchronises, so step time is right to within one step.
+    """
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIME_PHASES, 0.0))
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Any:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+    @property
+    def train_s(self) -> float:
+        return sum(self.seconds[p] for p in TRAIN_PHASES)
+
+    def restore(self, saved: Any) -> None:
+        """Add the split saved with the checkpoint resumed from (untrusted: values that are not finite
+        non-negative seconds are skipped; without the file the split counts from the resume)."""
+        if isinstance(saved, dict):
+            for name in TIME_PHASES:
+                value = saved.get(name)
+                if isinstance(value, int | float) and math.isfinite(value) and value >= 0:
+                    self.seconds[name] += float(value)
 
 
 @dataclass
@@ -131,6 +170,7 @@ class Run:
     drop_last: bool
     started: float
     loggers: Loggers = field(default_factory=Loggers)  # rank 0's metrics.jsonl (+ tensorboard); none elsewhere
+    clock: TimeSplit = field(default_factory=TimeSplit)
     kernels: SparseExecution | None = None   # sparse-kernel dispatch of the sparse layers (None: no masks)
 
     @property
@@ -150,6 +190,12 @@ class Run:
         check_weights_finite(self.model, self.state.step, self.checkpoint_path)
         if not self.main:
             return
+        with self.clock.phase("checkpoint"):
+            self._save_checkpoint()
+        # beside the checkpoint, not in it: checkpoints of a resumed and an uninterrupted run stay bit-identical
+        write_json(self.run_dir / TIME_SPLIT_FILE, dict(self.clock.seconds))
+
+    def _save_checkpoint(self) -> None:
         state = self.state
         tensors, method_meta = self.method.state_dict()
         meta = {"recipe": self.recipe.to_toml(), "epoch": state.epoch, "step": state.step,
@@ -185,7 +231,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallback
     torch.manual_seed(recipe.seed)
     if distributed.active() and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    train_set, test_set = datasets or build_datasets(recipe.data)
+    train_set, test_set = for_training(recipe.data, datasets or build_datasets(recipe.data))
     world = distributed.world_size()
     # batch_size is per rank: each rank trains on its 1/world share of every epoch
     steps_per_epoch, drop_last = batches_per_epoch(len(train_set), recipe.data.batch_size, world)
@@ -212,6 +258,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallback
     if start.rewind is not None and start.rewind[0] == 0 and run.state.step == 0:
         save_weights(start.rewind[1], model)
     _open_loggers(run)
+    run.clock.seconds["setup"] += time.perf_counter() - started
     return run
 
 
@@ -232,6 +279,8 @@ def _resume_or_start(run: Run, resume: bool) -> None:
         check_checkpoint_fits(run.checkpoint_path, checkpoint.tensors, run.model, resume_meta=checkpoint.meta,
                               optimizer=run.optimizer, mask_names=masks)
         run.state = _restore(checkpoint, run.model, run.optimizer, run.method, run.scaler)
+        with contextlib.suppress(UserError, OSError):  # bookkeeping only: an unreadable file restarts the split
+            run.clock.restore(read_json_file(run.run_dir / TIME_SPLIT_FILE))
         if run.main:
             truncate_metrics(run.metrics_path, run.state.step, run.state.epoch)
     elif run.main and run.metrics_path.exists():
@@ -261,9 +310,19 @@ def _train_epoch(run: Run, epoch: int) -> None:
                          start_batch=state.batch_in_epoch, num_workers=recipe.data.num_workers,
                          drop_last=run.drop_last, distributed_rank=distributed.rank(),
                          world_size=distributed.world_size())
-    for images, labels in loader:
-        batch_loss, correct, batch = _train_step(run, epoch, images.to(run.device, non_blocking=True),
-                                                 labels.to(run.device, non_blocking=True))
+    batches = iter(loader)
+    while True:
+        with run.clock.phase("data"):
+            pair = next(batches, None)
+            if pair is None:
+                break
+            images, labels = pair[0].to(run.device, non_blocking=True), pair[1].to(run.device, non_blocking=True)
+        with run.clock.phase("step"):
+            batch_loss, correct, batch = _train_step(run, epoch, images, labels)
+        with run.clock.phase("mask_update"):
+            update = run.method.after_step(state.step, run.optimizer)
+            if update is not None:
+                _after_mask_update(run, update)
         state.batch_in_epoch += 1
         state.loss_sum += batch_loss
         state.correct += int(correct)
@@ -277,7 +336,8 @@ def _train_epoch(run: Run, epoch: int) -> None:
 
 
 def _train_step(run: Run, epoch: int, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
-    """Forward, backward, optimizer step and the sparse method's mask step; (loss sum, correct, batch) over ranks."""
+    """Forward, backward and optimizer step (the sparse method's mask step follows, in `_train_epoch`);
+    (loss sum, correct, batch) summed over ranks."""
     t, state, optimizer, scaler = run.recipe.train, run.state, run.optimizer, run.scaler
     lr = learning_rate(run.recipe, state.step, run.total_steps, run.steps_per_epoch)
     for group in optimizer.param_groups:
@@ -301,9 +361,6 @@ def _train_step(run: Run, epoch: int, images: torch.Tensor, labels: torch.Tensor
     scaler.step(optimizer)
     scaler.update()
     state.step += 1
-    update = run.method.after_step(state.step, optimizer)
-    if update is not None:
-        _after_mask_update(run, update)
     return batch_loss, correct, batch
 
 
@@ -327,8 +384,9 @@ def _end_epoch(run: Run, epoch: int) -> dict[str, Any]:
     recipe, state = run.recipe, run.state
     check_weights_finite(run.model, state.step, run.checkpoint_path)
     distributed.broadcast_tensors(run.model.buffers())  # BN statistics: each rank updated its own
-    test_loss, test_accuracy = evaluate(run.model, run.test_set, recipe, run.device)
-    rates = spike_rates(run.model, probe(run.test_set, run.device))
+    with run.clock.phase("evaluation"):
+        test_loss, test_accuracy = evaluate(run.model, run.test_set, recipe, run.device)
+        rates = spike_rates(run.model, probe(run.test_set, run.device))
     if epoch == 0:
         _warn_dead_layers(run.model, run.method, rates, state.step, run.loggers, run.callbacks)
     state.best_accuracy = max(state.best_accuracy, test_accuracy)
@@ -357,6 +415,8 @@ def _finish(run: Run, last_record: dict[str, Any]) -> dict[str, Any]:
         last_record = [r for r in read_metrics(run.run_dir) if r["kind"] == "epoch"][-1]
     summary = _summary(run.recipe, run.model, run.method, run.test_set, run.device, last_record, run.state,
                        run.epochs, time.perf_counter() - run.started)
+    summary["train_wall_s"] = run.clock.train_s
+    summary["time_split"] = dict(run.clock.seconds)
     summary["sparse_kernels"] = (run.kernels.summary() if run.kernels is not None
                                  else {"mode": run.recipe.train.sparse_kernels, "layers": {}})
     if distributed.active():
@@ -423,7 +483,15 @@ def _warn_dead_layers(model: SpikingNet, method: SparseMethod, rates: dict[str, 
     for name, info in dead.items():
         callbacks.on_warning(f"LIF layer {name} fired at rate {info['spike_rate']:.2g} at the first evaluation "
                              f"(fed by {info['weight']} at density {info['density']:.4f}): it passes almost no "
-                             "gradient; try [sparsity] init = \"scaled\" or a lower sparsity")
+                             f"gradient; {_dead_layer_hint(method, info['weight'])}")
+
+
+def _dead_layer_hint(method: SparseMethod, weight: str) -> str:
+    """What to change: sparse-aware init where the run has it off, else the layer's density."""
+    if method.init != "scaled":
+        return 'try [sparsity] init = "scaled" or a lower sparsity'
+    return f'init is already "scaled": try a lower sparsity, or keep {weight} dense ([sparsity] dense)'
+
 
 
 def _realised_masks(recipe: Recipe, model: SpikingNet, method: SparseMethod) -> Masks:

@@ -805,7 +805,8 @@ def read_json_file(path: str | Path) -> Any:
 
 def check_run_summary(path: str | Path, summary: Any) -> dict[str, Any]:
     """summary.json as `prune-compare` aggregates it and an LTH round reads it back: accuracy and sparsity in
-    [0, 1], a finite wall time, per-layer sparsity as an object."""
+    [0, 1], a finite wall time (and training time and time split, where recorded), per-layer sparsity as an
+    object."""
     summary = _dict(path, "summary", summary)
     for key in ("test_accuracy", "wall_time_s"):
         if not 0 <= _number(path, key, summary.get(key)) <= (1 if key == "test_accuracy" else math.inf):
@@ -814,6 +815,11 @@ def check_run_summary(path: str | Path, summary: Any) -> dict[str, Any]:
     if not 0 <= _number(path, "sparsity.sparsity", sparsity.get("sparsity")) <= 1:
         _fail(path, "sparsity.sparsity", f"= {sparsity['sparsity']:.3g} must be in [0, 1]")
     _dict(path, "sparsity.layers", sparsity.get("layers"))
+    if "train_wall_s" in summary and not 0 <= _number(path, "train_wall_s", summary["train_wall_s"]) < math.inf:
+        _fail(path, "train_wall_s", f"= {summary['train_wall_s']:.3g} is out of range")
+    for phase, seconds in _dict(path, "time_split", summary.get("time_split", {})).items():
+        if not 0 <= _number(path, f"time_split.{phase}", seconds) < math.inf:
+            _fail(path, f"time_split.{phase}", f"= {seconds:.3g} is out of range")
     return summary
 
 

@@ -374,3 +374,35 @@ def test_input_contract_states_the_training_normalisation_of_each_dataset() -> N
     assert contract == {"layout": "NCHW", "range": [0.0, 1.0], "shape": [1, 28, 28], "mean": [0.2860], "std": [0.3530]}
     assert input_contract("cifar10")["mean"] == [0.4914, 0.4822, 0.4465]
     assert input_contract("synthetic")["mean"] == [0.0] and input_contract("synthetic")["std"] == [1.0]
+
+
+# ----------------------------------------------------------------------------- materialised data sets
+
+
+def test_a_materialised_set_gives_the_per_sample_pipelines_batches_bit_for_bit(tmp_path: Path) -> None:
+    """Shuffled, resumed mid-epoch, last batch short or dropped, one rank of two: the same images and labels
+    in the same order as the DataLoader over the decoded files (Fashion-MNIST idx files, normalised)."""
+    write_idx_set(tmp_path / "fm", gz=True)
+    train, _ = data.build_datasets(DataCfg("fashion-mnist", root=str(tmp_path / "fm")))
+    held = data.materialise(train)
+    assert isinstance(held, data.MaterialisedDataset) and held.images.shape == (6, 1, 28, 28)
+    for kwargs in ({}, {"start_batch": 1}, {"drop_last": True}, {"distributed_rank": 1, "world_size": 2}):
+        loader = data.make_loader(held, 4, shuffle=True, seed=3, epoch=2, **kwargs)
+        reference = batches(data.make_loader(train, 4, shuffle=True, seed=3, epoch=2, **kwargs))
+        mine = batches(loader)
+        assert len(loader) == len(mine) == len(reference), kwargs
+        for (x0, y0), (x1, y1) in zip(reference, mine, strict=True):
+            assert torch.equal(x0, x1) and torch.equal(y0, y1) and y1.dtype == y0.dtype, kwargs
+
+
+def test_only_deterministic_sets_that_fit_are_materialised(tmp_path: Path) -> None:
+    write_idx_set(tmp_path / "fm", gz=True)
+    plain = DataCfg("fashion-mnist", root=str(tmp_path / "fm"))
+    train, test = data.for_training(plain, data.build_datasets(plain))
+    assert isinstance(train, data.MaterialisedDataset) and isinstance(test, data.MaterialisedDataset)
+    augmented = DataCfg("fashion-mnist", root=str(tmp_path / "fm"), augment=True)
+    train, test = data.for_training(augmented, data.build_datasets(augmented))
+    assert not isinstance(train, data.MaterialisedDataset)  # new crops every epoch
+    assert isinstance(test, data.MaterialisedDataset)
+    too_big = data.materialise(data.build_datasets(plain)[0], max_bytes=6 * 28 * 28 * 4 - 1)
+    assert not isinstance(too_big, data.MaterialisedDataset)

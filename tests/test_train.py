@@ -168,6 +168,11 @@ def test_lth_runs_every_round_into_round_folders(tiny_recipe: Callable[..., Reci
     assert all(torch.equal(round1.masks[n].bool(), expected[n]) for n in names)
     assert (tmp_path / "lth" / "rewind.safetensors").exists()
     assert json.loads((tmp_path / "lth" / "summary.json").read_text())["method"] == "lth"
+    # LTH's time split is its rounds' together
+    rounds = [json.loads((run / f"round_0{i}" / "summary.json").read_text()) for i in (0, 1)]
+    for phase, seconds in summary["time_split"].items():
+        assert seconds == pytest.approx(sum(r["time_split"][phase] for r in rounds)), phase
+    assert summary["train_wall_s"] == pytest.approx(sum(r["train_wall_s"] for r in rounds))
 
 
 def test_truncated_checkpoint_is_a_user_error(ndsnn_recipe: Recipe, tmp_path: Path) -> None:
@@ -261,6 +266,13 @@ def test_a_silent_lif_layer_at_the_first_evaluation_is_named_with_its_density(ti
     assert layer["density"] == float(checkpoint.masks["encoder.1.weight"].float().mean())
     assert len(callbacks.messages) == 1
     assert "body.0" in callbacks.messages[0] and f"{layer['density']:.4f}" in callbacks.messages[0]
+    # init is already "scaled" (the default): the hint names the other remedies, not the one in use
+    assert 'init is already "scaled"' in callbacks.messages[0] and "encoder.1.weight dense" in callbacks.messages[0]
+    dense_init = tiny_recipe(model={"v_threshold": 1000.0},
+                             sparsity={"method": "static", "final": 0.9, "init": "dense"})
+    callbacks = Warnings()
+    train(dense_init, tmp_path / "dead-dense-init", callbacks=callbacks)
+    assert 'try [sparsity] init = "scaled"' in callbacks.messages[0]
 
 
 def test_a_firing_network_records_no_dead_layers(tiny_recipe: Callable[..., Recipe], tmp_path: Path) -> None:
@@ -304,3 +316,38 @@ def test_lth_rounds_start_from_the_rewound_weights_with_their_round_mask(tiny_re
             assert torch.equal(value, want.to(value.dtype)), (index, name)
         assert not torch.equal(starts[index][names[0]], final.model_state[names[0]])  # and it then trained
         previous = final
+
+
+def test_summary_splits_the_wall_time_by_phase_and_the_split_survives_a_resume(ndsnn_recipe: Recipe,
+                                                                               tmp_path: Path) -> None:
+    """summary.json's `time_split` has every phase, `train_wall_s` is its training share (data + step + mask
+    updates, evaluation aside), and a resumed run adds the seconds before the interruption (time_split.json)."""
+    from ndsnn_cli.trainer import TIME_PHASES, TIME_SPLIT_FILE
+
+    whole = train(ndsnn_recipe, tmp_path / "whole")
+    split = whole["time_split"]
+    assert list(split) == list(TIME_PHASES)
+    assert all(seconds > 0 for seconds in split.values()), split  # 8 steps, 5 mask updates, 2 evaluations
+    assert whole["train_wall_s"] == pytest.approx(split["data"] + split["step"] + split["mask_update"])
+    assert sum(split.values()) <= whole["wall_time_s"] + 1e-6
+
+    run_dir = tmp_path / "split"
+    with pytest.raises(Interrupt):
+        train(ndsnn_recipe, run_dir, callbacks=StopAfterEpoch())
+    before = json.loads((run_dir / TIME_SPLIT_FILE).read_text())
+    assert before["step"] > 0 and before["evaluation"] > 0
+    resumed = train(ndsnn_recipe, run_dir, resume=True)
+    for phase in ("setup", "data", "step", "evaluation"):  # this process's seconds plus the first one's
+        assert resumed["time_split"][phase] > before[phase], phase
+    assert resumed["train_wall_s"] > before["data"] + before["step"] + before["mask_update"]
+
+
+def test_a_garbled_time_split_file_does_not_stop_a_resume(ndsnn_recipe: Recipe, tmp_path: Path) -> None:
+    from ndsnn_cli.trainer import TIME_SPLIT_FILE
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train(ndsnn_recipe, run_dir, callbacks=StopAfterEpoch())
+    (run_dir / TIME_SPLIT_FILE).write_text('{"step": -5, "data": "x", "evaluation": 1e400')
+    summary = train(ndsnn_recipe, run_dir, resume=True)
+    assert summary["steps"] == 8 and all(0 <= s < 60 for s in summary["time_split"].values())

@@ -199,6 +199,11 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     for metric, value in _flops_rows(run_dir):
         table.add_row(metric, value)
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
+    if "time_split" in summary:
+        split = summary["time_split"]
+        table.add_row("training time (steps)", f"{summary['train_wall_s']:.1f} s")
+        table.add_row("time split", ", ".join(f"{phase.replace('_', ' ')} {seconds:.1f} s"
+                                              for phase, seconds in split.items() if seconds >= 0.05))
     table.add_row("run directory", str(run_dir))
     console = Console()
     console.print(table)

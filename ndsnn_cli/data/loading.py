@@ -2,7 +2,9 @@
 
 `build_datasets(cfg)` turns a recipe's `[data]` table into (train, test) data sets; `make_loader`
 wraps one in a DataLoader that yields the same batches on every run, after a mid-epoch resume, for
-any `num_workers`, and split evenly across distributed ranks.
+any `num_workers`, and split evenly across distributed ranks. `for_training` holds the sets whose
+transform is deterministic as tensors (`MaterialisedDataset`): each sample is decoded once, not once
+per epoch, and a batch is one index gather.
 """
 
 from __future__ import annotations
@@ -72,6 +74,67 @@ def raw_test_set(cfg: DataConfig) -> Dataset:
     steps = base.transform.transforms  # every builder's test transform is a `_transforms` Compose
     base.transform = T.Compose([step for step in steps if not isinstance(step, T.Normalize)])
     return test
+
+
+MATERIALISE_MAX_BYTES = 512 << 20  # a set held as tensors at most (Fashion-MNIST's 60k: 188 MB, CIFAR's test: 123 MB)
+
+
+class MaterialisedDataset(Dataset):
+    """A data set with a deterministic transform, every sample computed once into two tensors.
+
+    `make_loader` gathers its batches by index in the sampler's order: the same values, bit for bit,
+    as the per-sample pipeline, without decoding and transforming every image again each epoch.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+def materialise(dataset: Dataset, max_bytes: int = MATERIALISE_MAX_BYTES) -> Dataset:
+    """`dataset` as a `MaterialisedDataset` when its samples fit in `max_bytes`, else unchanged.
+    Only for deterministic transforms: an augmented set must draw new crops every epoch."""
+    count = len(dataset)  # type: ignore[arg-type]
+    if isinstance(dataset, MaterialisedDataset) or count == 0:
+        return dataset
+    first, _ = dataset[0]
+    if not isinstance(first, torch.Tensor) or first.element_size() * first.numel() * count > max_bytes:
+        return dataset
+    images = torch.empty((count, *first.shape), dtype=first.dtype)
+    labels = torch.empty(count, dtype=torch.int64)
+    for index in range(count):
+        images[index], labels[index] = dataset[index]
+    return MaterialisedDataset(images, labels)
+
+
+def for_training(cfg: DataConfig, datasets: Split) -> Split:
+    """(train, test) as the trainer reads them: the test set, and the train set when `[data]` has no
+    random augmentation, materialised (`materialise`)."""
+    train, test = datasets
+    return (train if cfg.augment or cfg.cutout else materialise(train)), materialise(test)
+
+
+class _TensorBatches:
+    """The batches of a `MaterialisedDataset` in a sampler's order (a DataLoader's iteration, gathered)."""
+
+    def __init__(self, dataset: MaterialisedDataset, sampler: EpochSampler, batch_size: int, drop_last: bool) -> None:
+        self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.tensor(self.sampler.indices(), dtype=torch.int64)
+        for batch in range(len(self)):
+            index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+            yield self.dataset.images[index], self.dataset.labels[index]
 
 
 def _first(dataset: Dataset, limit: int) -> Dataset:
@@ -176,7 +239,7 @@ def make_loader(
     drop_last: bool = False,
     distributed_rank: int = 0,
     world_size: int = 1,
-) -> DataLoader:
+) -> DataLoader | _TensorBatches:
     """A loader for one epoch; its batches are a pure function of (seed, epoch, rank, start_batch).
 
     Build a new loader each epoch. `start_batch` resumes mid-epoch: the first start_batch batches of
@@ -192,6 +255,8 @@ def make_loader(
         world_size=world_size,
         start_index=start_batch * batch_size,
     )
+    if isinstance(dataset, MaterialisedDataset):  # deterministic: no per-sample seeding or workers needed
+        return _TensorBatches(dataset, sampler, batch_size, drop_last)
     return DataLoader(
         SeededAugmentation(dataset, seed, epoch),
         batch_size=batch_size,
