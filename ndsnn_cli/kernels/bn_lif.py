@@ -1,0 +1,197 @@
+"""BatchNorm + an optional residual + the LIF neuron, fused, on batch-last maps (the sparse kernels' layout).
+
+`batch_norm_lif(x, bn, lif)` is `lif(bn(x_dense) [+ residual])` for x in `[C, H, W, N]` (or `[C, P, N]`)
+with N = T*B, time outermost inside N (`n = t*B + b`: the dense `[T*B, C, H, W]` batch permuted, as
+`execution.to_batch_last` lays it out), returning the spikes in the same layout, so that consecutive
+sparse layers need not transpose around BN and the neuron. Training uses the batch statistics and
+updates the running ones as `nn.BatchNorm2d` does (momentum, or the cumulative average when momentum is
+None; unbiased variance); evaluation uses the running statistics.
+
+Like `neuron._BatchNormLIF`, the autograd node saves only BN's input (and the residual, and two [C]
+vectors): backward rebuilds H from it. Two implementations of one arithmetic: "numba"
+(`bn_lif_numba`, parallel over channels; also rebuilds H one position at a time, so backward allocates
+no activation-sized buffer beyond the gradients it returns) and "torch" (same layout, torch ops; the
+fallback without numba, and the reference twin in tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+from ndsnn_cli.snn import SURROGATE_NAMES
+from ndsnn_cli.snn.neuron import LIF, _charge_, _charge_backward, mark_spikes
+
+BN_LIF_IMPLEMENTATIONS = ("numba", "torch")
+
+
+def default_implementation() -> str:
+    """numba where it is importable (no import is done), else the torch fallback."""
+    return "numba" if importlib.util.find_spec("numba") is not None else "torch"
+
+
+def _as_cpn(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous [C, P, N] view of a batch-last [C, H, W, N] or [C, P, N] map."""
+    return x.contiguous().view(x.shape[0], -1, x.shape[-1])
+
+
+def _time_major(t: torch.Tensor, timesteps: int) -> torch.Tensor:
+    """[C, P, T*B] -> a [T, C, P, B] view, the `x_seq[t]` indexing `neuron._charge_` loops over."""
+    channels, positions, total = t.shape
+    return t.view(channels, positions, timesteps, total // timesteps).permute(2, 0, 1, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch implementation: the same layout, torch ops (neuron's loops on strided [T, C, P, B] views)
+
+def _torch_charges(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: torch.Tensor | None,
+                   lif: LIF) -> torch.Tensor:
+    """H of LIF(x * scale + shift [+ residual]) as a new [C, P, N] tensor (torch's BN transform, then
+    `_charge_` in place)."""
+    z = torch.addcmul(shift.view(-1, 1, 1), x, scale.view(-1, 1, 1))  # (C, P, N)
+    if residual is not None:
+        z.add_(residual)
+    _charge_(_time_major(z, lif.timesteps), lif.tau, lif.v_threshold)
+    return z
+
+
+def _torch_forward(x, weight, bias, residual, mean, var, training: bool, eps: float, lif: LIF):  # noqa: ANN001, ANN202
+    """(spikes, mean, biased var, invstd); mean/var are computed when training, else taken as given."""
+    if training:
+        var, mean = torch.var_mean(x, dim=(1, 2), unbiased=False)
+    invstd = (var.float() + eps).rsqrt()
+    scale = weight * invstd
+    shift = bias - mean.float() * scale
+    h = _torch_charges(x, scale, shift, residual, lif)
+    return h.ge_(lif.v_threshold).float(), mean, var, invstd
+
+
+def _torch_backward(x, weight, bias, residual, grad_spikes, mean, invstd, training: bool, lif: LIF):  # noqa: ANN001, ANN202
+    """(dL/dx, dL/dZ = dL/dresidual, dL/dweight, dL/dbias) on the [C, P, N] layout."""
+    scale = weight * invstd
+    shift = bias - mean * scale
+    h = _torch_charges(x, scale, shift, residual, lif)
+    _charge_backward(_time_major(h, lif.timesteps), _time_major(grad_spikes, lif.timesteps), lif.tau,
+                     lif.v_threshold, lif.surrogate, lif.alpha, overwrite_h=True)
+    grad_z = h                                                  # (C, P, N), dL/dZ written over H
+    xhat = (x - mean.view(-1, 1, 1)) * invstd.view(-1, 1, 1)
+    grad_b = grad_z.sum((1, 2))
+    grad_w = (grad_z * xhat).sum((1, 2))
+    if training:
+        count = x.shape[1] * x.shape[2]
+        xhat.mul_((grad_w / count).view(-1, 1, 1)).add_((grad_b / count).view(-1, 1, 1))
+        grad_x = (grad_z - xhat).mul_(scale.view(-1, 1, 1))
+    else:
+        grad_x = grad_z * scale.view(-1, 1, 1)
+    return grad_x, grad_z, grad_w, grad_b
+
+
+# ---------------------------------------------------------------------------------------------
+# numba implementation
+
+def _numba_residual(residual: torch.Tensor | None):  # noqa: ANN202
+    import numpy as np
+
+    return (residual.detach().numpy(), True) if residual is not None else (np.empty((0, 0, 0), np.float32), False)
+
+
+def _numba_forward(x, weight, bias, residual, mean, var, training: bool, eps: float, lif: LIF):  # noqa: ANN001, ANN202
+    from ndsnn_cli.kernels import bn_lif_numba as nb
+
+    channels = x.shape[0]
+    if training:
+        mean = torch.empty(channels, dtype=torch.float64)
+        var = torch.empty(channels, dtype=torch.float64)
+    else:
+        mean, var = mean.double().contiguous(), var.double().contiguous()
+    invstd = torch.empty(channels, dtype=torch.float32)
+    out = torch.empty_like(x)
+    res, has_res = _numba_residual(residual)
+    nb.bn_lif_forward(x.detach().numpy(), res, has_res, weight.detach().numpy(), bias.detach().numpy(),
+                      mean.numpy(), invstd.numpy(), var.numpy(), training, eps, lif.tau, lif.v_threshold,
+                      lif.timesteps, out.numpy())
+    return out, mean, var, invstd
+
+
+def _numba_backward(x, weight, bias, residual, grad_spikes, mean, invstd, training: bool, lif: LIF):  # noqa: ANN001, ANN202
+    from ndsnn_cli.kernels import bn_lif_numba as nb
+
+    grad_x = torch.empty_like(x)
+    want_res = residual is not None
+    grad_res = torch.empty_like(x) if want_res else None
+    grad_w = torch.empty(x.shape[0], dtype=torch.float32)
+    grad_b = torch.empty(x.shape[0], dtype=torch.float32)
+    res, has_res = _numba_residual(residual)
+    nb.bn_lif_backward(x.detach().numpy(), res, has_res, grad_spikes.detach().numpy(), weight.detach().numpy(),
+                       bias.detach().numpy(), mean.detach().numpy(), invstd.numpy(), training, lif.tau,
+                       lif.v_threshold, SURROGATE_NAMES.index(lif.surrogate), lif.alpha, lif.timesteps,
+                       grad_x.numpy(), grad_res.numpy() if want_res else res, want_res, grad_w.numpy(),
+                       grad_b.numpy())
+    return grad_x, grad_res, grad_w, grad_b
+
+
+_IMPLEMENTATIONS = {"numba": (_numba_forward, _numba_backward), "torch": (_torch_forward, _torch_backward)}
+
+
+class _BatchNormLIFBatchLast(torch.autograd.Function):
+    """Spikes of LIF(BN(x) [+ residual]) on [C, P, N], and (non-differentiable, for the running-statistics
+    update; empty in evaluation) the batch mean and biased variance. Saves x, the residual and [C] vectors."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,  # type: ignore[override]
+                residual: torch.Tensor | None, mean: torch.Tensor | None, var: torch.Tensor | None,
+                training: bool, eps: float, lif: LIF, impl: str):
+        forward, _ = _IMPLEMENTATIONS[impl]
+        spikes, mean, var, invstd = forward(x, weight, bias, residual, mean, var, training, eps, lif)
+        ctx.save_for_backward(x, weight, bias, residual, mean.float(), invstd)
+        ctx.training, ctx.lif, ctx.impl = training, lif, impl
+        if not training:
+            mean = var = x.new_empty(0)
+        ctx.mark_non_differentiable(mean, var)
+        return spikes, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_spikes: torch.Tensor, grad_mean: torch.Tensor, grad_var: torch.Tensor):  # type: ignore[override]
+        x, weight, bias, residual, save_mean, invstd = ctx.saved_tensors
+        _, backward = _IMPLEMENTATIONS[ctx.impl]
+        grad_x, grad_z, grad_w, grad_b = backward(x, weight, bias, residual, grad_spikes.float().contiguous(),
+                                                  save_mean, invstd, ctx.training, ctx.lif)
+        need = ctx.needs_input_grad
+        return (grad_x if need[0] else None, grad_w if need[1] else None, grad_b if need[2] else None,
+                grad_z if need[3] else None, None, None, None, None, None, None)
+
+
+def _update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
+                          count: int) -> None:
+    """`nn.BatchNorm2d`'s update: factor = momentum (or 1 / batches seen when None), unbiased variance."""
+    bn.num_batches_tracked.add_(1)
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    unbiased = var.double() * (count / max(1, count - 1))
+    with torch.no_grad():
+        bn.running_mean.copy_(bn.running_mean.double() * (1 - factor) + mean.double() * factor)
+        bn.running_var.copy_(bn.running_var.double() * (1 - factor) + unbiased * factor)
+
+
+def batch_norm_lif(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, lif: LIF,
+                   residual: torch.Tensor | None = None, impl: str | None = None) -> torch.Tensor:
+    """Spikes of `lif(bn(x) + residual)` for batch-last x `[C, H, W, T*B]` (or `[C, P, T*B]`), same shape.
+
+    The dense equivalent: `lif(bn(x.permute(3, 0, 1, 2)) + residual.permute(3, 0, 1, 2))`, the result
+    permuted back. `impl` is "numba" or "torch" (default: `default_implementation()`). CPU fp32 only.
+    LIF forward hooks do not run here (they expect the dense layout)."""
+    impl = impl or default_implementation()
+    if impl not in _IMPLEMENTATIONS:
+        raise ValueError(f"unknown BN+LIF implementation {impl!r} (known: {', '.join(BN_LIF_IMPLEMENTATIONS)})")
+    x3 = _as_cpn(x.float())
+    res3 = _as_cpn(residual.float()) if residual is not None else None
+    channels = x3.shape[0]
+    weight = bn.weight if bn.weight is not None else torch.ones(channels)
+    bias = bn.bias if bn.bias is not None else torch.zeros(channels)
+    training = bn.training or bn.running_mean is None       # batch statistics, as nn.BatchNorm2d decides
+    running = (None, None) if training else (bn.running_mean, bn.running_var)
+    spikes, mean, var = _BatchNormLIFBatchLast.apply(x3, weight, bias, res3, *running, training, bn.eps, lif, impl)
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        _update_running_stats(bn, mean, var, x3.shape[1] * x3.shape[2])
+    return mark_spikes(spikes.view(x.shape))

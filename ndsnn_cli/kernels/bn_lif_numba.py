@@ -1,0 +1,153 @@
+"""BatchNorm + LIF on batch-last maps for the CPU, JIT-compiled by numba (the optional `kernels` extra).
+
+Maps are `[C, P, N]` (P = H*W) with N = T*B, time outermost inside N (`n = t*B + b`, the `[T*B, ...]` batch
+of the dense layout, which `execution.to_batch_last` keeps as the innermost axis). Parallel over channels:
+one thread owns a channel's statistics, its normalisation, its neurons' recurrences over T and its BN
+backward, so every sum runs in one fixed order whatever the thread count (bit-reproducible), and the
+innermost loops run over the B contiguous samples of one position and step.
+
+Arithmetic mirrors `snn.neuron`: `H = (Z - V) / tau + V` (`Z / tau` at t = 0), spike `H >= v_th`, hard
+reset; the same surrogates in the same order of operations. No `fastmath` on the forward: `contract`
+(fma) or `arcp` (x / tau as x * (1/tau)) would move H by an ulp against the dense path and flip spikes
+at the threshold. Statistics accumulate per lane in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+ATAN, SIGMOID = 0, 1  # surrogate ids, in `snn.SURROGATE_NAMES` order
+
+
+@njit(inline="always")
+def _channel_stats(xc):  # pragma: no cover (JIT)
+    """Mean and biased variance of one channel's [P, N] plane, two passes, float64 per-lane sums."""
+    positions, batch = xc.shape
+    acc = np.zeros(batch, dtype=np.float64)
+    for p in range(positions):
+        for n in range(batch):
+            acc[n] += xc[p, n]
+    mean = acc.sum() / (positions * batch)
+    acc[:] = 0.0
+    for p in range(positions):
+        for n in range(batch):
+            d = xc[p, n] - mean
+            acc[n] += d * d
+    return mean, acc.sum() / (positions * batch)
+
+
+@njit(parallel=True, cache=True)
+def bn_lif_forward(x, residual, has_residual, weight, bias, mean, invstd, var, training, eps, tau,
+                   v_threshold, timesteps, out):  # pragma: no cover (JIT)
+    """out[c] = spikes of LIF(BN(x[c]) (+ residual[c])) over T, for x, residual, out `[C, P, T*B]`.
+
+    training: mean/var (float64 [C], biased) are computed here and invstd (float32 [C]) written; else
+    mean/var are the running statistics given and invstd is derived from them. out may be uint8 or float.
+    """
+    channels, positions, batch_total = x.shape
+    batch = batch_total // timesteps
+    tau32, v_th = np.float32(tau), np.float32(v_threshold)  # as torch casts a scalar operand
+    for c in prange(channels):
+        if training:
+            m, v2 = _channel_stats(x[c])
+            mean[c], var[c] = m, v2
+        inv = np.float32(1.0 / math.sqrt(var[c] + eps))
+        invstd[c] = inv
+        scale = np.float32(weight[c] * inv)                 # torch: alpha = invstd * w, beta = b - mean * alpha
+        shift = np.float32(bias[c] - np.float32(mean[c]) * scale)
+        v = np.empty(batch, dtype=np.float32)
+        for p in range(positions):
+            xr, spikes = x[c, p], out[c, p]
+            for t in range(timesteps):
+                o = t * batch
+                for b in range(batch):
+                    z = xr[o + b] * scale + shift
+                    if has_residual:
+                        z = z + residual[c, p, o + b]
+                    h = z / tau32 if t == 0 else (z - v[b]) / tau32 + v[b]
+                    fired = h >= v_th
+                    spikes[o + b] = fired
+                    v[b] = np.float32(0.0) if fired else h
+
+
+@njit(inline="always")
+def _surrogate(u, surrogate, alpha):  # pragma: no cover (JIT)
+    """The surrogate derivative at u = H - v_th, in `snn.neuron`'s order of operations."""
+    if surrogate == ATAN:
+        q = u * np.float32(math.pi / 2 * alpha)
+        return np.float32(1.0) / (q * q + np.float32(1.0)) * np.float32(alpha / 2)
+    s = np.float32(1.0) / (np.float32(1.0) + np.exp(-(u * np.float32(alpha))))
+    return (s - s * s) * np.float32(alpha)
+
+
+@njit(inline="always")
+def _position_grad(xr, res, has_residual, gs, scale, shift, tau32, v_th, decay, surrogate, alpha, timesteps,
+                   h, v):  # pragma: no cover (JIT)
+    """dL/dH of one position's [T*B] neurons into h: H rebuilt as in the forward, then BPTT back over T."""
+    batch = v.shape[0]
+    for t in range(timesteps):
+        o = t * batch
+        for b in range(batch):
+            z = xr[o + b] * scale + shift
+            if has_residual:
+                z = z + res[o + b]
+            hh = z / tau32 if t == 0 else (z - v[b]) / tau32 + v[b]
+            h[o + b] = hh
+            v[b] = np.float32(0.0) if hh >= v_th else hh
+    for t in range(timesteps - 1, -1, -1):  # dL/dH[t], kept in H[t]'s slot once it is read
+        o = t * batch
+        for b in range(batch):
+            hh = h[o + b]
+            g = _surrogate(hh - v_th, surrogate, alpha) * gs[o + b]
+            if t + 1 < timesteps and hh < v_th:
+                g = g + decay * h[o + batch + b]
+            h[o + b] = g
+
+
+@njit(parallel=True, cache=True)
+def bn_lif_backward(x, residual, has_residual, grad_spikes, weight, bias, mean, invstd, training, tau,
+                    v_threshold, surrogate, alpha, timesteps, grad_x, grad_res, want_res, grad_w, grad_b):
+    # pragma: no cover (JIT)
+    """dL/dx (grad_x), dL/dresidual (grad_res when want_res), dL/dweight and dL/dbias ([C], float32).
+
+    Per channel: rebuild H one position at a time (a [T*B] scratch), run the BPTT recurrence back over T,
+    write dL/dZ into grad_x while summing BN's two reductions, then BN's backward in place (training:
+    through the batch statistics; evaluation: the fixed scale only).
+    """
+    channels, positions, batch_total = x.shape
+    batch = batch_total // timesteps
+    decay = np.float32(1.0 - 1.0 / tau)
+    tau32, v_th = np.float32(tau), np.float32(v_threshold)
+    for c in prange(channels):
+        inv = invstd[c]
+        mu = np.float32(mean[c])
+        scale = np.float32(weight[c] * inv)
+        shift = np.float32(bias[c] - mu * scale)
+        h = np.empty(batch_total, dtype=np.float32)
+        v = np.empty(batch, dtype=np.float32)
+        sum_dy = np.zeros(batch_total, dtype=np.float64)
+        sum_dy_xhat = np.zeros(batch_total, dtype=np.float64)
+        for p in range(positions):
+            xr, gz = x[c, p], grad_x[c, p]
+            _position_grad(xr, residual[c, p] if has_residual else xr, has_residual, grad_spikes[c, p], scale,
+                           shift, tau32, v_th, decay, surrogate, alpha, timesteps, h, v)
+            for n in range(batch_total):
+                dz = h[n] / tau32
+                gz[n] = dz
+                sum_dy[n] += dz
+                sum_dy_xhat[n] += dz * ((xr[n] - mu) * inv)
+            if want_res:
+                grad_res[c, p] = gz
+        dy_total, dy_xhat_total = sum_dy.sum(), sum_dy_xhat.sum()
+        grad_w[c], grad_b[c] = dy_xhat_total, dy_total
+        count = positions * batch_total
+        mean_dy = np.float32(dy_total / count) if training else np.float32(0.0)
+        mean_dy_xhat = np.float32(dy_xhat_total / count) if training else np.float32(0.0)
+        for p in range(positions):
+            xr, gz = x[c, p], grad_x[c, p]
+            for n in range(batch_total):
+                xhat = (xr[n] - mu) * inv
+                gz[n] = (gz[n] - mean_dy - xhat * mean_dy_xhat) * scale
