@@ -298,23 +298,23 @@ def test_figure_plots_training_time_where_every_point_has_it_else_wall_time() ->
     plan, summaries, table = make_table(["ndsnn", "rigl", "dense"], "same", ("epochs",))
     cells = {(s.row, s.sparsity) for s in plan.runs}
     means = {cell: [summaries[s.key] for s in plan.runs if (s.row, s.sparsity) == cell] for cell in cells}
-    fig = report.results_figure(table)
-    try:
-        ax = fig.axes[-1]
-        assert ax.get_xlabel().startswith("training time per run (s, evaluation aside")
-        assert _timed_x(ax) == pytest.approx(sorted(statistics.fmean(r["train_wall_s"] for r in runs)
-                                                    for runs in means.values()))
-    finally:
-        report.plots.pyplot().close(fig)
+    label, xs = _time_panel(table)
+    assert label.startswith("training time per run (s, evaluation aside")
+    assert xs == pytest.approx(sorted(statistics.fmean(r["train_wall_s"] for r in runs) for runs in means.values()))
     # one run from before train_wall_s: every point falls back to wall time, and the label says so
     first = plan.runs[0].key
     summaries[first] = {k: v for k, v in summaries[first].items() if k != "train_wall_s"}
-    fig = report.results_figure(compare.aggregate(plan, summaries))
+    label, xs = _time_panel(compare.aggregate(plan, summaries))
+    assert label.startswith("wall time per run (s, training and evaluation")
+    assert xs == pytest.approx(sorted(statistics.fmean(r["wall_time_s"] for r in runs) for runs in means.values()))
+
+
+def _time_panel(table: dict[str, Any]) -> tuple[str, list[float]]:
+    """The figure's time panel: its x label and its points' x values."""
+    fig = report.results_figure(table)
     try:
         ax = fig.axes[-1]
-        assert ax.get_xlabel().startswith("wall time per run (s, training and evaluation")
-        assert _timed_x(ax) == pytest.approx(sorted(statistics.fmean(r["wall_time_s"] for r in runs)
-                                                    for runs in means.values()))
+        return ax.get_xlabel(), _timed_x(ax)
     finally:
         report.plots.pyplot().close(fig)
 
