@@ -585,6 +585,17 @@ def aggregate(plan: Plan, summaries: dict[str, dict[str, Any]], *,
             "cells": cells, "notes": notes}
 
 
+def _time_split_mean(splits: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """Mean seconds per phase of the trainer's time split (`trainer.TIME_PHASES`) over a cell's runs; None
+    unless every finished run records it (runs from before the split was written have none)."""
+    from ndsnn_cli.trainer import TIME_PHASES
+
+    if not splits or any(split is None for split in splits):
+        return None
+    return {phase: statistics.fmean(float(split.get(phase, 0.0)) for split in splits if split is not None)
+            for phase in TIME_PHASES}
+
+
 def _cell(budget: str, method: str, sparsity: float, specs: list[RunSpec], summaries: dict[str, dict[str, Any]],
           flops: Callable[[RunSpec], float | None], missing: str | None) -> dict[str, Any]:
     from ndsnn_cli import equal_cost
@@ -604,6 +615,7 @@ def _cell(budget: str, method: str, sparsity: float, specs: list[RunSpec], summa
             "wall_time_s_mean": statistics.fmean(walls) if walls else None,
             "train_wall_s_mean": (statistics.fmean(float(t) for t in trains)
                                   if trains and all(t is not None for t in trains) else None),
+            "time_split_mean": _time_split_mean([summary.get("time_split") for _, summary in done]),
             "epochs": done[0][1].get("total_epochs", done[0][1]["epochs"]) if done else None,
             "length_epochs": equal_cost.length_epochs(specs[0].recipe) if specs else None,
             "steps": model.steps if model else None,

@@ -196,18 +196,22 @@ def _point_text(p: dict[str, Any]) -> str:
 
 
 def to_csv(table: dict[str, Any]) -> str:
+    from ndsnn_cli.trainer import TIME_PHASES  # the time split's columns: seconds per phase, mean over seeds
+
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["budget", "method", "sparsity", "runs_done", "runs", "accuracy_mean", "accuracy_std", "best",
                      "test_accuracies", "realised_sparsity_mean", "epochs", "length_epochs", "steps",
-                     "wall_time_s_mean", "train_wall_s_mean", "training_flops", "flops_vs_lth"])
+                     "wall_time_s_mean", "train_wall_s_mean", "training_flops", "flops_vs_lth",
+                     *(f"{phase}_s_mean" for phase in TIME_PHASES)])
     for c in table["cells"]:
+        split = c.get("time_split_mean") or {}
         writer.writerow([c.get("budget", "epochs"), c["method"], f"{c['sparsity']:g}", c["done"], c["runs"],
                          _num(c["accuracy_mean"]), _num(c["accuracy_std"]), int(c["best"]),
                          ";".join(repr(a) for a in c["test_accuracy"]), _num(c["realised_sparsity_mean"]),
                          _num(c["epochs"]), _num(c.get("length_epochs")), _num(c.get("steps")),
                          _num(c["wall_time_s_mean"]), _num(c.get("train_wall_s_mean")), _num(c["training_flops"]),
-                         _num(c["flops_vs_lth"])])
+                         _num(c["flops_vs_lth"]), *(_num(split.get(phase)) for phase in TIME_PHASES)])
     return buffer.getvalue()
 
 

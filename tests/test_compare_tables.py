@@ -269,6 +269,13 @@ def test_cells_hold_the_mean_wall_and_training_seconds_of_their_summaries() -> N
         assert c["train_wall_s_mean"] == pytest.approx(statistics.fmean(r["train_wall_s"] for r in runs), rel=1e-12)
         assert c["train_wall_s_mean"] < c["wall_time_s_mean"]  # evaluation aside
         assert report.format_train_seconds(c) == f"{c['train_wall_s_mean']:.1f} s"
+        for phase in ("data", "step", "evaluation"):
+            assert c["time_split_mean"][phase] == pytest.approx(statistics.fmean(r["time_split"][phase] for r in runs))
+    rows = {(r["method"], r["sparsity"]): r for r in csv.DictReader(io.StringIO(report.to_csv(table)))}
+    c = report.cell(table, "lth", 0.8)
+    assert float(rows[("lth", "0.8")]["step_s_mean"]) == pytest.approx(c["time_split_mean"]["step"], rel=1e-6)
+    assert {f"{p}_s_mean" for p in ("setup", "data", "step", "mask_update", "evaluation", "checkpoint")} \
+        <= set(rows[("lth", "0.8")])
 
 
 def test_old_summaries_without_train_wall_s_show_no_training_table_and_a_partial_one_shows_a_dash() -> None:
