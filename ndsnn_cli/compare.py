@@ -585,15 +585,14 @@ def aggregate(plan: Plan, summaries: dict[str, dict[str, Any]], *,
             "cells": cells, "notes": notes}
 
 
-def _time_split_mean(splits: list[dict[str, float] | None]) -> dict[str, float] | None:
-    """Mean seconds per phase of the trainer's time split (`trainer.TIME_PHASES`) over a cell's runs; None
-    unless every finished run records it (runs from before the split was written have none)."""
-    from ndsnn_cli.trainer import TIME_PHASES
-
-    if not splits or any(split is None for split in splits):
+def _mean_if_all(values: list[Any]) -> Any:
+    """The mean of a cell's per-run values (numbers, or dicts of numbers: their mean per key); None unless
+    every finished run records one (summaries of older runs lack `train_wall_s` and `time_split`)."""
+    if not values or any(v is None for v in values):
         return None
-    return {phase: statistics.fmean(float(split.get(phase, 0.0)) for split in splits if split is not None)
-            for phase in TIME_PHASES}
+    if isinstance(values[0], dict):
+        return {key: statistics.fmean(float(v.get(key, 0.0)) for v in values) for key in values[0]}
+    return statistics.fmean(float(v) for v in values)
 
 
 def _cell(budget: str, method: str, sparsity: float, specs: list[RunSpec], summaries: dict[str, dict[str, Any]],
@@ -603,7 +602,6 @@ def _cell(budget: str, method: str, sparsity: float, specs: list[RunSpec], summa
     done = [(s, summaries[s.key]) for s in specs if s.key in summaries]
     accuracies = [float(summary["test_accuracy"]) for _, summary in done]
     walls = [float(summary["wall_time_s"]) for _, summary in done]
-    trains = [summary.get("train_wall_s") for _, summary in done]  # absent in summaries of older runs
     realised = [float(summary["sparsity"]["sparsity"]) for _, summary in done]
     run_flops = [flops(s) for s, _ in done] if done else []
     model = equal_cost.cost_model(specs[0].recipe) if specs else None
@@ -613,9 +611,8 @@ def _cell(budget: str, method: str, sparsity: float, specs: list[RunSpec], summa
             "accuracy_std": _std(accuracies) if accuracies else None,
             "realised_sparsity_mean": statistics.fmean(realised) if realised else None,
             "wall_time_s_mean": statistics.fmean(walls) if walls else None,
-            "train_wall_s_mean": (statistics.fmean(float(t) for t in trains)
-                                  if trains and all(t is not None for t in trains) else None),
-            "time_split_mean": _time_split_mean([summary.get("time_split") for _, summary in done]),
+            "train_wall_s_mean": _mean_if_all([summary.get("train_wall_s") for _, summary in done]),
+            "time_split_mean": _mean_if_all([summary.get("time_split") for _, summary in done]),
             "epochs": done[0][1].get("total_epochs", done[0][1]["epochs"]) if done else None,
             "length_epochs": equal_cost.length_epochs(specs[0].recipe) if specs else None,
             "steps": model.steps if model else None,
