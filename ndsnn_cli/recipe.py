@@ -19,7 +19,7 @@ from typing import Any
 from ndsnn_cli import limits as L
 from ndsnn_cli.errors import UserError
 from ndsnn_cli.formats.text import TextError, parse_toml, read_text_file, show
-from ndsnn_cli.kernels import SPARSE_KERNEL_MODES
+from ndsnn_cli.kernels import SPARSE_KERNEL_MODES, SPARSE_LAYOUTS
 from ndsnn_cli.loggers import LOGGER_NAMES
 from ndsnn_cli.snn import LIF_BACKENDS, SURROGATE_NAMES
 from ndsnn_cli.sparse import METHODS
@@ -94,6 +94,10 @@ class TrainConfig:
     sparse_kernels: str = _f("auto", choices=SPARSE_KERNEL_MODES,
                              doc="sparse conv/linear kernels: auto = compiled kernel on CPU below the measured "
                                  "crossover density; on = every sparse layer; off = masked dense")
+    sparse_layout: str = _f("per-layer", choices=SPARSE_LAYOUTS,
+                            doc="activations between layers on the kernels: per-layer = transposed in and out "
+                                "of each sparse layer; batch-last = kept in the kernels' layout through "
+                                "BN + LIF, pooling and the residual add")
 
 
 @dataclass(frozen=True)

@@ -267,7 +267,7 @@ def _setup_kernels(run: Run) -> None:
     if run.method.masks is None:
         return
     t = run.recipe.train
-    run.kernels = SparseExecution(run.model, run.method.masks, t.sparse_kernels, run.device.type)
+    run.kernels = SparseExecution(run.model, run.method.masks, t.sparse_kernels, run.device.type, t.sparse_layout)
     run.callbacks.on_kernels(run.state.step, run.kernels.rebuild())
 
 

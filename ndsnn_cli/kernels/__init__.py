@@ -15,6 +15,11 @@ from dataclasses import dataclass
 
 SPARSE_KERNEL_MODES = ("auto", "on", "off")
 DENSE = "dense"
+BATCH_LAST = "batch-last"
+# Where activations live between layers on the kernels: "per-layer" transposes in and out of every sparse
+# layer; "batch-last" keeps them in the kernels' [C, H, W, N] layout through BN + LIF, pooling and the
+# residual add (`kernels.batch_last`).
+SPARSE_LAYOUTS = ("per-layer", BATCH_LAST)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ndsnn_cli.kernels import DENSE, KERNELS, available_kernels, choose
+from ndsnn_cli.kernels import BATCH_LAST, DENSE, KERNELS, SPARSE_LAYOUTS, available_kernels, choose
 from ndsnn_cli.kernels.layout import TapLayout, build_layout
 from ndsnn_cli.kernels.protocol import SparseKernel
 from ndsnn_cli.snn.neuron import is_spikes, mark_spikes
@@ -122,6 +122,8 @@ def from_batch_last(y: torch.Tensor, like: torch.Tensor | torch.memory_format | 
     return out
 
 
+SPARSE_LAYER_ATTR = "_ndsnn_sparse_layer"  # a module's plan while a batch-last `SparseExecution` runs
+
 INFERENCE_CHUNK = 256  # samples per kernel call without autograd: bounds the layout copies' extra memory
 
 
@@ -155,22 +157,37 @@ def _sparse_inference(layer: SparseLayer, x: torch.Tensor, bias: torch.Tensor | 
     return out
 
 
+def _batch_last_grad_dense(grad_bl: torch.Tensor, linear: bool) -> torch.Tensor:
+    """A [N, C, H, W] (linear: [N, F]) view of a batch-last gradient, for the dense weight gradient."""
+    return grad_bl.view(grad_bl.shape[0], grad_bl.shape[3]).t() if linear else grad_bl.permute(3, 0, 1, 2)
+
+
 class _SparseLayerFunction(torch.autograd.Function):
     """Forward at the active weights, input gradient through the transposed sparse weight, weight
     gradient at the mask's positions (dense, by torch, when `layer.dense_weight_grad`). Used for the
-    training calls only (`sparse_forward`), so both directions are clocked into `layer.sparse_s`."""
+    training calls only (`sparse_forward`), so both directions are clocked into `layer.sparse_s`.
+
+    `spikes` None: x is a dense-layout map, transposed in (to uint8 when it is a spike map). Else x is
+    already batch-last `[Ci, H, W, N]` (`kernels.batch_last`), `spikes` saying whether it holds 0/1 only
+    (then the kernel and the saved copy read 1 byte). `out_format` is the result's: `BATCH_LAST`, or a
+    dense memory format (`memory_format_of`); gradients come back in the layouts that went in."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
-                layer: SparseLayer) -> torch.Tensor:
+                layer: SparseLayer, spikes: bool | None, out_format: object) -> torch.Tensor:
         started = time.perf_counter()
-        x_bl = to_batch_last(x, layer.kernel)                                   # (Ci, H, W, N)
+        if spikes is None:
+            x_bl = to_batch_last(x, layer.kernel)                                # (Ci, H, W, N)
+        else:
+            x_bl = x.detach().to(torch.uint8) if spikes else x.detach()
         values = layer.layout.values(weight)
         out = _forward_batch_last(layer, x_bl, values, bias)                     # (Co, Ho, Wo, N)
         ctx.save_for_backward(x_bl, values)
-        ctx.layer, ctx.x_format = layer, memory_format_of(x)
+        ctx.layer, ctx.x_format = layer, memory_format_of(x) if spikes is None else BATCH_LAST
+        ctx.out_format = out_format
         ctx.weight_meta, ctx.has_bias = weight, bias is not None
-        out = from_batch_last(out, x, layer.kernel)
+        if out_format != BATCH_LAST:
+            out = from_batch_last(out, out_format, layer.kernel)
         layer.sparse_s += time.perf_counter() - started
         return out
 
@@ -179,14 +196,19 @@ class _SparseLayerFunction(torch.autograd.Function):
         started = time.perf_counter()
         x_bl, values = ctx.saved_tensors
         layer, layout = ctx.layer, ctx.layer.layout
-        gy = to_batch_last(grad_output.float(), layer.kernel)                    # (Co, Ho, Wo, N)
+        linear = isinstance(layer.module, nn.Linear)
+        if ctx.out_format == BATCH_LAST:
+            gy = grad_output.float().contiguous()                                # (Co, Ho, Wo, N)
+            grad_dense = _batch_last_grad_dense(gy, linear)
+        else:
+            gy, grad_dense = to_batch_last(grad_output.float(), layer.kernel), grad_output
         grad_x = grad_w = grad_b = None
         # Weight and bias gradients first, so gy is freed before the input gradient's layout copy: three
         # activation-sized tensors live at once (grad_output, grad_bl, grad_x), as in a dense backward + 1.
         if ctx.needs_input_grad[1]:
             weight = ctx.weight_meta
             if layer.dense_weight_grad:
-                grad_w = _dense_weight_grad(layer, grad_output, x_bl, weight)
+                grad_w = _dense_weight_grad(layer, grad_dense, x_bl, weight)
             else:
                 grad_w = torch.zeros_like(weight)
                 grad_w[layout.index] = layer.kernel.weight_grad(gy, x_bl, layout, layer.stride, layer.pad).to(
@@ -196,10 +218,10 @@ class _SparseLayerFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_bl = torch.empty(x_bl.shape, dtype=torch.float32, device=x_bl.device)
             layer.kernel.input_grad(gy, values, layout, layer.stride, layer.pad, grad_bl)
-            del gy
-            grad_x = from_batch_last(grad_bl, ctx.x_format, layer.kernel)
+            del gy, grad_dense
+            grad_x = grad_bl if ctx.x_format == BATCH_LAST else from_batch_last(grad_bl, ctx.x_format, layer.kernel)
         layer.sparse_s += time.perf_counter() - started
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class _BackwardClock(torch.autograd.Function):
@@ -278,10 +300,28 @@ def sparse_forward(layer: SparseLayer, x: torch.Tensor) -> torch.Tensor:
         x = mark_spikes(x.float()) if is_spikes(x) else x.float()
     with torch.autocast(device, enabled=False):  # the torch-sparse kernel's ops must not run in bf16
         if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
-            out = _SparseLayerFunction.apply(x, module.weight, module.bias, layer)
+            out = _SparseLayerFunction.apply(x, module.weight, module.bias, layer, None, memory_format_of(x))
         else:
             out = _sparse_inference(layer, x, module.bias)
     return out.to(autocast) if autocast is not None else out
+
+
+def batch_last_fits(layer: SparseLayer, x: torch.Tensor) -> bool:
+    """`sparse_forward` would run the kernel on this call (x: dense or batch-last, fp32), and the result may
+    stay batch-last: no autocast on the device (under autocast the dense path keeps its dtype contract)."""
+    return _fits(layer, x) and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+
+
+def sparse_forward_batch_last(layer: SparseLayer, x: torch.Tensor, spikes: bool | None) -> torch.Tensor:
+    """The layer's kernel forward with a batch-last result `[Co, Ho, Wo, N]` (`[F, 1, 1, N]` for a linear
+    layer): x is dense (`spikes` None) or batch-last. Callers check `batch_last_fits` first."""
+    layer.calls += 1
+    module = layer.module
+    if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
+        return _SparseLayerFunction.apply(x, module.weight, module.bias, layer, spikes, BATCH_LAST)
+    with torch.no_grad():
+        x_bl = to_batch_last(x, layer.kernel) if spikes is None else (x.to(torch.uint8) if spikes else x)
+        return _forward_batch_last(layer, x_bl, layer.layout.values(module.weight), module.bias)
 
 
 class SparseExecution:
@@ -290,8 +330,11 @@ class SparseExecution:
     The layers' forwards are swapped only inside `with execution:`, which gives every
     module its own forward back on any exit, a raise included: a failed run leaves no patched model."""
 
-    def __init__(self, model: nn.Module, masks: Any, mode: str, device_type: str) -> None:
-        self.masks, self.mode, self.device_type = masks, mode, device_type
+    def __init__(self, model: nn.Module, masks: Any, mode: str, device_type: str,
+                 layout: str = "per-layer") -> None:
+        if layout not in SPARSE_LAYOUTS:
+            raise ValueError(f"unknown sparse layout {layout!r} (known: {', '.join(SPARSE_LAYOUTS)})")
+        self.masks, self.mode, self.device_type, self.layout = masks, mode, device_type, layout
         self.available = available_kernels()
         self.rebuild_s = 0.0
         self.rebuilds = 0
@@ -307,9 +350,13 @@ class SparseExecution:
                 self.layers[name] = layer
 
     def __enter__(self) -> SparseExecution:
-        """Every planned layer's forward runs `sparse_forward` until the block exits."""
+        """Every planned layer's forward runs `sparse_forward` until the block exits; in the batch-last layout
+        the layer also carries its plan (`SPARSE_LAYER_ATTR`), so the models' batch-last path
+        (`kernels.batch_last`) can hand it batch-last maps."""
         for layer in self.layers.values():
             layer.module.forward = lambda x, layer=layer: sparse_forward(layer, x)
+            if self.layout == BATCH_LAST:
+                layer.module.__dict__[SPARSE_LAYER_ATTR] = layer
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -343,10 +390,11 @@ class SparseExecution:
         """Give every layer its own forward back (the plan and its clocks stay: `summary` after a run)."""
         for layer in self.layers.values():
             layer.module.__dict__.pop("forward", None)
+            layer.module.__dict__.pop(SPARSE_LAYER_ATTR, None)
 
     def summary(self) -> dict[str, Any]:
         kernels = self.assignment()
-        return {"mode": self.mode, "available": list(self.available), "layers": kernels,
+        return {"mode": self.mode, "layout": self.layout, "available": list(self.available), "layers": kernels,
                 "sparse_layers": sum(k != DENSE for k in kernels.values()), "rebuilds": self.rebuilds,
                 "rebuild_s": self.rebuild_s,
                 "sparse_layers_s": sum(layer.sparse_s for layer in self.layers.values()),

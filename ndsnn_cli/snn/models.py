@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from ndsnn_cli.errors import UserError
+from ndsnn_cli.kernels import batch_last
+from ndsnn_cli.kernels.batch_last import BatchLast
 from ndsnn_cli.snn.neuron import LIF, is_spikes, mark_spikes, saving_spikes_as_bool, spike_max_pool2d
 
 
@@ -91,12 +93,21 @@ class SpikingNet(nn.Module):
 class SpikingSequential(nn.Sequential):
     """nn.Sequential (same modules, same state_dict) that takes the memory-lean path while training:
     a BatchNorm followed by a LIF runs as one fused node, and spike maps are pooled and saved as
-    1 byte (`neuron.saving_spikes_as_bool`). Evaluation and export see plain module calls."""
+    1 byte (`neuron.saving_spikes_as_bool`). Evaluation and export see plain module calls.
+    Under a batch-last `SparseExecution` the stretches between sparse layers run in the kernels' layout
+    (`kernels.batch_last.step`); the result is always dense."""
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:  # type: ignore[override]
         modules = list(self)
         i = start
         while i < len(modules):
+            stepped = batch_last.step(modules, i, x)
+            if stepped is not None:
+                x, consumed = stepped
+                i += consumed
+                continue
+            if isinstance(x, BatchLast):
+                x = x.dense()
             module = modules[i]
             following = modules[i + 1] if i + 1 < len(modules) else None
             if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d) and isinstance(following, LIF):
@@ -110,7 +121,7 @@ class SpikingSequential(nn.Sequential):
             else:
                 x = module(x)
             i += 1
-        return x
+        return x.dense() if isinstance(x, BatchLast) else x
 
 
 def _conv_bn(c_in: int, c_out: int, *, stride: int = 1, kernel: int = 3, bias: bool = False) -> list[nn.Module]:
@@ -169,6 +180,22 @@ class BasicBlock(nn.Module):
         out = self.lif1.after_batch_norm(self.conv1(x), self.bn1)
         # An identity shortcut passes the spikes x on: the fused node saves them as 1 byte, shared with conv1.
         return self.lif2.after_batch_norm(self.conv2(out), self.bn2, residual=self.shortcut(x))
+
+    def forward_batch_last(self, x: torch.Tensor | BatchLast) -> BatchLast | None:
+        """The block in the sparse kernels' layout (`kernels.batch_last`): a batch-last x, or a dense x when
+        conv1 runs on a kernel (None otherwise: the caller runs `forward`). Same arithmetic as `forward`."""
+        if not isinstance(x, BatchLast):
+            plan = batch_last.sparse_layer(self.conv1)
+            if plan is None or not batch_last.runs_batch_last(self.conv1, x):
+                return None
+            x = batch_last.enter(x, plan.kernel)
+        out = batch_last.bn_lif(self.bn1, self.lif1, batch_last.layer(self.conv1, x))
+        if isinstance(self.shortcut, nn.Identity):
+            residual = x
+        else:
+            conv, bn = self.shortcut
+            residual = batch_last.batch_norm(bn, batch_last.layer(conv, x))
+        return batch_last.bn_lif(self.bn2, self.lif2, batch_last.layer(self.conv2, out), residual)
 
 
 @register_model("resnet19")
