@@ -44,6 +44,7 @@ momentum = 0.9
 weight_decay = 5e-4
 lr_schedule = "cosine"
 sparse_kernels = "{kernels}"
+sparse_layout = "{layout}"
 
 [sparsity]
 method = "{method}"
@@ -55,17 +56,30 @@ ramp_end_epoch = {ramp_end}
 update_end_epoch = {update_end}
 """
 
-SIDES = {"dense": ("dense", "auto"), "ndsnn": ("ndsnn", "auto"), "ndsnn-masked": ("ndsnn", "off")}
+# side: (method, sparse_kernels, sparse_layout)
+SIDES = {"dense": ("dense", "auto", "batch-last"), "ndsnn": ("ndsnn", "auto", "batch-last"),
+         "ndsnn-per-layer": ("ndsnn", "auto", "per-layer"), "ndsnn-masked": ("ndsnn", "off", "per-layer")}
+
+
+def side_recipe(side: str, args: argparse.Namespace) -> str:
+    """The side's recipe text: the built-in VGG-16 one, or `--recipe` with the side's method and kernels."""
+    method, kernels, layout = SIDES[side]
+    if args.recipe is not None:
+        from ndsnn_cli.recipe import load_recipe
+
+        base = load_recipe(args.recipe)
+        return base.replace(name=f"{base.name}-{side}", sparsity={"method": method},
+                            train={"sparse_kernels": kernels, "sparse_layout": layout}).to_toml()
+    return RECIPE.format(
+        side=side, arch=args.model, timesteps=args.timesteps, batch=args.batch,
+        train_limit=args.steps_per_epoch * args.batch, test_limit=args.test_limit, epochs=args.epochs,
+        kernels=kernels, layout=layout, method=method, final=args.final, update_every=args.update_every,
+        ramp_end=args.epochs * 0.5, update_end=args.epochs * 0.75)
 
 
 def run_side(side: str, args: argparse.Namespace, root: Path) -> dict:
-    method, kernels = SIDES[side]
     recipe = root / f"{side}.toml"
-    recipe.write_text(RECIPE.format(
-        side=side, arch=args.model, timesteps=args.timesteps, batch=args.batch,
-        train_limit=args.steps_per_epoch * args.batch, test_limit=args.test_limit, epochs=args.epochs,
-        kernels=kernels, method=method, final=args.final, update_every=args.update_every,
-        ramp_end=args.epochs * 0.5, update_end=args.epochs * 0.75))
+    recipe.write_text(side_recipe(side, args))
     run_dir = root / side
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "NUMBA_NUM_THREADS": str(args.threads)}
     env.setdefault("MALLOC_MMAP_MAX_", "0")
@@ -103,11 +117,16 @@ def main() -> None:
     parser.add_argument("--update-every", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--masked", action="store_true", help="also the masked-dense NDSNN run (sparse_kernels off)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="also the NDSNN run with sparse_layout = per-layer (transposes around every sparse layer)")
+    parser.add_argument("--recipe", type=Path,
+                        help="run this recipe's sides instead of the built-in one (e.g. recipes/quickstart.toml)")
     parser.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary directory)")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.steps_per_epoch, args.test_limit = 2, 10, 100
-    sides = ["dense", "ndsnn"] + (["ndsnn-masked"] if args.masked else [])
+    sides = ["dense", "ndsnn"] + (["ndsnn-per-layer"] if args.per_layer else []) + (
+        ["ndsnn-masked"] if args.masked else [])
     with tempfile.TemporaryDirectory() as scratch:
         root = args.out or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
@@ -115,8 +134,11 @@ def main() -> None:
         flops = {side: train_flops(r["run_dir"]) for side, r in results.items()}
     dense = results["dense"]
     steps = args.epochs * args.steps_per_epoch
-    print(f"{args.model}, fashion-mnist, {steps} steps (batch {args.batch}, T {args.timesteps}), "
-          f"{args.threads} threads; NDSNN 0.5 -> {args.final}, dT {args.update_every}")
+    if args.recipe is not None:
+        print(f"{args.recipe} ({results['dense']['steps']} steps), {args.threads} threads")
+    else:
+        print(f"{args.model}, fashion-mnist, {steps} steps (batch {args.batch}, T {args.timesteps}), "
+              f"{args.threads} threads; NDSNN 0.5 -> {args.final}, dT {args.update_every}")
     print("| run | wall s | vs dense | FLOPs vs dense | sparse-layer s | dense-layer s | peak RSS MiB | test acc | "
           "sparsity |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -129,7 +151,7 @@ def main() -> None:
               f"{100 * s['test_accuracy']:.1f} | {s['sparsity']['sparsity']:.3f} |")
     wall = results["ndsnn"]["wall_time_s"] / dense["wall_time_s"]
     print(f"whole run: ndsnn/dense wall time {wall:.2f}x, training FLOPs {flops['ndsnn'] / flops['dense']:.2f}x "
-          f"({args.model})")
+          f"({args.recipe or args.model})")
 
 
 if __name__ == "__main__":

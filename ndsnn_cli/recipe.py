@@ -94,7 +94,7 @@ class TrainConfig:
     sparse_kernels: str = _f("auto", choices=SPARSE_KERNEL_MODES,
                              doc="sparse conv/linear kernels: auto = compiled kernel on CPU below the measured "
                                  "crossover density; on = every sparse layer; off = masked dense")
-    sparse_layout: str = _f("per-layer", choices=SPARSE_LAYOUTS,
+    sparse_layout: str = _f("batch-last", choices=SPARSE_LAYOUTS,
                             doc="activations between layers on the kernels: per-layer = transposed in and out "
                                 "of each sparse layer; batch-last = kept in the kernels' layout through "
                                 "BN + LIF, pooling and the residual add")

@@ -331,7 +331,7 @@ class SparseExecution:
     module its own forward back on any exit, a raise included: a failed run leaves no patched model."""
 
     def __init__(self, model: nn.Module, masks: Any, mode: str, device_type: str,
-                 layout: str = "per-layer") -> None:
+                 layout: str = BATCH_LAST) -> None:
         if layout not in SPARSE_LAYOUTS:
             raise ValueError(f"unknown sparse layout {layout!r} (known: {', '.join(SPARSE_LAYOUTS)})")
         self.masks, self.mode, self.device_type, self.layout = masks, mode, device_type, layout
