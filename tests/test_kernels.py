@@ -528,3 +528,23 @@ def test_ndsnn_run_on_sparse_kernels_matches_the_dense_run(tiny_recipe, tmp_path
                        strict=True):
         assert on["train_loss"] == pytest.approx(off["train_loss"], rel=1e-3)  # 3e-5 apart where masks swapped
         assert on["test_loss"] == pytest.approx(off["test_loss"], rel=1e-3)
+
+
+def test_a_dense_planned_layer_keeps_the_models_memory_format() -> None:
+    """A layer left dense (density above the crossover) runs the module's forward through the backward clock.
+    With Ci = 1 a channels-last [Co, 1, k, k] weight is ambiguous; the clock's alias re-derived its strides as
+    contiguous, so oneDNN wrote the output in NCHW and every later layer of the sparse run left channels-last
+    (the scnn's first layer: pooling and BN + LIF 1.2-5x slower than in the dense run)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 16, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    masks = _masked_layer(conv, 0.5, 0)
+    x = torch.rand(8, 1, 12, 12, requires_grad=True)
+    reference = conv(x)
+    (grad_x_ref,) = torch.autograd.grad(reference.square().sum(), x)
+    with SparseExecution(conv, masks, "auto", "cpu") as execution:
+        assert execution.rebuild() == {"weight": "dense"}
+        out = conv(x)
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x)
+    assert reference.is_contiguous(memory_format=torch.channels_last) and not reference.is_contiguous()
+    assert out.stride() == reference.stride()
+    assert torch.equal(out, reference) and torch.equal(grad_x, grad_x_ref)

@@ -231,7 +231,10 @@ class _BackwardClock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: torch.Tensor, layer: SparseLayer, start: bool) -> torch.Tensor:  # type: ignore[override]
         ctx.layer, ctx.start = layer, start
-        return t.view_as(t)
+        # an alias with t's own strides: view_as re-derives them, and a [Co, 1, k, k] channels-last weight
+        # (ambiguous with Ci = 1) came back contiguous, so oneDNN wrote the layer's output, and every layer
+        # after it, in NCHW where the dense run stays channels-last (pooling 5x slower, BN + LIF slower)
+        return t.as_strided(t.size(), t.stride(), t.storage_offset())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
