@@ -131,7 +131,8 @@ def test_a_sparse_vgg_body_transposes_once_in_and_once_out(monkeypatch) -> None:
     assert seen["batch-last"] == {"in": 2 + 2, "out": 1 + 2}
 
 
-def test_spike_max_pool_routes_the_gradient_as_torch_does() -> None:
+@pytest.mark.parametrize("impl", [pytest.param("numba", marks=NUMBA), "torch"])
+def test_spike_max_pool_routes_the_gradient_as_torch_does(impl) -> None:
     """Ties are the rule for 0/1 maps: the gradient goes to the first maximum in row-major order, exactly."""
     from ndsnn_cli.kernels.batch_last import _SpikeMaxPool2x2
 
@@ -141,7 +142,7 @@ def test_spike_max_pool_routes_the_gradient_as_torch_does() -> None:
     dense = spikes.clone().requires_grad_(True)
     F.max_pool2d(dense, 2, 2).backward(grad)
     bl = spikes.permute(1, 2, 3, 0).contiguous().requires_grad_(True)        # [C, H, W, N]
-    out = _SpikeMaxPool2x2.apply(bl)
+    out = _SpikeMaxPool2x2.apply(bl, impl)
     out.backward(grad.permute(1, 2, 3, 0).contiguous())
     assert torch.equal(out.permute(3, 0, 1, 2), F.max_pool2d(spikes, 2, 2))
     assert torch.equal(bl.grad.permute(3, 0, 1, 2), dense.grad)

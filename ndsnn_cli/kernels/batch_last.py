@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ndsnn_cli.kernels import execution
-from ndsnn_cli.kernels.bn_lif import batch_norm_lif
+from ndsnn_cli.kernels.bn_lif import batch_norm_lif, default_implementation
 from ndsnn_cli.kernels.execution import SparseLayer, memory_format_of
 from ndsnn_cli.kernels.protocol import SparseKernel
 from ndsnn_cli.snn.neuron import LIF, is_spikes, mark_spikes
@@ -128,28 +128,51 @@ def batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: BatchLast) -> BatchLast:
     return x.replace(out.view(x.data.shape), spikes=False)
 
 
+def _corners(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+
+
 class _SpikeMaxPool2x2(torch.autograd.Function):
-    """2x2 / stride-2 max-pooling of a batch-last spike map, saving its input as 1 byte. The gradient goes
-    to the first maximum of each window in row-major order, as torch's max_pool2d routes it."""
+    """2x2 / stride-2 max-pooling of a batch-last spike map. The gradient goes to the first maximum of each
+    window in row-major order, as torch's max_pool2d routes it. "numba" (`pool_numba`) saves that corner as
+    one byte per output; "torch" (strided slices, the fallback) saves the input as one byte per element."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, impl: str) -> torch.Tensor:  # type: ignore[override]
+        ctx.impl = impl
+        if impl == "numba":
+            from ndsnn_cli.kernels import pool_numba
+
+            x = x.detach().contiguous()
+            shape = (x.shape[0], x.shape[1] // 2, x.shape[2] // 2, x.shape[3])
+            out = torch.empty(shape, dtype=x.dtype)
+            corner = torch.empty(shape, dtype=torch.uint8)
+            pool_numba.max_pool_forward(x.numpy(), out.numpy(), corner.numpy())
+            ctx.save_for_backward(corner)
+            ctx.input_shape = x.shape
+            return out
         ctx.save_for_backward(x.to(torch.uint8))
-        return torch.maximum(torch.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]),
-                             torch.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
+        a00, a01, a10, a11 = _corners(x)
+        return torch.maximum(torch.maximum(a00, a01), torch.maximum(a10, a11))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        corners = (x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2])
+        (saved,) = ctx.saved_tensors
+        if ctx.impl == "numba":
+            from ndsnn_cli.kernels import pool_numba
+
+            grad = torch.empty(ctx.input_shape, dtype=torch.float32)
+            pool_numba.max_pool_backward(grad_out.float().contiguous().numpy(), saved.numpy(), grad.numpy())
+            return grad, None
+        corners = _corners(saved)
         out = torch.maximum(torch.maximum(corners[0], corners[1]), torch.maximum(corners[2], corners[3]))
-        grad = torch.zeros(x.shape, dtype=grad_out.dtype, device=grad_out.device)
+        grad = torch.zeros(saved.shape, dtype=grad_out.dtype, device=grad_out.device)
         free = torch.ones_like(out, dtype=torch.bool)
         for (dh, dw), corner in zip(((0, 0), (0, 1), (1, 0), (1, 1)), corners, strict=True):
             chosen = free & (corner == out)
             grad[:, dh::2, dw::2] = grad_out * chosen
             free &= ~chosen
-        return grad
+        return grad, None
 
 
 def max_pool_fits(pool: nn.Module, x: BatchLast) -> bool:
@@ -159,8 +182,12 @@ def max_pool_fits(pool: nn.Module, x: BatchLast) -> bool:
             and pool.dilation in (1, (1, 1)) and x.data.shape[1] % 2 == 0 and x.data.shape[2] % 2 == 0)
 
 
-def max_pool(x: BatchLast) -> BatchLast:
-    return x.replace(_SpikeMaxPool2x2.apply(x.data), spikes=True)
+def max_pool(x: BatchLast, impl: str | None = None) -> BatchLast:
+    """`max_pool_fits` pooling; `impl` "numba" or "torch" (default: numba on the CPU where importable)."""
+    if impl is None:
+        on_numba = x.data.device.type == "cpu" and x.data.dtype == torch.float32
+        impl = default_implementation() if on_numba else "torch"
+    return x.replace(_SpikeMaxPool2x2.apply(x.data, impl), spikes=True)
 
 
 def _global_average(module: nn.Module) -> bool:
