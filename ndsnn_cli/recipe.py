@@ -93,7 +93,9 @@ class TrainConfig:
                             doc='metrics.jsonl (always) plus e.g. "tensorboard" (<run_dir>/tb/; the tensorboard extra)')
     sparse_kernels: str = _f("auto", choices=SPARSE_KERNEL_MODES,
                              doc="sparse conv/linear kernels: auto = compiled kernel on CPU below the measured "
-                                 "crossover density; on = every sparse layer; off = masked dense")
+                                 "crossover density; calibrate = each layer timed both ways on the run's own "
+                                 "steps, its faster path kept (metrics: kernel_calibration); on = every sparse "
+                                 "layer; off = masked dense")
     sparse_layout: str = _f("batch-last", choices=SPARSE_LAYOUTS,
                             doc="activations between layers on the kernels: per-layer = transposed in and out "
                                 "of each sparse layer; batch-last = kept in the kernels' layout through "

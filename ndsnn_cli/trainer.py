@@ -344,6 +344,7 @@ def _train_step(run: Run, epoch: int, images: torch.Tensor, labels: torch.Tensor
         group["lr"] = lr
     if run.kernels is not None:  # a gradient-growth update follows this step: it ranks every weight's gradient
         run.kernels.set_dense_weight_grad(run.method.needs_dense_gradient(state.step + 1))
+        run.kernels.before_step()
     with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=t.amp):
         logits = run.train_model(images)
     loss = spiking_loss(logits, labels, t.label_smoothing)
@@ -361,6 +362,9 @@ def _train_step(run: Run, epoch: int, images: torch.Tensor, labels: torch.Tensor
     scaler.step(optimizer)
     scaler.update()
     state.step += 1
+    calibration = run.kernels.after_step(state.step) if run.kernels is not None else None
+    if calibration is not None:  # `sparse_kernels = "calibrate"`: a probe's per-layer times and choices
+        run.loggers.log_record(calibration)
     return batch_loss, correct, batch
 
 

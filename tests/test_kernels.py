@@ -56,7 +56,7 @@ def test_choose_follows_the_dispatch_table(mode, density, device, available, exp
 
 
 def test_choose_rejects_an_unknown_mode() -> None:
-    assert set(SPARSE_KERNEL_MODES) == {"auto", "on", "off"}
+    assert set(SPARSE_KERNEL_MODES) == {"auto", "calibrate", "on", "off"}
     with pytest.raises(ValueError, match="unknown sparse_kernels mode"):
         choose("fast", 0.1, "cpu", ())
 

@@ -13,7 +13,8 @@ import importlib.util
 from collections.abc import Collection
 from dataclasses import dataclass
 
-SPARSE_KERNEL_MODES = ("auto", "on", "off")
+SPARSE_KERNEL_MODES = ("auto", "calibrate", "on", "off")
+CALIBRATE = "calibrate"
 DENSE = "dense"
 BATCH_LAST = "batch-last"
 # Where activations live between layers on the kernels: "per-layer" transposes in and out of every sparse
@@ -56,12 +57,15 @@ def available_kernels() -> tuple[str, ...]:
                  if info.requires is None or importlib.util.find_spec(info.requires) is not None)
 
 
-def choose(mode: str, density: float, device_type: str, available: Collection[str]) -> str:
+def choose(mode: str, density: float, device_type: str, available: Collection[str],
+           crossover: float | None = None) -> str:
     """The kernel a layer at `density` runs: a name from KERNELS, or "dense".
 
     off -> dense. on -> the first available kernel for the device, dense if none. auto -> the first
     available kernel that auto may pick, for the device, with the layer at or below its crossover
-    density; else dense. Under autocast the kernels still compute in fp32 (`execution.sparse_forward`).
+    density (`crossover`, the layer's measured one, in place of the registry's when given); else dense.
+    calibrate -> as auto (`kernels.calibration` supplies the measured crossovers). Under autocast the
+    kernels still compute in fp32 (`execution.sparse_forward`).
     """
     if mode not in SPARSE_KERNEL_MODES:
         raise ValueError(f"unknown sparse_kernels mode {mode!r} (known: {', '.join(SPARSE_KERNEL_MODES)})")
@@ -72,6 +76,6 @@ def choose(mode: str, density: float, device_type: str, available: Collection[st
             continue
         if mode == "on":
             return name
-        if info.auto and density <= info.crossover_density:
+        if info.auto and density <= (info.crossover_density if crossover is None else crossover):
             return name
     return DENSE

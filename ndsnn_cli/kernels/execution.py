@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ndsnn_cli.kernels import BATCH_LAST, DENSE, KERNELS, SPARSE_LAYOUTS, available_kernels, choose
+from ndsnn_cli.kernels import BATCH_LAST, CALIBRATE, DENSE, KERNELS, SPARSE_LAYOUTS, available_kernels, choose
+from ndsnn_cli.kernels.calibration import Calibrator, calibration_record
 from ndsnn_cli.kernels.layout import TapLayout, build_layout
 from ndsnn_cli.kernels.protocol import SparseKernel
 from ndsnn_cli.snn.neuron import is_spikes, mark_spikes
@@ -53,12 +54,15 @@ class SparseLayer:
 
     name: str
     module: nn.Conv2d | nn.Linear
-    kernel_name: str = DENSE
+    kernel_name: str = DENSE     # the plan's choice
     kernel: SparseKernel | None = None
+    built: str = DENSE           # the kernel `kernel` and `layout` are for (a calibration probe's, if dense)
     layout: TapLayout | None = None
     stride: int = 1
     pad: int = 0
     dense_weight_grad: bool = False
+    density: float = 1.0
+    use_kernel: bool = True  # False: a calibration probe's dense step (kernel and layout stay built)
     calls: int = field(default=0)
     sparse_s: float = 0.0    # forward + backward time of the training calls, on the sparse kernel
     dense_s: float = 0.0     # ... and on the dense path
@@ -66,7 +70,7 @@ class SparseLayer:
 
     @property
     def active(self) -> bool:
-        return self.kernel is not None and self.layout is not None
+        return self.kernel is not None and self.layout is not None and self.use_kernel
 
 
 def supported(module: nn.Module) -> bool:
@@ -279,7 +283,7 @@ def _dense_weight_grad(layer: SparseLayer, grad_output: torch.Tensor, x_bl: torc
 def _fits(layer: SparseLayer, x: torch.Tensor) -> bool:
     """The call can run on the layer's kernel: one is planned, the input is on a device its registry entry
     lists (the layout was built on the weight's device), fp32 or bf16, and the weight is fp32."""
-    return (layer.active and x.device.type in KERNELS[layer.kernel_name].devices
+    return (layer.active and x.device.type in KERNELS[layer.built].devices
             and x.device == layer.layout.device and x.dtype in (torch.float32, torch.bfloat16)
             and layer.module.weight.dtype == torch.float32)
 
@@ -343,6 +347,7 @@ class SparseExecution:
         self.rebuilds = 0
         self.layers: dict[str, SparseLayer] = {}
         self._kernels: dict[str, SparseKernel] = {}
+        self.calibrator = Calibrator() if mode == CALIBRATE else None
         params = masks.params if masks is not None else {}
         for name in params:
             module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
@@ -368,19 +373,69 @@ class SparseExecution:
     def rebuild(self) -> dict[str, str]:
         """Choose each layer's kernel at its current density and build the layouts; {param: kernel}."""
         started = time.perf_counter()
+        probes = []
         for name, layer in self.layers.items():
             mask = self.masks.masks[name]
-            density = float(mask.sum()) / mask.numel()
-            layer.kernel_name = choose(self.mode, density, self.device_type, self.available)
-            if layer.kernel_name == DENSE:
+            layer.density = float(mask.sum()) / mask.numel()
+            kernel_name, probe = self._decide(layer)
+            layer.kernel_name, layer.use_kernel = kernel_name, True
+            layer.built = built = kernel_name if kernel_name != DENSE else self._candidate() if probe else DENSE
+            if built == DENSE:
                 layer.kernel, layer.layout = None, None
                 continue
-            if layer.kernel_name not in self._kernels:
-                self._kernels[layer.kernel_name] = create_kernel(layer.kernel_name)
-            layer.kernel, layer.layout = self._kernels[layer.kernel_name], build_layout(mask)
+            if probe:
+                probes.append(name)
+            if built not in self._kernels:
+                self._kernels[built] = create_kernel(built)
+            layer.kernel, layer.layout = self._kernels[built], build_layout(mask)
+            layer.use_kernel = kernel_name != DENSE
+        if self.calibrator is not None:
+            self.calibrator.start(probes)
         self.rebuild_s += time.perf_counter() - started
         self.rebuilds += 1
         return self.assignment()
+
+    def _candidate(self) -> str:
+        """The kernel auto/calibrate would run a fully sparse layer on here, or "dense"."""
+        return choose("auto", 0.0, self.device_type, self.available)
+
+    def _decide(self, layer: SparseLayer) -> tuple[str, bool]:
+        """(the layer's kernel now, whether a calibration probe times it both ways)."""
+        if self.calibrator is None:
+            return choose(self.mode, layer.density, self.device_type, self.available), False
+        candidate = self._candidate()
+        if candidate == DENSE:
+            return DENSE, False
+        use, probe = self.calibrator.decide(layer.name, layer.density, KERNELS[candidate].crossover_density)
+        return (candidate if use else DENSE), probe
+
+    def before_step(self) -> None:
+        """Calibration: the probed layers take this step's path (kernel or dense) and their clocks are read."""
+        if self.calibrator is None or not self.calibrator.probing:
+            return
+        dense = self.calibrator.probe_dense()
+        for name in self.calibrator.probing:
+            self.layers[name].use_kernel = not dense
+        self.calibrator.before_step(self.layers)
+
+    def after_step(self, step: int) -> dict[str, Any] | None:
+        """Calibration: sample the step; when a probe ends, decide its layers and return the metrics record
+        ("kernel_calibration"), else None. Steps with dense weight gradients are not sampled."""
+        if self.calibrator is None or not self.calibrator.probing:
+            return None
+        probed = list(self.calibrator.probing)
+        sampled = not any(layer.dense_weight_grad for layer in self.layers.values())
+        done = self.calibrator.after_step(self.layers, sampled, {n: self.layers[n].density for n in probed})
+        if done is None:
+            return None
+        for name in probed:
+            layer = self.layers[name]
+            if name in done:
+                layer.kernel_name = self._candidate() if done[name].kernel_wins else DENSE
+            layer.use_kernel = layer.kernel_name != DENSE
+            if not layer.use_kernel:
+                layer.kernel, layer.layout, layer.built = None, None, DENSE
+        return calibration_record(step, done, self.assignment())
 
     def assignment(self) -> dict[str, str]:
         return {name: layer.kernel_name for name, layer in self.layers.items()}
@@ -403,4 +458,8 @@ class SparseExecution:
                 "sparse_layers_s": sum(layer.sparse_s for layer in self.layers.values()),
                 "dense_layers_s": sum(layer.dense_s for layer in self.layers.values()),
                 "layer_s": {name: {"sparse": layer.sparse_s, "dense": layer.dense_s}
-                            for name, layer in self.layers.items()}}
+                            for name, layer in self.layers.items()},
+                **({"calibration": {name: {"density": m.density, "sparse_s": m.sparse_s, "dense_s": m.dense_s,
+                                           "crossover": m.crossover}
+                                    for name, m in self.calibrator.measured.items()}}
+                   if self.calibrator is not None else {})}
