@@ -51,14 +51,31 @@ def _pass(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor) -> float:
     return time.perf_counter() - started
 
 
+def pass_work(c_in: int, c_out: int, size: int, batch: int, density: float) -> dict[str, float]:
+    """The work of one training pass of a 3x3 / stride-1 conv, as host-independent numbers: FLOPs (multiply-
+    adds x 2, forward + input gradient + weight gradient; the kernel's are the active weights' only) and the
+    compulsory bytes each path must move (every operand read once, every result written once). Dense:
+    fp32 activations, weights and gradients. Kernel: the 0/1 input as 1 byte, the active weights as value +
+    int32 index, fp32 gradients, and the layout transposes around it (x to 1 byte, grad_out in, out and
+    grad_in back: read + write each)."""
+    x, y, w = batch * c_in * size * size, batch * c_out * size * size, c_out * c_in * 9
+    dense_flops = 3 * 2 * y * c_in * 9
+    nnz = density * w
+    return {"dense_flops": dense_flops, "sparse_flops": density * dense_flops,
+            "dense_bytes": 4 * 3 * (x + y + w),
+            "sparse_bytes": (x * 1 + nnz * 8 + y * 4) + (y * 4 + nnz * 8 + x * 4) + (x * 1 + y * 4 + nnz * 4)
+                            + (x * 5 + y * 8 + y * 8 + x * 8)}
+
+
 def layer_ratios(shapes: list[tuple[int, int, int]], densities: tuple[float, ...], batch: int, repeats: int) -> None:
     from ndsnn_cli.kernels.execution import SparseExecution
     from ndsnn_cli.sparse.masks import Masks
 
     print(f"per layer, fwd + both grads, batch {batch}, spike rate {SPIKE_RATE}: sparse/dense time")
     print("  shape              " + "  ".join(f"d={d:.2f}" for d in densities))
+    rates = []
     for c_in, c_out, size in shapes:
-        row = []
+        row, dense_times, sparse_times = [], [], []
         for density in densities:
             conv = nn.Conv2d(c_in, c_out, 3, padding=1).to(memory_format=torch.channels_last)
             mask = torch.rand(conv.weight.shape) < density
@@ -71,14 +88,35 @@ def layer_ratios(shapes: list[tuple[int, int, int]], densities: tuple[float, ...
                 execution.rebuild()
                 dense_layer = execution.layers["weight"]
                 kernel, layout = dense_layer.kernel, dense_layer.layout
-                pairs = []
+                pairs, times = [], []
                 for _ in range(repeats + 1):  # the first pair warms up (JIT cache load, allocator)
                     dense_layer.kernel = None
                     dense = _pass(conv, x, grad)
                     dense_layer.kernel, dense_layer.layout = kernel, layout
-                    pairs.append(_pass(conv, x, grad) / dense)
+                    sparse = _pass(conv, x, grad)
+                    pairs.append(sparse / dense)
+                    times.append((dense, sparse))
             row.append(statistics.median(pairs[1:]))
+            dense_times.append(statistics.median(t[0] for t in times[1:]))
+            sparse_times.append(statistics.median(t[1] for t in times[1:]))
         print(f"  {c_in:>3}->{c_out:<3} @{size:>2}x{size:<2}     " + "    ".join(f"{r:5.2f}x" for r in row))
+        rates.append(((c_in, c_out, size), dense_times, sparse_times))
+    print_rates(rates, densities, batch)
+
+
+def print_rates(rates: list, densities: tuple[float, ...], batch: int) -> None:
+    """What carries across hosts: each path's achieved GFLOP/s (useful FLOPs / its time) and its compulsory
+    bytes (`pass_work`) over its time, dense (median over the densities' runs) and the kernel per density."""
+    print("  achieved, per pass: dense GFLOP/s GB/s (MB) | kernel GFLOP/s GB/s (MB) at each density")
+    for (c_in, c_out, size), dense_times, sparse_times in rates:
+        dense_s = statistics.median(dense_times)
+        work = pass_work(c_in, c_out, size, batch, densities[0])
+        cells = []
+        for density, sparse_s in zip(densities, sparse_times, strict=True):
+            flops, moved = (pass_work(c_in, c_out, size, batch, density)[k] for k in ("sparse_flops", "sparse_bytes"))
+            cells.append(f"{flops / sparse_s / 1e9:5.1f} {moved / sparse_s / 1e9:4.1f} ({moved / 1e6:3.0f})")
+        print(f"  {c_in:>3}->{c_out:<3} @{size:>2}x{size:<2}  {work['dense_flops'] / dense_s / 1e9:5.1f} "
+              f"{work['dense_bytes'] / dense_s / 1e9:4.1f} ({work['dense_bytes'] / 1e6:3.0f}) | " + "  ".join(cells))
 
 
 def _step_setup(arch: str, batch: int, timesteps: int, sparsity: float):  # noqa: ANN202
