@@ -6,7 +6,10 @@
 One recipe (VGG-16 on a Fashion-MNIST subset, T = 5, batch 32; NDSNN 0.5 -> 0.99 with the paper's
 schedule shape: ramp to the final sparsity at 50% of training, masks frozen from 75%), trained by
 `ndsnn train` in a child process per side: `dense` (method dense), `ndsnn` (sparse_kernels = auto, the
-default) and, with `--masked`, `ndsnn-masked` (sparse_kernels = off: today's masked-dense engine).
+default) and, with `--masked`, `ndsnn-masked` (sparse_kernels = off: the masked-dense engine), with
+`--per-layer` `ndsnn-per-layer` (sparse_layout = per-layer), with `--calibrate` `ndsnn-calibrate`
+(sparse_kernels = calibrate: each layer's path timed on the run's own steps). `--recipe` runs another
+recipe's sides (e.g. recipes/quickstart.toml).
 Peak RSS is each child's own (`os.wait4`). The default length fits ~20 min on the 2-core machine.
 """
 
@@ -58,7 +61,8 @@ update_end_epoch = {update_end}
 
 # side: (method, sparse_kernels, sparse_layout)
 SIDES = {"dense": ("dense", "auto", "batch-last"), "ndsnn": ("ndsnn", "auto", "batch-last"),
-         "ndsnn-per-layer": ("ndsnn", "auto", "per-layer"), "ndsnn-masked": ("ndsnn", "off", "per-layer")}
+         "ndsnn-per-layer": ("ndsnn", "auto", "per-layer"), "ndsnn-masked": ("ndsnn", "off", "per-layer"),
+         "ndsnn-calibrate": ("ndsnn", "calibrate", "batch-last")}
 
 
 def side_recipe(side: str, args: argparse.Namespace) -> str:
@@ -119,6 +123,8 @@ def main() -> None:
     parser.add_argument("--masked", action="store_true", help="also the masked-dense NDSNN run (sparse_kernels off)")
     parser.add_argument("--per-layer", action="store_true",
                         help="also the NDSNN run with sparse_layout = per-layer (transposes around every sparse layer)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="also the NDSNN run with sparse_kernels = calibrate (each layer's path timed on the run)")
     parser.add_argument("--recipe", type=Path,
                         help="run this recipe's sides instead of the built-in one (e.g. recipes/quickstart.toml)")
     parser.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary directory)")
@@ -126,7 +132,7 @@ def main() -> None:
     if args.quick:
         args.epochs, args.steps_per_epoch, args.test_limit = 2, 10, 100
     sides = ["dense", "ndsnn"] + (["ndsnn-per-layer"] if args.per_layer else []) + (
-        ["ndsnn-masked"] if args.masked else [])
+        ["ndsnn-masked"] if args.masked else []) + (["ndsnn-calibrate"] if args.calibrate else [])
     with tempfile.TemporaryDirectory() as scratch:
         root = args.out or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
@@ -149,9 +155,10 @@ def main() -> None:
         print(f"| {side} | {s['wall_time_s']:.0f} | {s['wall_time_s'] / dense['wall_time_s']:.2f}x | "
               f"{flops[side] / flops['dense']:.2f}x | {split} | {s['peak_rss_mib']:.0f} | "
               f"{100 * s['test_accuracy']:.1f} | {s['sparsity']['sparsity']:.3f} |")
-    wall = results["ndsnn"]["wall_time_s"] / dense["wall_time_s"]
-    print(f"whole run: ndsnn/dense wall time {wall:.2f}x, training FLOPs {flops['ndsnn'] / flops['dense']:.2f}x "
-          f"({args.recipe or args.model})")
+    for side in sides[1:]:
+        wall = results[side]["wall_time_s"] / dense["wall_time_s"]
+        print(f"whole run: {side}/dense wall time {wall:.2f}x, training FLOPs {flops[side] / flops['dense']:.2f}x "
+              f"({args.recipe or args.model})")
 
 
 if __name__ == "__main__":
