@@ -38,6 +38,7 @@ QUICK_DENSITIES = (0.10, 0.05, 0.01)
 README = Path(__file__).with_name("README.md")
 MARKERS = ("<!-- sparse_step:begin -->", "<!-- sparse_step:end -->")
 SPIKE_RATE = 0.15
+MODEL_INPUT = {"scnn": (1, 28), "mlp": (1, 28)}  # (channels, size) of the quickstart's Fashion-MNIST; else CIFAR
 
 
 def _pass(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor) -> float:
@@ -126,7 +127,8 @@ def _step_setup(arch: str, batch: int, timesteps: int, sparsity: float):  # noqa
     from ndsnn_cli.sparse.masks import Masks, layer_counts, random_mask, sparse_parameter_names
 
     torch.manual_seed(0)
-    model = create_model(arch, num_classes=10, in_channels=3, image_size=32, neuron=NeuronConfig(timesteps))
+    channels, size = MODEL_INPUT.get(arch, (3, 32))
+    model = create_model(arch, num_classes=10, in_channels=channels, image_size=size, neuron=NeuronConfig(timesteps))
     model = model.to(memory_format=torch.channels_last).train()
     params = dict(model.named_parameters())
     weights = {n: params[n] for n in sparse_parameter_names(model)}
@@ -135,7 +137,7 @@ def _step_setup(arch: str, batch: int, timesteps: int, sparsity: float):  # noqa
     masks = Masks(weights, {n: random_mask(w.shape, counts[n], generator) for n, w in weights.items()})
     masks.apply()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    images, labels = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    images, labels = torch.rand(batch, channels, size, size), torch.randint(0, 10, (batch,))
     execution = SparseExecution(model, masks, "auto", "cpu").__enter__()  # installed for the process's lifetime
     return model, masks, optimizer, images, labels, execution
 
@@ -240,11 +242,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--models", default="vgg16,resnet19")
+    parser.add_argument("--step-only", action="store_true",
+                        help="only the whole-step triples of --models (e.g. --models scnn --batch 128 --timesteps 4)")
     parser.add_argument("--memory-side", choices=("off", "auto"), help=argparse.SUPPRESS)  # peak_memory's child
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_side:
         memory_side(args.models, args.memory_side, args.batch, args.timesteps, 0.99)
+        return
+    if args.step_only:
+        for arch in args.models.split(","):
+            ratio = step_ratio(arch, args.batch, args.timesteps, args.steps, 0.99)
+            print(f"sparse/dense step at 0.99 ({arch}): per-layer {ratio['per-layer']:.2f}x, "
+                  f"batch-last {ratio['batch-last']:.2f}x")
         return
     if args.quick:
         layer_ratios(QUICK_SHAPES, QUICK_DENSITIES, args.batch * args.timesteps, 1)
