@@ -91,10 +91,14 @@ def test_unknown_model_lists_known_names() -> None:
                                                          ("mlp", 28, 1)])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_memory_lean_training_path_equals_plain_modules(name: str, size: int, channels: int,
-                                                        memory_format: torch.memory_format) -> None:
-    """The fused backend's training forward (BN+LIF fused, 1-byte spikes, lean pooling) against the
+                                                        memory_format: torch.memory_format, monkeypatch) -> None:
+    """The fused backend's torch training forward (BN+LIF fused, 1-byte spikes, lean pooling) against the
     reference backend's plain module calls: identical logits and running statistics, equal gradients,
-    in NCHW and in the trainer's channels-last layout."""
+    in NCHW and in the trainer's channels-last layout. (The numba channels-last BN + LIF, which sums the
+    statistics in another order, is held off here: tests/test_bn_lif_channels_last.py compares it.)"""
+    from ndsnn_cli.kernels import bn_lif
+
+    monkeypatch.setattr(bn_lif, "channels_last_fits", lambda *args: False)
     torch.manual_seed(0)
     lean = create_model(name, num_classes=10, in_channels=channels, image_size=size, neuron=NeuronConfig(timesteps=3))
     lean = lean.to(memory_format=memory_format)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ndsnn_cli.snn import SURROGATE_NAMES
-from ndsnn_cli.snn.neuron import LIF, _charge_, _charge_backward, mark_spikes
+from ndsnn_cli.snn.neuron import LIF, _charge_, _charge_backward, is_spikes, mark_spikes
 
 BN_LIF_IMPLEMENTATIONS = ("numba", "torch")
 
@@ -132,12 +132,49 @@ def _numba_backward(x, weight, bias, residual, grad_spikes, mean, invstd, traini
     return grad_x, grad_res, grad_w, grad_b
 
 
-_IMPLEMENTATIONS = {"numba": (_numba_forward, _numba_backward), "torch": (_torch_forward, _torch_backward)}
+def _numba_channels_last_forward(x, weight, bias, residual, mean, var, training: bool, eps: float,  # noqa: ANN001, ANN202
+                                 lif: LIF):
+    from ndsnn_cli.kernels import bn_lif_numba as nb
+
+    channels = x.shape[-1]
+    mean = torch.empty(channels, dtype=torch.float64)
+    var = torch.empty(channels, dtype=torch.float64)
+    invstd = torch.empty(channels, dtype=torch.float32)
+    out = torch.empty_like(x)
+    res, has_res = _numba_residual(residual)
+    nb.bn_lif_forward_channels_last(x.detach().numpy(), res, has_res, weight.detach().numpy(),
+                                    bias.detach().numpy(), mean.numpy(), invstd.numpy(), var.numpy(), True, eps,
+                                    lif.tau, lif.v_threshold, out.numpy())
+    return out, mean, var, invstd
+
+
+def _numba_channels_last_backward(x, weight, bias, residual, grad_spikes, mean, invstd, training: bool,  # noqa: ANN001, ANN202
+                                  lif: LIF):
+    from ndsnn_cli.kernels import bn_lif_numba as nb
+
+    grad_x = torch.empty_like(x)
+    want_res = residual is not None
+    grad_res = torch.empty_like(x) if want_res else None
+    grad_w = torch.empty(x.shape[-1], dtype=torch.float32)
+    grad_b = torch.empty(x.shape[-1], dtype=torch.float32)
+    res, has_res = _numba_residual(residual)
+    nb.bn_lif_backward_channels_last(x.detach().numpy(), res, has_res, grad_spikes.detach().numpy(),
+                                     weight.detach().numpy(), bias.detach().numpy(), mean.detach().numpy(),
+                                     invstd.numpy(), training, lif.tau, lif.v_threshold,
+                                     SURROGATE_NAMES.index(lif.surrogate), lif.alpha, grad_x.numpy(),
+                                     grad_res.numpy() if want_res else res, want_res, grad_w.numpy(), grad_b.numpy())
+    return grad_x, grad_res, grad_w, grad_b
+
+
+CHANNELS_LAST = "numba-channels-last"  # `[T, Q, C]` maps: the dense layout's own memory
+_IMPLEMENTATIONS = {"numba": (_numba_forward, _numba_backward), "torch": (_torch_forward, _torch_backward),
+                    CHANNELS_LAST: (_numba_channels_last_forward, _numba_channels_last_backward)}
 
 
 class _BatchNormLIFBatchLast(torch.autograd.Function):
-    """Spikes of LIF(BN(x) [+ residual]) on [C, P, N], and (non-differentiable, for the running-statistics
-    update; empty in evaluation) the batch mean and biased variance. Saves x, the residual and [C] vectors."""
+    """Spikes of LIF(BN(x) [+ residual]) on [C, P, N] (on [T, Q, C] for `CHANNELS_LAST`), and
+    (non-differentiable, for the running-statistics update; empty in evaluation) the batch mean and biased
+    variance. Saves x, the residual and [C] vectors."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,  # type: ignore[override]
@@ -195,3 +232,48 @@ def batch_norm_lif(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, lif: LI
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         _update_running_stats(bn, mean, var, x3.shape[1] * x3.shape[2])
     return mark_spikes(spikes.view(x.shape))
+
+
+def _as_tqc(y: torch.Tensor, timesteps: int) -> torch.Tensor:
+    """A dense `[T*B, C, H, W]` / `[T*B, C]` batch as `[T, Q, C]`: a view when channels-last / contiguous."""
+    channels = y.shape[1]
+    return (y.permute(0, 2, 3, 1) if y.dim() == 4 else y).reshape(timesteps, -1, channels)
+
+
+def channels_last_fits(lif: LIF, y: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm,
+                       residual: torch.Tensor | None) -> bool:
+    """`after_batch_norm` runs the numba channels-last kernel: a training batch (the LIF's fused backend, BN
+    updating momentum-averaged running statistics, autograd on), fp32 on the CPU without autocast, in a
+    layout that is `[T, Q, C]` without a copy (channels-last 4-D, contiguous 2-D), numba importable."""
+    return (lif.backend == "fused" and bn.training and torch.is_grad_enabled() and bn.track_running_stats
+            and bn.running_mean is not None and bn.momentum is not None and y.device.type == "cpu"
+            and y.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and (y.is_contiguous(memory_format=torch.channels_last) if y.dim() == 4 else y.dim() == 2
+                 and y.is_contiguous())
+            and (residual is None or (residual.shape == y.shape and residual.dtype == y.dtype))
+            and y.shape[0] % lif.timesteps == 0 and default_implementation() == "numba")
+
+
+def after_batch_norm(lif: LIF, y: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`lif.after_batch_norm(y, bn, residual)`, the models' BN + LIF of a dense-layout batch: on the numba
+    kernel in the batch's own channels-last memory when `channels_last_fits` (one pass for the statistics,
+    one for BN + the recurrence over T; backward rebuilds H per position), else the LIF's torch path. Same
+    arithmetic for H and the gradients; the statistics are summed in another order (float64 lanes), which
+    may flip a spike whose H lands within rounding of the threshold. The LIF's forward hooks see the spikes."""
+    if not channels_last_fits(lif, y, bn, residual):
+        return lif.after_batch_norm(y, bn, residual)
+    x3 = _as_tqc(y, lif.timesteps)
+    res3 = _as_tqc(residual, lif.timesteps) if residual is not None else None
+    if res3 is not None and is_spikes(residual):  # an identity shortcut's spikes: saved as 1 byte
+        mark_spikes(res3)
+    channels = x3.shape[2]
+    weight = bn.weight if bn.weight is not None else torch.ones(channels)
+    bias = bn.bias if bn.bias is not None else torch.zeros(channels)
+    spikes, mean, var = _BatchNormLIFBatchLast.apply(x3, weight, bias, res3, None, None, True, bn.eps, lif,
+                                                     CHANNELS_LAST)
+    _update_running_stats(bn, mean, var, x3.shape[0] * x3.shape[1])
+    if y.dim() == 4:
+        n, _, height, width = y.shape
+        spikes = spikes.view(n, height, width, channels).permute(0, 3, 1, 2)
+    return lif._forward_hooks_on(y, mark_spikes(spikes.view(y.shape)))

@@ -151,3 +151,161 @@ def bn_lif_backward(x, residual, has_residual, grad_spikes, weight, bias, mean, 
             for n in range(batch_total):
                 xhat = (xr[n] - mu) * inv
                 gz[n] = (gz[n] - mean_dy - xhat * mean_dy_xhat) * scale
+
+
+# Channels-last maps: `[T, Q, C]`, the dense training layout's own memory (a channels-last `[T*B, C, H, W]`
+# batch is `[T, B*H*W, C]`; a `[T*B, F]` one `[T, B, F]`), so no transpose. Parallel over CHUNKS fixed slices
+# of Q (not over threads): each slice sums its channels in float64 lanes, and the slices' sums are added in
+# slice order, so the statistics are bit-reproducible whatever the thread count. Innermost loops run over
+# the C contiguous channels of one position and step.
+CHUNKS = 64
+
+
+@njit(inline="always")
+def _chunk(index, chunks, total):  # pragma: no cover (JIT)
+    return index * total // chunks, (index + 1) * total // chunks
+
+
+@njit(inline="always")
+def _slice_sums(x, center, squared, part):  # pragma: no cover (JIT)
+    """part[j, c] += the sum over slice j of Q (and over T) of x[..., c], or of (x - center[c])^2."""
+    timesteps, q_total, channels = x.shape
+    chunks = part.shape[0]
+    for j in prange(chunks):
+        lo, hi = _chunk(j, chunks, q_total)
+        for t in range(timesteps):
+            for q in range(lo, hi):
+                for c in range(channels):
+                    if squared:
+                        d = x[t, q, c] - center[c]
+                        part[j, c] += d * d
+                    else:
+                        part[j, c] += x[t, q, c]
+
+
+@njit(inline="always")
+def _slices_total(part, count, out):  # pragma: no cover (JIT)
+    """out[c] = (sum of part[:, c] in slice order) / count."""
+    for c in range(part.shape[1]):
+        total = 0.0
+        for j in range(part.shape[0]):
+            total += part[j, c]
+        out[c] = total / count
+
+
+@njit(inline="always")
+def _channels_last_stats(x, mean, var):  # pragma: no cover (JIT)
+    """Per-channel mean and biased variance of `[T, Q, C]` into float64 mean / var, two passes."""
+    timesteps, q_total, channels = x.shape
+    part = np.zeros((min(CHUNKS, q_total), channels), dtype=np.float64)
+    _slice_sums(x, mean, False, part)
+    _slices_total(part, timesteps * q_total, mean)
+    part[:] = 0.0
+    _slice_sums(x, mean, True, part)
+    _slices_total(part, timesteps * q_total, var)
+
+
+@njit(parallel=True, cache=True)
+def bn_lif_forward_channels_last(x, residual, has_residual, weight, bias, mean, invstd, var, training, eps, tau,
+                                 v_threshold, out):  # pragma: no cover (JIT)
+    """`bn_lif_forward` on channels-last `[T, Q, C]` maps (x, residual, out)."""
+    timesteps, q_total, channels = x.shape
+    if training:
+        _channels_last_stats(x, mean, var)
+    tau32, v_th = np.float32(tau), np.float32(v_threshold)
+    scale = np.empty(channels, dtype=np.float32)
+    shift = np.empty(channels, dtype=np.float32)
+    for c in range(channels):
+        inv = np.float32(1.0 / math.sqrt(var[c] + eps))
+        invstd[c] = inv
+        scale[c] = np.float32(weight[c] * inv)
+        shift[c] = np.float32(bias[c] - np.float32(mean[c]) * scale[c])
+    chunks = min(CHUNKS, q_total)
+    for j in prange(chunks):
+        lo, hi = _chunk(j, chunks, q_total)
+        v = np.empty(channels, dtype=np.float32)
+        for q in range(lo, hi):
+            for t in range(timesteps):
+                for c in range(channels):
+                    z = x[t, q, c] * scale[c] + shift[c]
+                    if has_residual:
+                        z = z + residual[t, q, c]
+                    h = z / tau32 if t == 0 else (z - v[c]) / tau32 + v[c]
+                    fired = h >= v_th
+                    out[t, q, c] = fired
+                    v[c] = np.float32(0.0) if fired else h
+
+
+@njit(inline="always")
+def _position_grad_channels_last(x, residual, has_residual, grad_spikes, q, scale, shift, tau32, v_th, decay,
+                                 surrogate, alpha, h, v):  # pragma: no cover (JIT)
+    """`_position_grad` for position q of `[T, Q, C]` maps: dL/dH of its [T, C] neurons into h."""
+    timesteps, _, channels = x.shape
+    for t in range(timesteps):
+        for c in range(channels):
+            z = x[t, q, c] * scale[c] + shift[c]
+            if has_residual:
+                z = z + residual[t, q, c]
+            hh = z / tau32 if t == 0 else (z - v[c]) / tau32 + v[c]
+            h[t, c] = hh
+            v[c] = np.float32(0.0) if hh >= v_th else hh
+    for t in range(timesteps - 1, -1, -1):  # dL/dH[t], kept in H[t]'s slot once it is read
+        for c in range(channels):
+            hh = h[t, c]
+            g = _surrogate(hh - v_th, surrogate, alpha) * grad_spikes[t, q, c]
+            if t + 1 < timesteps and hh < v_th:
+                g = g + decay * h[t + 1, c]
+            h[t, c] = g
+
+
+@njit(parallel=True, cache=True)
+def bn_lif_backward_channels_last(x, residual, has_residual, grad_spikes, weight, bias, mean, invstd, training,
+                                  tau, v_threshold, surrogate, alpha, grad_x, grad_res, want_res, grad_w, grad_b):
+    # pragma: no cover (JIT)
+    """`bn_lif_backward` on channels-last `[T, Q, C]` maps: per position, H rebuilt over T ([T, C] scratch),
+    BPTT back, dL/dZ written and BN's two reductions summed per slice; then BN's backward in place."""
+    timesteps, q_total, channels = x.shape
+    decay = np.float32(1.0 - 1.0 / tau)
+    tau32, v_th = np.float32(tau), np.float32(v_threshold)
+    mu = np.empty(channels, dtype=np.float32)
+    scale = np.empty(channels, dtype=np.float32)
+    shift = np.empty(channels, dtype=np.float32)
+    for c in range(channels):
+        mu[c] = np.float32(mean[c])
+        scale[c] = np.float32(weight[c] * invstd[c])
+        shift[c] = np.float32(bias[c] - mu[c] * scale[c])
+    chunks = min(CHUNKS, q_total)
+    part_dy = np.zeros((chunks, channels), dtype=np.float64)
+    part_dy_xhat = np.zeros((chunks, channels), dtype=np.float64)
+    for j in prange(chunks):
+        lo, hi = _chunk(j, chunks, q_total)
+        h = np.empty((timesteps, channels), dtype=np.float32)
+        v = np.empty(channels, dtype=np.float32)
+        for q in range(lo, hi):
+            _position_grad_channels_last(x, residual, has_residual, grad_spikes, q, scale, shift, tau32, v_th,
+                                         decay, surrogate, alpha, h, v)
+            for t in range(timesteps):
+                for c in range(channels):
+                    dz = h[t, c] / tau32
+                    grad_x[t, q, c] = dz
+                    if want_res:
+                        grad_res[t, q, c] = dz
+                    part_dy[j, c] += dz
+                    part_dy_xhat[j, c] += dz * ((x[t, q, c] - mu[c]) * invstd[c])
+    dy = np.empty(channels, dtype=np.float64)
+    dy_xhat = np.empty(channels, dtype=np.float64)
+    _slices_total(part_dy, 1.0, dy)
+    _slices_total(part_dy_xhat, 1.0, dy_xhat)
+    count = timesteps * q_total if training else math.inf    # evaluation: BN's scale only, no mean terms
+    mean_dy = np.empty(channels, dtype=np.float32)
+    mean_dy_xhat = np.empty(channels, dtype=np.float32)
+    for c in range(channels):
+        grad_w[c], grad_b[c] = dy_xhat[c], dy[c]
+        mean_dy[c], mean_dy_xhat[c] = dy[c] / count, dy_xhat[c] / count
+    for j in prange(chunks):
+        lo, hi = _chunk(j, chunks, q_total)
+        for t in range(timesteps):
+            for q in range(lo, hi):
+                for c in range(channels):
+                    xhat = (x[t, q, c] - mu[c]) * invstd[c]
+                    grad_x[t, q, c] = (grad_x[t, q, c] - mean_dy[c] - xhat * mean_dy_xhat[c]) * scale[c]

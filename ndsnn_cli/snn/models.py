@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ndsnn_cli.errors import UserError
-from ndsnn_cli.kernels import batch_last
+from ndsnn_cli.kernels import batch_last, bn_lif
 from ndsnn_cli.kernels.batch_last import BatchLast
 from ndsnn_cli.snn.neuron import LIF, is_spikes, mark_spikes, saving_spikes_as_bool, spike_max_pool2d
 
@@ -111,7 +111,7 @@ class SpikingSequential(nn.Sequential):
             module = modules[i]
             following = modules[i + 1] if i + 1 < len(modules) else None
             if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d) and isinstance(following, LIF):
-                x = following.after_batch_norm(x, module)
+                x = bn_lif.after_batch_norm(following, x, module)
                 i += 2
                 continue
             if is_spikes(x) and isinstance(module, nn.MaxPool2d):
@@ -177,9 +177,9 @@ class BasicBlock(nn.Module):
         self.lif2 = neuron.make()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.lif1.after_batch_norm(self.conv1(x), self.bn1)
+        out = bn_lif.after_batch_norm(self.lif1, self.conv1(x), self.bn1)
         # An identity shortcut passes the spikes x on: the fused node saves them as 1 byte, shared with conv1.
-        return self.lif2.after_batch_norm(self.conv2(out), self.bn2, residual=self.shortcut(x))
+        return bn_lif.after_batch_norm(self.lif2, self.conv2(out), self.bn2, residual=self.shortcut(x))
 
     def forward_batch_last(self, x: torch.Tensor | BatchLast) -> BatchLast | None:
         """The block in the sparse kernels' layout (`kernels.batch_last`): a batch-last x, or a dense x when
