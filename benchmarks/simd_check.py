@@ -79,8 +79,10 @@ def main() -> None:
     import numba
 
     name, avx512 = _cpu()
-    print(f"CPU {name}; AVX-512F {'yes' if avx512 else 'no'}; numba {numba.__version__}, target "
-          f"{numba.config.CPU_NAME or 'host'}")
+    import llvmlite.binding
+
+    target = numba.config.CPU_NAME or f"host = {llvmlite.binding.get_host_cpu_name()}"
+    print(f"CPU {name}; AVX-512F {'yes' if avx512 else 'no'}; numba {numba.__version__}, target {target}")
     print(f"  {'kernel':<18} packed fp: {'xmm':>4} {'ymm':>4} {'zmm':>4}  scalar fp  any ymm/zmm  u8->f32 widening")
     for kernel_name, kernel in _run_kernels().items():
         packed, widen, wide, scalar = Counter(), Counter(), Counter(), 0
