@@ -17,6 +17,7 @@ fallback without numba, and the reference twin in tests).
 from __future__ import annotations
 
 import importlib.util
+from functools import partial
 
 import torch
 from torch import nn
@@ -97,10 +98,13 @@ def _numba_residual(residual: torch.Tensor | None):  # noqa: ANN202
     return (residual.detach().numpy(), True) if residual is not None else (np.empty((0, 0, 0), np.float32), False)
 
 
-def _numba_forward(x, weight, bias, residual, mean, var, training: bool, eps: float, lif: LIF):  # noqa: ANN001, ANN202
+def _numba_forward(x, weight, bias, residual, mean, var, training: bool, eps: float, lif: LIF,  # noqa: ANN001, ANN202
+                   channels_last: bool = False):
+    """`bn_lif_numba.bn_lif_forward` on [C, P, N] maps, or (`channels_last`) `bn_lif_forward_channels_last`
+    on [T, Q, C] ones, whose time axis is x's first (no `timesteps` argument)."""
     from ndsnn_cli.kernels import bn_lif_numba as nb
 
-    channels = x.shape[0]
+    channels = x.shape[-1] if channels_last else x.shape[0]
     if training:
         mean = torch.empty(channels, dtype=torch.float64)
         var = torch.empty(channels, dtype=torch.float64)
@@ -109,66 +113,38 @@ def _numba_forward(x, weight, bias, residual, mean, var, training: bool, eps: fl
     invstd = torch.empty(channels, dtype=torch.float32)
     out = torch.empty_like(x)
     res, has_res = _numba_residual(residual)
-    nb.bn_lif_forward(x.detach().numpy(), res, has_res, weight.detach().numpy(), bias.detach().numpy(),
-                      mean.numpy(), invstd.numpy(), var.numpy(), training, eps, lif.tau, lif.v_threshold,
-                      lif.timesteps, out.numpy())
+    kernel, timesteps = (nb.bn_lif_forward_channels_last, ()) if channels_last else (nb.bn_lif_forward,
+                                                                                     (lif.timesteps,))
+    kernel(x.detach().numpy(), res, has_res, weight.detach().numpy(), bias.detach().numpy(), mean.numpy(),
+           invstd.numpy(), var.numpy(), training, eps, lif.tau, lif.v_threshold, *timesteps, out.numpy())
     return out, mean, var, invstd
 
 
-def _numba_backward(x, weight, bias, residual, grad_spikes, mean, invstd, training: bool, lif: LIF):  # noqa: ANN001, ANN202
+def _numba_backward(x, weight, bias, residual, grad_spikes, mean, invstd, training: bool, lif: LIF,  # noqa: ANN001, ANN202
+                    channels_last: bool = False):
+    """`bn_lif_numba.bn_lif_backward`, or its channels-last twin (as `_numba_forward`)."""
     from ndsnn_cli.kernels import bn_lif_numba as nb
 
+    channels = x.shape[-1] if channels_last else x.shape[0]
     grad_x = torch.empty_like(x)
     want_res = residual is not None
     grad_res = torch.empty_like(x) if want_res else None
-    grad_w = torch.empty(x.shape[0], dtype=torch.float32)
-    grad_b = torch.empty(x.shape[0], dtype=torch.float32)
+    grad_w = torch.empty(channels, dtype=torch.float32)
+    grad_b = torch.empty(channels, dtype=torch.float32)
     res, has_res = _numba_residual(residual)
-    nb.bn_lif_backward(x.detach().numpy(), res, has_res, grad_spikes.detach().numpy(), weight.detach().numpy(),
-                       bias.detach().numpy(), mean.detach().numpy(), invstd.numpy(), training, lif.tau,
-                       lif.v_threshold, SURROGATE_NAMES.index(lif.surrogate), lif.alpha, lif.timesteps,
-                       grad_x.numpy(), grad_res.numpy() if want_res else res, want_res, grad_w.numpy(),
-                       grad_b.numpy())
-    return grad_x, grad_res, grad_w, grad_b
-
-
-def _numba_channels_last_forward(x, weight, bias, residual, mean, var, training: bool, eps: float,  # noqa: ANN001, ANN202
-                                 lif: LIF):
-    from ndsnn_cli.kernels import bn_lif_numba as nb
-
-    channels = x.shape[-1]
-    mean = torch.empty(channels, dtype=torch.float64)
-    var = torch.empty(channels, dtype=torch.float64)
-    invstd = torch.empty(channels, dtype=torch.float32)
-    out = torch.empty_like(x)
-    res, has_res = _numba_residual(residual)
-    nb.bn_lif_forward_channels_last(x.detach().numpy(), res, has_res, weight.detach().numpy(),
-                                    bias.detach().numpy(), mean.numpy(), invstd.numpy(), var.numpy(), True, eps,
-                                    lif.tau, lif.v_threshold, out.numpy())
-    return out, mean, var, invstd
-
-
-def _numba_channels_last_backward(x, weight, bias, residual, grad_spikes, mean, invstd, training: bool,  # noqa: ANN001, ANN202
-                                  lif: LIF):
-    from ndsnn_cli.kernels import bn_lif_numba as nb
-
-    grad_x = torch.empty_like(x)
-    want_res = residual is not None
-    grad_res = torch.empty_like(x) if want_res else None
-    grad_w = torch.empty(x.shape[-1], dtype=torch.float32)
-    grad_b = torch.empty(x.shape[-1], dtype=torch.float32)
-    res, has_res = _numba_residual(residual)
-    nb.bn_lif_backward_channels_last(x.detach().numpy(), res, has_res, grad_spikes.detach().numpy(),
-                                     weight.detach().numpy(), bias.detach().numpy(), mean.detach().numpy(),
-                                     invstd.numpy(), training, lif.tau, lif.v_threshold,
-                                     SURROGATE_NAMES.index(lif.surrogate), lif.alpha, grad_x.numpy(),
-                                     grad_res.numpy() if want_res else res, want_res, grad_w.numpy(), grad_b.numpy())
+    kernel, timesteps = (nb.bn_lif_backward_channels_last, ()) if channels_last else (nb.bn_lif_backward,
+                                                                                      (lif.timesteps,))
+    kernel(x.detach().numpy(), res, has_res, grad_spikes.detach().numpy(), weight.detach().numpy(),
+           bias.detach().numpy(), mean.detach().numpy(), invstd.numpy(), training, lif.tau, lif.v_threshold,
+           SURROGATE_NAMES.index(lif.surrogate), lif.alpha, *timesteps, grad_x.numpy(),
+           grad_res.numpy() if want_res else res, want_res, grad_w.numpy(), grad_b.numpy())
     return grad_x, grad_res, grad_w, grad_b
 
 
 CHANNELS_LAST = "numba-channels-last"  # `[T, Q, C]` maps: the dense layout's own memory
 _IMPLEMENTATIONS = {"numba": (_numba_forward, _numba_backward), "torch": (_torch_forward, _torch_backward),
-                    CHANNELS_LAST: (_numba_channels_last_forward, _numba_channels_last_backward)}
+                    CHANNELS_LAST: (partial(_numba_forward, channels_last=True),
+                                    partial(_numba_backward, channels_last=True))}
 
 
 class _BatchNormLIFBatchLast(torch.autograd.Function):

@@ -43,6 +43,10 @@ class Measurement:
     def kernel_wins(self) -> bool:
         return self.sparse_s < self.dense_s
 
+    def to_record(self) -> dict[str, float]:
+        return {"density": self.density, "sparse_s": self.sparse_s, "dense_s": self.dense_s,
+                "crossover": self.crossover}
+
 
 class Calibrator:
     """The probes of one `SparseExecution`: which layers to time, the per-step switching, the results."""
@@ -105,5 +109,4 @@ def calibration_record(step: int, measured: dict[str, Measurement], kernels: dic
     """The metrics.jsonl record of one probe: per layer its density, both times, the implied crossover and
     the kernel it runs from now on."""
     return {"kind": "kernel_calibration", "step": step,
-            "layers": {name: {"density": m.density, "sparse_s": m.sparse_s, "dense_s": m.dense_s,
-                              "crossover": m.crossover, "kernel": kernels[name]} for name, m in measured.items()}}
+            "layers": {name: {**m.to_record(), "kernel": kernels[name]} for name, m in measured.items()}}

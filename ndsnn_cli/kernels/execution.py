@@ -378,7 +378,7 @@ class SparseExecution:
             mask = self.masks.masks[name]
             layer.density = float(mask.sum()) / mask.numel()
             kernel_name, probe = self._decide(layer)
-            layer.kernel_name, layer.use_kernel = kernel_name, True
+            layer.kernel_name = kernel_name
             layer.built = built = kernel_name if kernel_name != DENSE else self._candidate() if probe else DENSE
             if built == DENSE:
                 layer.kernel, layer.layout = None, None
@@ -459,7 +459,5 @@ class SparseExecution:
                 "dense_layers_s": sum(layer.dense_s for layer in self.layers.values()),
                 "layer_s": {name: {"sparse": layer.sparse_s, "dense": layer.dense_s}
                             for name, layer in self.layers.items()},
-                **({"calibration": {name: {"density": m.density, "sparse_s": m.sparse_s, "dense_s": m.dense_s,
-                                           "crossover": m.crossover}
-                                    for name, m in self.calibrator.measured.items()}}
+                **({"calibration": {name: m.to_record() for name, m in self.calibrator.measured.items()}}
                    if self.calibrator is not None else {})}
