@@ -384,19 +384,34 @@ def test_layout_transposes_round_trip_bit_exactly(layout) -> None:
     assert spikes_bl.dtype == torch.uint8 and torch.equal(spikes_bl, (expected > 0).to(torch.uint8))
 
 
+NUMBA_ENTRY_POINTS = {  # each one, the first numba call of a fresh process
+    "sparse-kernel": "from ndsnn_cli.kernels.execution import create_kernel, to_batch_last\n"
+                     "to_batch_last(torch.rand(4, 3, 5, 5), create_kernel('numba'))",
+    "bn-lif-channels-last": "from ndsnn_cli.kernels.bn_lif import after_batch_norm, channels_last_fits\n"
+                            "from ndsnn_cli.snn.neuron import LIF\n"
+                            "y = torch.rand(4, 3, 5, 5, requires_grad=True).contiguous(memory_format=torch.channels_last)\n"
+                            "bn, lif = torch.nn.BatchNorm2d(3), LIF(2)\n"
+                            "assert channels_last_fits(lif, y, bn, None)\n"
+                            "after_batch_norm(lif, y, bn).sum().backward()",
+    "bn-lif-batch-last": "from ndsnn_cli.kernels.bn_lif import batch_norm_lif\n"
+                         "from ndsnn_cli.snn.neuron import LIF\n"
+                         "batch_norm_lif(torch.rand(3, 5, 5, 4), torch.nn.BatchNorm2d(3), LIF(2), impl='numba')",
+    "spike-max-pool": "from ndsnn_cli.kernels.batch_last import _SpikeMaxPool2x2\n"
+                      "_SpikeMaxPool2x2.apply((torch.rand(3, 4, 4, 4) > 0.5).float(), 'numba')",
+}
+
+
 @pytest.mark.skipif("numba" not in KERNEL_NAMES, reason="numba not installed")
-def test_creating_the_numba_kernel_keeps_torchs_thread_count() -> None:
-    """A fresh process set to 1 torch thread still has 1 after the numba kernel starts its thread pool
-    (which shares libgomp with torch and used to raise torch to every core: runs then differed in bits
-    from one that had started numba earlier)."""
+@pytest.mark.parametrize("entry", NUMBA_ENTRY_POINTS)
+def test_the_first_numba_call_keeps_torchs_thread_count(entry: str) -> None:
+    """A fresh process set to 1 torch thread still has 1 after its first numba kernel starts numba's thread
+    pool (which shares libgomp with torch and used to raise torch to every core: a run set to 1 thread then
+    trained its first steps on 1 and the rest on all, and differed in bits from one started later)."""
     import subprocess
     import sys
 
-    code = ("import torch; torch.set_num_threads(1)\n"
-            "from ndsnn_cli.kernels.execution import create_kernel, to_batch_last\n"
-            "kernel = create_kernel('numba'); to_batch_last(torch.rand(4, 3, 5, 5), kernel)\n"
-            "print(torch.get_num_threads())")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    code = f"import torch; torch.set_num_threads(1)\n{NUMBA_ENTRY_POINTS[entry]}\nprint(torch.get_num_threads())"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"NUMBA_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.split()[-1] == "1"

@@ -142,7 +142,9 @@ class _SpikeMaxPool2x2(torch.autograd.Function):
         ctx.impl = impl
         if impl == "numba":
             from ndsnn_cli.kernels import pool_numba
+            from ndsnn_cli.kernels.numba_pool import match_torch_threads
 
+            match_torch_threads()
             x = x.detach().contiguous()
             shape = (x.shape[0], x.shape[1] // 2, x.shape[2] // 2, x.shape[3])
             out = torch.empty(shape, dtype=x.dtype)
@@ -160,7 +162,9 @@ class _SpikeMaxPool2x2(torch.autograd.Function):
         (saved,) = ctx.saved_tensors
         if ctx.impl == "numba":
             from ndsnn_cli.kernels import pool_numba
+            from ndsnn_cli.kernels.numba_pool import match_torch_threads
 
+            match_torch_threads()
             grad = torch.empty(ctx.input_shape, dtype=torch.float32)
             pool_numba.max_pool_backward(grad_out.float().contiguous().numpy(), saved.numpy(), grad.numpy())
             return grad, None

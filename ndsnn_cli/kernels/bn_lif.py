@@ -103,7 +103,9 @@ def _numba_forward(x, weight, bias, residual, mean, var, training: bool, eps: fl
     """`bn_lif_numba.bn_lif_forward` on [C, P, N] maps, or (`channels_last`) `bn_lif_forward_channels_last`
     on [T, Q, C] ones, whose time axis is x's first (no `timesteps` argument)."""
     from ndsnn_cli.kernels import bn_lif_numba as nb
+    from ndsnn_cli.kernels.numba_pool import match_torch_threads
 
+    match_torch_threads()
     channels = x.shape[-1] if channels_last else x.shape[0]
     if training:
         mean = torch.empty(channels, dtype=torch.float64)
@@ -124,7 +126,9 @@ def _numba_backward(x, weight, bias, residual, grad_spikes, mean, invstd, traini
                     channels_last: bool = False):
     """`bn_lif_numba.bn_lif_backward`, or its channels-last twin (as `_numba_forward`)."""
     from ndsnn_cli.kernels import bn_lif_numba as nb
+    from ndsnn_cli.kernels.numba_pool import match_torch_threads
 
+    match_torch_threads()
     channels = x.shape[-1] if channels_last else x.shape[0]
     grad_x = torch.empty_like(x)
     want_res = residual is not None

@@ -13,9 +13,10 @@ threads write the same plane. The weight-gradient dot products may be reassociat
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
+
+from ndsnn_cli.kernels.numba_pool import match_torch_threads
 
 
 @njit(inline="always")
@@ -136,21 +137,13 @@ def _outer_swap_operands(src, dst):  # noqa: ANN001, ANN202
     return None
 
 
-def set_threads(count: int) -> None:
-    """Use as many numba threads as torch does (never more than numba started with)."""
-    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
-
-
 class NumbaKernel:
     """The registry's "numba" kernel (`protocol.SparseKernel`): CPU torch tensors in `[C, H, W, N]`, numba
     kernels on their memory (zero-copy numpy views, the layout's too). Constructing it sizes numba's
-    thread pool to torch's thread count, which launches the pool (`execution.create_kernel` then gives
-    torch its own count back)."""
+    thread pool to torch's thread count (`numba_pool.match_torch_threads`)."""
 
     def __init__(self) -> None:
-        import torch
-
-        set_threads(torch.get_num_threads())
+        match_torch_threads()
 
     def copy(self, src, dst) -> None:  # noqa: ANN001
         """`dst.copy_(src)` for [C, P, N] views (a layout transpose), with a cast to dst's dtype."""
