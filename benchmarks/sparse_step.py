@@ -6,7 +6,8 @@ Per layer: one training pass (forward + input and weight gradients) of each VGG-
 batch of T*B = 160 spike maps (15% ones, marked as spikes as the trainer's fused path does), at
 densities 0.30 ... 0.01, the layer's own dense forward (oneDNN, channels-last) against the "numba"
 kernel on the same weights, layout transposes in and out included. Whole step: VGG-16 and ResNet-19 at
-0.99 (ERK masks), forward + backward + SGD + mask re-apply, dense and sparse steps alternating in one
+0.99 (ERK masks), forward + backward + the optimizer step (dense: SGD; sparse: the trainer's SGD on the
+active weights, `sparse.active_sgd`, and the other masks re-applied), dense and sparse steps alternating in one
 process (median per-pair ratio; the machine's speed drifts); the layout rebuild of one mask update;
 and each side's peak RSS over 3 steps in a child process of its own. `--quick`: 3 shapes, VGG-16 only,
 no memory. The full run also writes its tables into benchmarks/README.md (between the
@@ -29,6 +30,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from ndsnn_cli.sparse.active_sgd import ActiveWeightSGD
 
 SHAPES = [(64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4),
           (512, 512, 4), (512, 512, 2)]  # (c_in, c_out, input size) of VGG-16's convs at CIFAR-10
@@ -155,6 +158,8 @@ def step_ratio(arch: str, batch: int, timesteps: int, steps: int, sparsity: floa
     rebuild_s = time.perf_counter() - started
     sparse_layers = [n for n, k in kernels.items() if k != "dense"]
 
+    stepper = ActiveWeightSGD(optimizer, masks.params, masks.masks)
+
     def one_step(side: str) -> float:
         execution.remove()
         execution.mode, execution.layout = ("off", "per-layer") if side == "dense" else ("auto", side)
@@ -163,9 +168,14 @@ def step_ratio(arch: str, batch: int, timesteps: int, steps: int, sparsity: floa
         begin = time.perf_counter()
         optimizer.zero_grad(set_to_none=False)
         spiking_loss(model(images), labels).backward()
-        optimizer.step()
-        masks.apply(optimizer)
-        return time.perf_counter() - begin
+        if side == "dense":  # a dense run's optimizer step (no masks to re-apply) ...
+            optimizer.step()
+        else:  # the trainer's: SGD on the active weights, the other layers' masks re-applied
+            masks.apply(optimizer, skip=stepper.step())
+        seconds = time.perf_counter() - begin
+        if side == "dense":  # ... and the masks re-applied untimed, so the sparse sides start from zeros outside
+            masks.apply(optimizer)
+        return seconds
 
     seconds: dict[str, list[float]] = {side: [] for side in STEP_SIDES}
     ratios: dict[str, list[float]] = {side: [] for side in STEP_SIDES[1:]}
@@ -192,11 +202,14 @@ def memory_side(arch: str, mode: str, batch: int, timesteps: int, sparsity: floa
     execution.mode = mode
     execution.rebuild()
     before = _peak_rss_mib()
+    stepper = ActiveWeightSGD(optimizer, masks.params, masks.masks)
     for _ in range(3):
         optimizer.zero_grad(set_to_none=False)
         spiking_loss(model(images), labels).backward()
-        optimizer.step()
-        masks.apply(optimizer)
+        if mode == "off":
+            optimizer.step()
+        else:
+            masks.apply(optimizer, skip=stepper.step())
     print(f"{_peak_rss_mib():.0f} {before:.0f}")
 
 

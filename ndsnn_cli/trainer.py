@@ -35,6 +35,8 @@ from ndsnn_cli.loggers import METRICS, Loggers
 from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.rundir import RUN_CHECKPOINT, read_metrics, truncate_metrics
 from ndsnn_cli.snn.models import SpikingNet
+from ndsnn_cli.sparse import active_sgd
+from ndsnn_cli.sparse.active_sgd import ActiveWeightSGD
 from ndsnn_cli.sparse.masks import Masks, sparse_parameter_names
 from ndsnn_cli.sparse.methods import MaskUpdate, SparseMethod, build_method
 from ndsnn_cli.sparse.schedules import static_schedule
@@ -172,6 +174,8 @@ class Run:
     loggers: Loggers = field(default_factory=Loggers)  # rank 0's metrics.jsonl (+ tensorboard); none elsewhere
     clock: TimeSplit = field(default_factory=TimeSplit)
     kernels: SparseExecution | None = None   # sparse-kernel dispatch of the sparse layers (None: no masks)
+    active_sgd: ActiveWeightSGD | None = None  # SGD on the sparse layers' active weights (None: no masks/SGD)
+    settled: frozenset[str] = frozenset()     # layers the last step updated at active weights only
 
     @property
     def main(self) -> bool:
@@ -253,6 +257,8 @@ def _setup(recipe: Recipe, run_dir: Path, resume: bool, callbacks: TrainCallback
               steps_per_epoch, steps_per_epoch * epochs, drop_last, started)
     _resume_or_start(run, resume)
     _setup_kernels(run)  # on the masks the run (re)starts from; before the loggers record them
+    if method.masks is not None and active_sgd.supports(optimizer):
+        run.active_sgd = ActiveWeightSGD(optimizer, method.masks.params, method.masks.masks)
     if distributed.active():
         run.train_model = _wrap_ddp(model, device)
     if start.rewind is not None and start.rewind[0] == 0 and run.state.step == 0:
@@ -320,7 +326,7 @@ def _train_epoch(run: Run, epoch: int) -> None:
         with run.clock.phase("step"):
             batch_loss, correct, batch = _train_step(run, epoch, images, labels)
         with run.clock.phase("mask_update"):
-            update = run.method.after_step(state.step, run.optimizer)
+            update = run.method.after_step(state.step, run.optimizer, run.settled)
             if update is not None:
                 _after_mask_update(run, update)
         state.batch_in_epoch += 1
@@ -359,7 +365,11 @@ def _train_step(run: Run, epoch: int, images: torch.Tensor, labels: torch.Tensor
     scaler.unscale_(optimizer)
     if t.max_grad_norm > 0:
         clip_active_gradients(run.model, run.method.masks, t.max_grad_norm)
-    scaler.step(optimizer)
+    if run.active_sgd is not None and not scaler.is_enabled():
+        run.settled = run.active_sgd.step()
+    else:
+        scaler.step(optimizer)
+        run.settled = frozenset()
     scaler.update()
     state.step += 1
     calibration = run.kernels.after_step(state.step) if run.kernels is not None else None

@@ -8,7 +8,7 @@ optimizer's per-weight state after every step.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -127,9 +127,12 @@ class Masks:
         return cls({name: params[name] for name in names}, masks)
 
     @torch.no_grad()
-    def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Zero weights (and their optimizer state) outside the masks."""
+    def apply(self, optimizer: torch.optim.Optimizer | None = None, skip: Collection[str] = ()) -> None:
+        """Zero weights (and their optimizer state) outside the masks; `skip` names layers known to be zero
+        there already (stepped on their active weights only: `active_sgd`)."""
         for name, param in self.params.items():
+            if name in skip:
+                continue
             mask = self.masks[name]
             param.mul_(mask)
             for buffer in per_weight_state(optimizer, param):

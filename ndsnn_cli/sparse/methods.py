@@ -8,6 +8,7 @@ in `ndsnn_cli.train`, that uses a static mask per round.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 import torch
@@ -117,8 +118,11 @@ class SparseMethod:
         self.masks = Masks(weights, initial_masks)
         self.masks.apply()
 
-    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> MaskUpdate | None:
-        """Re-apply the masks; on an update step, drop and grow first. `step` counts optimizer steps."""
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer,
+                   settled: Collection[str] = ()) -> MaskUpdate | None:
+        """Re-apply the masks; on an update step, drop and grow first. `step` counts optimizer steps;
+        `settled` names layers the step updated at their active weights only (`active_sgd`): their masks
+        need no re-application unless the masks changed."""
         if self.masks is None:
             return None
         update = None
@@ -130,7 +134,7 @@ class SparseMethod:
                 self.pending_update = False
             else:  # postponed to the next step with usable gradients
                 self.pending_update = True
-        self.masks.apply(optimizer)
+        self.masks.apply(optimizer, skip=settled if update is None else ())
         return update
 
     def needs_dense_gradient(self, step: int) -> bool:
