@@ -80,8 +80,9 @@ def main() -> None:
     for arch in args.models.split(","):
         for density in DENSITIES:
             dense_s, active_s, numel = measure(arch, density, args.rounds)
-            print(f"{arch:9s}  {density:7.2f}  {dense_s * 1e3:9.2f}  ({numel * DENSE_BYTES_PER_WEIGHT / dense_s / 1e9:4.1f})"
-                  f"  {active_s * 1e3:9.2f}   {active_s / dense_s:8.3f}x")
+            rate = numel * DENSE_BYTES_PER_WEIGHT / dense_s / 1e9
+            print(f"{arch:9s}  {density:7.2f}  {dense_s * 1e3:9.2f}  ({rate:4.1f})  {active_s * 1e3:9.2f}   "
+                  f"{active_s / dense_s:8.3f}x")
 
 
 if __name__ == "__main__":

@@ -389,7 +389,8 @@ NUMBA_ENTRY_POINTS = {  # each one, the first numba call of a fresh process
                      "to_batch_last(torch.rand(4, 3, 5, 5), create_kernel('numba'))",
     "bn-lif-channels-last": "from ndsnn_cli.kernels.bn_lif import after_batch_norm, channels_last_fits\n"
                             "from ndsnn_cli.snn.neuron import LIF\n"
-                            "y = torch.rand(4, 3, 5, 5, requires_grad=True).contiguous(memory_format=torch.channels_last)\n"
+                            "y = torch.rand(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)\n"
+                            "y.requires_grad_(True)\n"
                             "bn, lif = torch.nn.BatchNorm2d(3), LIF(2)\n"
                             "assert channels_last_fits(lif, y, bn, None)\n"
                             "after_batch_norm(lif, y, bn).sum().backward()",
