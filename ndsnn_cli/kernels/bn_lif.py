@@ -257,3 +257,86 @@ def after_batch_norm(lif: LIF, y: torch.Tensor, bn: nn.modules.batchnorm._BatchN
         n, _, height, width = y.shape
         spikes = spikes.view(n, height, width, channels).permute(0, 3, 1, 2)
     return lif._forward_hooks_on(y, mark_spikes(spikes.view(y.shape)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The LIF on a repeated input (the encoder's output at every step), numba
+
+def _dense_format(x: torch.Tensor) -> torch.memory_format | None:
+    """x's memory format when its memory is dense in it (contiguous, or channels-last 4-D), else None."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's values in memory order, as a 1-D view."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def _spikes_like(x: torch.Tensor, timesteps: int, fmt: torch.memory_format) -> torch.Tensor:
+    """An empty `[T*B, ...]` batch in x's memory format: its memory is T copies of x's layout."""
+    return torch.empty((timesteps * x.shape[0], *x.shape[1:]), dtype=x.dtype, memory_format=fmt)
+
+
+def _repeated_spikes(x: torch.Tensor, lif: LIF, fmt: torch.memory_format) -> torch.Tensor:
+    """The `[T*B, ...]` spikes of `bn_lif_numba.repeated_lif_forward`, in x's memory format."""
+    from ndsnn_cli.kernels import bn_lif_numba as nb
+    from ndsnn_cli.kernels.numba_pool import match_torch_threads
+
+    match_torch_threads()
+    out = _spikes_like(x, lif.timesteps, fmt)
+    nb.repeated_lif_forward(_memory_order(x.detach()).numpy(), lif.tau, lif.v_threshold,
+                            _memory_order(out).view(lif.timesteps, -1).numpy())
+    return out
+
+
+class _RepeatedInputLIFNumba(torch.autograd.Function):
+    """`neuron._RepeatedInputLIF` on the numba kernels: saves the `[B, ...]` input only, rebuilds H per
+    block in backward, and sums the T steps' input gradients in torch's order."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lif: LIF, fmt: torch.memory_format) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x.detach())
+        ctx.lif, ctx.fmt = lif, fmt
+        return _repeated_spikes(x, lif, fmt)
+
+    @staticmethod
+    def backward(ctx, grad_spikes: torch.Tensor):  # type: ignore[override]
+        from ndsnn_cli.kernels import bn_lif_numba as nb
+        from ndsnn_cli.kernels.numba_pool import match_torch_threads
+
+        (x,) = ctx.saved_tensors
+        lif = ctx.lif
+        match_torch_threads()
+        grad = grad_spikes.float().contiguous(memory_format=ctx.fmt)
+        grad_x = torch.empty_like(x)                   # x's own (dense) memory format
+        nb.repeated_lif_backward(_memory_order(x).numpy(), _memory_order(grad).view(lif.timesteps, -1).numpy(),
+                                 lif.tau, lif.v_threshold, SURROGATE_NAMES.index(lif.surrogate), lif.alpha,
+                                 _memory_order(grad_x).numpy())
+        return grad_x, None, None
+
+
+def repeated_input_fits(lif: LIF, x: torch.Tensor) -> bool:
+    """`repeated_input` runs the numba kernel: the fused backend, fp32 on the CPU without autocast, x dense in
+    its memory format, numba importable."""
+    return (lif.backend == "fused" and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and _dense_format(x) is not None
+            and default_implementation() == "numba")
+
+
+def repeated_input(lif: LIF, x: torch.Tensor) -> torch.Tensor:
+    """`lif.repeated(x)`: the LIF driven by the once-run encoder's `[B, ...]` output at every step, as
+    `[T*B, ...]` spikes in x's memory format; on the numba kernel when `repeated_input_fits` (training and
+    evaluation: the same spikes, the input gradient summed over T in torch's order), else the LIF's torch
+    path. The LIF's forward hooks see the spikes."""
+    if not repeated_input_fits(lif, x):
+        return lif.repeated(x)
+    fmt = _dense_format(x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        spikes = _RepeatedInputLIFNumba.apply(x, lif, fmt)
+    else:
+        spikes = _repeated_spikes(x, lif, fmt)
+    return lif._forward_hooks_on(x, mark_spikes(spikes))

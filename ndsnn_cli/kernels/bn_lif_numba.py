@@ -309,3 +309,61 @@ def bn_lif_backward_channels_last(x, residual, has_residual, grad_spikes, weight
                 for c in range(channels):
                     xhat = (x[t, q, c] - mu[c]) * invstd[c]
                     grad_x[t, q, c] = (grad_x[t, q, c] - mean_dy[c] - xhat * mean_dy_xhat[c]) * scale[c]
+
+
+# The LIF driven by one input at every step (the once-run encoder's output, `neuron.LIF.repeated`): x is the
+# `[B, ...]` input in memory order (M values, any dense layout), the spikes `[T, M]` (the `[T*B, ...]` batch in
+# the same layout). Parallel over CHUNKS fixed slices of M, innermost loops over a slice's values.
+REPEATED_BLOCK = 256  # values per backward block: its [T, block] scratch stays in L1/L2
+
+
+@njit(parallel=True, cache=True)
+def repeated_lif_forward(x, tau, v_threshold, out):  # pragma: no cover (JIT)
+    """out[t, m] = the spike at step t of a LIF whose input is x[m] at every step."""
+    timesteps, total = out.shape
+    tau32, v_th = np.float32(tau), np.float32(v_threshold)
+    chunks = min(CHUNKS, total)
+    for j in prange(chunks):
+        lo, hi = _chunk(j, chunks, total)
+        v = np.empty(hi - lo, dtype=np.float32)
+        for t in range(timesteps):
+            for m in range(lo, hi):
+                z = x[m]
+                h = z / tau32 if t == 0 else (z - v[m - lo]) / tau32 + v[m - lo]
+                fired = h >= v_th
+                out[t, m] = fired
+                v[m - lo] = np.float32(0.0) if fired else h
+
+
+@njit(parallel=True, cache=True)
+def repeated_lif_backward(x, grad_spikes, tau, v_threshold, surrogate, alpha, grad_x):  # pragma: no cover (JIT)
+    """grad_x[m] = sum over t (ascending, as torch sums dim 0) of dL/dX[t, m] = dL/dH[t, m] / tau, with H
+    rebuilt per block of values and the BPTT recurrence of `_position_grad`; grad_spikes is `[T, M]`."""
+    timesteps, total = grad_spikes.shape
+    decay = np.float32(1.0 - 1.0 / tau)
+    tau32, v_th = np.float32(tau), np.float32(v_threshold)
+    chunks = min(CHUNKS, total)
+    for j in prange(chunks):
+        lo, hi = _chunk(j, chunks, total)
+        h = np.empty((timesteps, REPEATED_BLOCK), dtype=np.float32)
+        v = np.empty(REPEATED_BLOCK, dtype=np.float32)
+        for start in range(lo, hi, REPEATED_BLOCK):
+            size = min(REPEATED_BLOCK, hi - start)
+            for t in range(timesteps):
+                for k in range(size):
+                    z = x[start + k]
+                    hh = z / tau32 if t == 0 else (z - v[k]) / tau32 + v[k]
+                    h[t, k] = hh
+                    v[k] = np.float32(0.0) if hh >= v_th else hh
+            for t in range(timesteps - 1, -1, -1):  # dL/dH[t], kept in H[t]'s slot once it is read
+                for k in range(size):
+                    hh = h[t, k]
+                    g = _surrogate(hh - v_th, surrogate, alpha) * grad_spikes[t, start + k]
+                    if t + 1 < timesteps and hh < v_th:
+                        g = g + decay * h[t + 1, k]
+                    h[t, k] = g
+            for k in range(size):
+                acc = np.float32(0.0)
+                for t in range(timesteps):
+                    acc = acc + h[t, k] / tau32
+                grad_x[start + k] = acc

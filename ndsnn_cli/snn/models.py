@@ -75,7 +75,7 @@ class SpikingNet(nn.Module):
         encoded = self.encoder(images)
         first = self.body[0]
         if isinstance(first, LIF):  # every registry model: the encoder's output drives a LIF
-            return self.body(first.repeated(encoded), start=1)
+            return self.body(bn_lif.repeated_input(first, encoded), start=1)
         return self.body(encoded.unsqueeze(0).expand(self.timesteps, *encoded.shape).reshape(-1, *encoded.shape[1:]))
 
     def lif_layers(self) -> list[LIF]:
