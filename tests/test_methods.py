@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ import torch
 from ndsnn_cli.evaluation import spiking_loss
 from ndsnn_cli.recipe import Recipe
 from ndsnn_cli.snn.models import NeuronConfig, create_model
+from ndsnn_cli.sparse import methods
 from ndsnn_cli.sparse.masks import layer_counts
 from ndsnn_cli.sparse.methods import MaskUpdate, SparseMethod, build_method, drop_and_grow
 from ndsnn_cli.sparse.schedules import SparseSchedule
@@ -379,3 +381,26 @@ def test_a_ramp_update_postponed_past_update_end_still_reaches_the_final_sparsit
     assert update is not None and update.step == end + 1 and update.grown == 0
     assert not any((method.masks.masks[n] & ~before[n]).any() for n in before)  # nothing entered
     assert nnz(method.masks.masks) == expected_counts(method, 0.9)
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "sample-misleads", "short"])
+def test_largest_is_exactly_the_top_k(case: str) -> None:
+    """`largest` (a threshold from a strided sample, then top-k of what passes it) picks the same values as
+    torch.topk over the whole tensor, including when the sample misleads it (it then ranks everything)."""
+    generator = torch.Generator().manual_seed(3)
+    n, k = 2_400_000, 2_354
+    if case == "random":
+        scores = torch.rand(n, generator=generator)
+    elif case == "ties":  # many equal values at the boundary, -inf where weights are kept
+        scores = torch.randint(0, 50, (n,), generator=generator).float()
+        scores[torch.randperm(n, generator=generator)[:24_000]] = -math.inf
+    elif case == "sample-misleads":  # the sampled positions hold the largest values: fewer than k pass the cut
+        scores = torch.rand(n, generator=generator)
+        scores[:: n // methods.SAMPLE] = 2.0
+        k = 100_000
+    else:
+        n, k, scores = 1000, 30, torch.rand(1000, generator=generator)
+    picked = methods.largest(scores, k)
+    assert picked.numel() == k and picked.unique().numel() == k
+    expected = torch.topk(scores, k).values
+    assert torch.equal(scores[picked].sort(descending=True).values, expected)

@@ -65,7 +65,7 @@ class ActiveWeightSGD:
         if cached is not None and cached[0] is mask and cached[1] == mask._version and cached[2] == param.stride():
             return cached[3]
         indices = None
-        if mask.numel() and int(mask.sum()) <= self.max_density * mask.numel():
+        if mask.numel() and int(mask.count_nonzero()) <= self.max_density * mask.numel():
             in_layout = torch.empty_like(param, dtype=torch.bool).copy_(mask)  # the parameter's strides
             indices = _memory_flat(in_layout).nonzero().squeeze(1)
         self._indices[name] = (mask, mask._version, param.stride(), indices)

@@ -53,7 +53,7 @@ def global_magnitude_masks(weights: Mapping[str, torch.Tensor], masks: Mapping[s
 def global_magnitude_counts(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None,
                             total_active: int) -> dict[str, int]:
     """Per-layer active counts of `global_magnitude_masks`."""
-    return {name: int(m.sum()) for name, m in global_magnitude_masks(weights, masks, total_active).items()}
+    return {name: int(m.count_nonzero()) for name, m in global_magnitude_masks(weights, masks, total_active).items()}
 
 
 def layer_counts(weights: Mapping[str, torch.Tensor], density: float, distribution: str,
@@ -139,22 +139,22 @@ class Masks:
                 buffer.mul_(mask)
 
     def nnz(self) -> dict[str, int]:
-        return {name: int(mask.sum()) for name, mask in self.masks.items()}
+        return {name: int(mask.count_nonzero()) for name, mask in self.masks.items()}
 
     def report(self) -> dict[str, object]:
         """Realised per-layer and global sparsity (exact counts)."""
         layers = {}
         total = active = 0
         for name, mask in self.masks.items():
-            nnz, numel = int(mask.sum()), mask.numel()
+            nnz, numel = int(mask.count_nonzero()), mask.numel()
             layers[name] = {"shape": list(mask.shape), "numel": numel, "nnz": nnz, "sparsity": 1 - nnz / numel}
             total, active = total + numel, active + nnz
         return {"layers": layers, "numel": total, "nnz": active, "sparsity": 1 - active / total if total else 0.0}
 
     def layer_densities(self) -> dict[str, float]:
         """Active fraction of each sparse layer (1 - its sparsity)."""
-        return {name: int(mask.sum()) / mask.numel() for name, mask in self.masks.items()}
+        return {name: int(mask.count_nonzero()) / mask.numel() for name, mask in self.masks.items()}
 
     def sparsity(self) -> float:
         total = sum(m.numel() for m in self.masks.values())
-        return 1 - sum(int(m.sum()) for m in self.masks.values()) / total if total else 0.0
+        return 1 - sum(int(m.count_nonzero()) for m in self.masks.values()) / total if total else 0.0

@@ -53,6 +53,28 @@ class LayerChange:
     dropped: int         # |old & ~new|
 
 
+SAMPLE = 1 << 16  # values of the strided sample `largest` reads its threshold from
+
+
+def largest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values of a 1-D tensor (as `torch.topk(..., sorted=False)`; ties in any order).
+
+    A long tensor is first cut to the values at or above a threshold read off a strided sample (about 2k of
+    them survive), so the top-k ranks thousands of values instead of millions (a layer's growth at 99%
+    sparsity: 39 ms -> ~3 ms for 2.4M scores). Exact: when at least k values pass the cut, the k largest are
+    among them; when fewer do, the whole tensor is ranked."""
+    n = scores.numel()
+    if n < 4 * SAMPLE or 8 * k > n:
+        return torch.topk(scores, k, sorted=False).indices
+    sample = scores[:: n // SAMPLE]
+    want = min(sample.numel(), 2 * k * sample.numel() // n + 16)
+    threshold = torch.topk(sample, want, sorted=False).values.min()
+    candidates = (scores >= threshold).nonzero().squeeze(1)
+    if candidates.numel() < k:
+        return torch.topk(scores, k, sorted=False).indices
+    return candidates[torch.topk(scores.index_select(0, candidates), k, sorted=False).indices]
+
+
 def drop_and_grow(weight: torch.Tensor, mask: torch.Tensor, target_active: int, drop_fraction: float,
                   grow_scores: torch.Tensor | None) -> LayerChange:
     """One layer's update: keep the largest |w| of the active weights, then grow at the best scores.
@@ -63,22 +85,24 @@ def drop_and_grow(weight: torch.Tensor, mask: torch.Tensor, target_active: int, 
     weight and optimizer state (RigL's `reinit_when_same=False`). So `grown` and `dropped` count only
     positions that entered or left the mask: a layer whose mask did not move reports 0 and 0.
     """
-    active = int(mask.sum())
+    active = int(mask.count_nonzero())
     grow_count = math.ceil(drop_fraction * target_active) if grow_scores is not None else 0
     remain = max(0, min(active, target_active - grow_count))
     grow_count = target_active - remain
-    flat_w = weight.detach().abs().flatten().float().masked_fill(~mask.flatten(), -1.0)
-    keep = torch.zeros_like(mask.flatten())
-    if remain:
-        keep[torch.topk(flat_w, remain, sorted=False).indices] = True
+    flat_mask = mask.flatten()
+    keep = torch.zeros_like(flat_mask)
+    if remain:  # ranked among the active weights only: at 99% sparsity a 100x shorter top-k
+        active_at = flat_mask.nonzero().squeeze(1)
+        magnitudes = weight.detach().flatten().index_select(0, active_at).abs().float()
+        keep[active_at[torch.topk(magnitudes, remain, sorted=False).indices]] = True
     chosen = torch.zeros_like(keep)
     if grow_count:
         if grow_scores is None:
             raise ValueError("growth requested without scores")
         scores = grow_scores.flatten().float().masked_fill(keep, -math.inf)
-        chosen[torch.topk(scores, grow_count, sorted=False).indices] = True
+        chosen[largest(scores, grow_count)] = True
     new_mask = (keep | chosen).reshape(mask.shape)
-    return LayerChange(new_mask, new_mask & ~mask, int((mask & ~new_mask).sum()))
+    return LayerChange(new_mask, new_mask & ~mask, int((mask & ~new_mask).count_nonzero()))
 
 
 class SparseMethod:
@@ -180,7 +204,7 @@ class SparseMethod:
             param.masked_fill_(change.grown, 0.0)
             for buffer in per_weight_state(optimizer, param):
                 buffer.masked_fill_(change.grown, 0.0)
-            grown = int(change.grown.sum())
+            grown = int(change.grown.count_nonzero())
             layers[name] = {"active": targets[name], "dropped": change.dropped, "grown": grown}
             dropped_total += change.dropped
             grown_total += grown
