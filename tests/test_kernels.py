@@ -101,6 +101,7 @@ CONVS = {  # (c_in, c_out, kernel, stride, padding, size)
     "3x3 s1 p1": (6, 8, 3, 1, 1, 9),
     "3x3 s2 p1": (6, 8, 3, 2, 1, 9),
     "3x3 s1 p0": (5, 4, 3, 1, 0, 7),
+    "1x1 s1 p0": (6, 8, 1, 1, 0, 5),
     # 16 channels, not fewer: torch 2.14's own channels-last CPU backward of a 1x1 stride-2 conv with
     # 6 -> 8 channels (the masked-dense reference here) gives wrong weight gradients and corrupts the heap.
     "1x1 s2 p0": (16, 16, 1, 2, 0, 8),
@@ -197,6 +198,21 @@ def test_sparse_conv_matches_masked_dense(kernel, case, memory_format, spikes) -
 @pytest.mark.parametrize("spikes", [True, False])
 def test_sparse_linear_matches_masked_dense(kernel, spikes) -> None:
     check_linear_contract(kernel, spikes)
+
+
+@pytest.mark.parametrize(("kernel_size", "pad"), [((3, 3), 1), ((5, 3), 2), ((1, 1), 0), ((3, 3), 0)])
+def test_the_per_tap_dense_weight_gradient_equals_torchs(kernel_size: tuple[int, int], pad: int) -> None:
+    """The update steps' dense weight gradient of a stride-1 conv, one GEMM per tap on the batch-last maps,
+    equals torch's `conv2d_weight` on the same real numbers (fp32 sums in another order)."""
+    from ndsnn_cli.kernels.execution import _tap_weight_grad
+
+    generator = torch.Generator().manual_seed(4)
+    x_bl = (torch.rand(6, 9, 8, 10, generator=generator) < 0.3).to(torch.uint8)       # (Ci, H, W, N) spikes
+    height_out, width_out = 9 + 2 * pad - kernel_size[0] + 1, 8 + 2 * pad - kernel_size[1] + 1
+    gy = torch.randn(7, height_out, width_out, 10, generator=generator)                 # (Co, Ho, Wo, N)
+    expected = torch.nn.grad.conv2d_weight(x_bl.float().permute(3, 0, 1, 2).contiguous(), (7, 6, *kernel_size),
+                                           gy.permute(3, 0, 1, 2).contiguous(), padding=pad)
+    torch.testing.assert_close(_tap_weight_grad(gy, x_bl, kernel_size, pad), expected, rtol=1e-5, atol=1e-5)
 
 
 class ToyKernel:
