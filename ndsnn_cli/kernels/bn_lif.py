@@ -331,12 +331,14 @@ def repeated_input(lif: LIF, x: torch.Tensor) -> torch.Tensor:
     """`lif.repeated(x)`: the LIF driven by the once-run encoder's `[B, ...]` output at every step, as
     `[T*B, ...]` spikes in x's memory format; on the numba kernel when `repeated_input_fits` (training and
     evaluation: the same spikes, the input gradient summed over T in torch's order), else the LIF's torch
-    path. The LIF's forward hooks see the spikes."""
+    path. The LIF's forward hooks see what `lif.repeated` gives them (x while training, else x repeated)."""
     if not repeated_input_fits(lif, x):
         return lif.repeated(x)
     fmt = _dense_format(x)
-    if torch.is_grad_enabled() and x.requires_grad:
-        spikes = _RepeatedInputLIFNumba.apply(x, lif, fmt)
-    else:
-        spikes = _repeated_spikes(x, lif, fmt)
-    return lif._forward_hooks_on(x, mark_spikes(spikes))
+    if torch.is_grad_enabled():
+        return lif._forward_hooks_on(x, mark_spikes(_RepeatedInputLIFNumba.apply(x, lif, fmt)))
+    spikes = mark_spikes(_repeated_spikes(x, lif, fmt))
+    if not lif._forward_hooks:
+        return spikes
+    # as `lif.repeated` outside training: a module call on the repeated `[T*B, ...]` input
+    return lif._forward_hooks_on(x.unsqueeze(0).expand(lif.timesteps, *x.shape).reshape(-1, *x.shape[1:]), spikes)
