@@ -64,7 +64,8 @@ class DataConfig:
     root: str = _f("", doc="data folder; empty = the data set's default location")
     download: bool = _f(False)
     batch_size: int = _f(128, lo=1, hi=L.MAX_BATCH_SIZE)
-    eval_batch_size: int = _f(512, lo=1, hi=L.MAX_BATCH_SIZE)
+    eval_batch_size: int = _f(512, lo=1, hi=L.MAX_BATCH_SIZE,
+                              doc="test images per loader batch (on the CPU the model sees ~256 samples per call)")
     num_workers: int = _f(0, lo=0, hi=L.MAX_WORKERS)
     augment: bool = _f(True)
     cutout: bool = _f(False)

@@ -22,6 +22,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from ndsnn_cli.kernels.layout import dense_memory_format, memory_order
 from ndsnn_cli.snn import SURROGATE_NAMES
 from ndsnn_cli.snn.neuron import LIF, _charge_, _charge_backward, is_spikes, mark_spikes
 
@@ -262,20 +263,6 @@ def after_batch_norm(lif: LIF, y: torch.Tensor, bn: nn.modules.batchnorm._BatchN
 # ---------------------------------------------------------------------------------------------
 # The LIF on a repeated input (the encoder's output at every step), numba
 
-def _dense_format(x: torch.Tensor) -> torch.memory_format | None:
-    """x's memory format when its memory is dense in it (contiguous, or channels-last 4-D), else None."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return None
-
-
-def _memory_order(t: torch.Tensor) -> torch.Tensor:
-    """A dense tensor's values in memory order, as a 1-D view."""
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
-
-
 def _spikes_like(x: torch.Tensor, timesteps: int, fmt: torch.memory_format) -> torch.Tensor:
     """An empty `[T*B, ...]` batch in x's memory format: its memory is T copies of x's layout."""
     return torch.empty((timesteps * x.shape[0], *x.shape[1:]), dtype=x.dtype, memory_format=fmt)
@@ -288,8 +275,8 @@ def _repeated_spikes(x: torch.Tensor, lif: LIF, fmt: torch.memory_format) -> tor
 
     match_torch_threads()
     out = _spikes_like(x, lif.timesteps, fmt)
-    nb.repeated_lif_forward(_memory_order(x.detach()).numpy(), lif.tau, lif.v_threshold,
-                            _memory_order(out).view(lif.timesteps, -1).numpy())
+    nb.repeated_lif_forward(memory_order(x.detach()).numpy(), lif.tau, lif.v_threshold,
+                            memory_order(out).view(lif.timesteps, -1).numpy())
     return out
 
 
@@ -313,9 +300,9 @@ class _RepeatedInputLIFNumba(torch.autograd.Function):
         match_torch_threads()
         grad = grad_spikes.float().contiguous(memory_format=ctx.fmt)
         grad_x = torch.empty_like(x)                   # x's own (dense) memory format
-        nb.repeated_lif_backward(_memory_order(x).numpy(), _memory_order(grad).view(lif.timesteps, -1).numpy(),
+        nb.repeated_lif_backward(memory_order(x).numpy(), memory_order(grad).view(lif.timesteps, -1).numpy(),
                                  lif.tau, lif.v_threshold, SURROGATE_NAMES.index(lif.surrogate), lif.alpha,
-                                 _memory_order(grad_x).numpy())
+                                 memory_order(grad_x).numpy())
         return grad_x, None, None
 
 
@@ -323,7 +310,7 @@ def repeated_input_fits(lif: LIF, x: torch.Tensor) -> bool:
     """`repeated_input` runs the numba kernel: the fused backend, fp32 on the CPU without autocast, x dense in
     its memory format, numba importable."""
     return (lif.backend == "fused" and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and _dense_format(x) is not None
+            and not torch.is_autocast_enabled("cpu") and dense_memory_format(x) is not None
             and default_implementation() == "numba")
 
 
@@ -334,7 +321,7 @@ def repeated_input(lif: LIF, x: torch.Tensor) -> torch.Tensor:
     path. The LIF's forward hooks see what `lif.repeated` gives them (x while training, else x repeated)."""
     if not repeated_input_fits(lif, x):
         return lif.repeated(x)
-    fmt = _dense_format(x)
+    fmt = dense_memory_format(x)
     if torch.is_grad_enabled():
         return lif._forward_hooks_on(x, mark_spikes(_RepeatedInputLIFNumba.apply(x, lif, fmt)))
     spikes = mark_spikes(_repeated_spikes(x, lif, fmt))

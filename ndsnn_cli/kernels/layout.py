@@ -16,6 +16,21 @@ from dataclasses import dataclass
 import torch
 
 
+def dense_memory_format(t: torch.Tensor) -> torch.memory_format | None:
+    """t's memory format when its memory is dense in it (contiguous, or channels-last 4-D), else None."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's values in memory order, as a 1-D view: one index then addresses the same element
+    of tensors laid out alike (a weight, its gradient and its momentum; a map and its T-fold batch)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
 @dataclass(frozen=True)
 class TapLayout:
     shape: tuple[int, int, int, int]     # (out, in, kh, kw); a linear weight is (out, in, 1, 1)

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.optim.sgd import sgd
 
+from ndsnn_cli.kernels.layout import dense_memory_format, memory_order
+
 # Above this density gathering and scattering cost more than the dense pass (benchmarks/optimizer_step.py:
 # the crossover lies near 0.3-0.5 on the 2-core host).
 MAX_DENSITY = 0.25
@@ -28,17 +30,6 @@ def supports(optimizer: torch.optim.Optimizer) -> bool:
     """torch's SGD in its plain or foreach implementation (the fused and differentiable ones are left whole)."""
     return isinstance(optimizer, torch.optim.SGD) and not any(
         group.get("fused") or group.get("differentiable") for group in optimizer.param_groups)
-
-
-def _memory_flat(t: torch.Tensor) -> torch.Tensor:
-    """t's elements in memory order as a 1-D view (t is dense and non-overlapping: contiguous or
-    channels-last), so one index vector addresses the same weight in a parameter and its like-strided
-    gradient and momentum."""
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
-
-
-def _dense_non_overlapping(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 class ActiveWeightSGD:
@@ -67,7 +58,7 @@ class ActiveWeightSGD:
         indices = None
         if mask.numel() and int(mask.count_nonzero()) <= self.max_density * mask.numel():
             in_layout = torch.empty_like(param, dtype=torch.bool).copy_(mask)  # the parameter's strides
-            indices = _memory_flat(in_layout).nonzero().squeeze(1)
+            indices = memory_order(in_layout).nonzero().squeeze(1)
         self._indices[name] = (mask, mask._version, param.stride(), indices)
         return indices
 
@@ -76,7 +67,7 @@ class ActiveWeightSGD:
         optimizer with a dense gradient and momentum laid out as the parameter is."""
         param = self.params[name]
         grad = param.grad
-        if grad is None or grad.is_sparse or id(param) not in self._group_of or not _dense_non_overlapping(param):
+        if grad is None or grad.is_sparse or id(param) not in self._group_of or dense_memory_format(param) is None:
             return None
         buffer = self.optimizer.state.get(param, {}).get("momentum_buffer")
         if grad.stride() != param.stride() or (buffer is not None and buffer.stride() != param.stride()):
@@ -104,12 +95,12 @@ class ActiveWeightSGD:
     def _step_group(self, group: dict, names: list[str], indices: Mapping[str, torch.Tensor]) -> None:
         """torch's SGD update on the gathered active values of one parameter group, scattered back."""
         params = [self.params[name] for name in names]
-        flat = [(_memory_flat(p), indices[name]) for p, name in zip(params, names, strict=True)]
+        flat = [(memory_order(p), indices[name]) for p, name in zip(params, names, strict=True)]
         values = [p.index_select(0, idx) for p, idx in flat]
-        grads = [_memory_flat(p.grad).index_select(0, idx) for p, (_, idx) in zip(params, flat, strict=True)]
+        grads = [memory_order(p.grad).index_select(0, idx) for p, (_, idx) in zip(params, flat, strict=True)]
         momentum = group["momentum"]
         buffers = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
-        active_buffers = [None if b is None else _memory_flat(b).index_select(0, idx)
+        active_buffers = [None if b is None else memory_order(b).index_select(0, idx)
                           for b, (_, idx) in zip(buffers, flat, strict=True)]
         sgd(values, grads, active_buffers, foreach=group["foreach"], weight_decay=group["weight_decay"],
             momentum=momentum, lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
@@ -120,4 +111,4 @@ class ActiveWeightSGD:
                 if buffer is None:  # torch's first step clones the gradient: zero outside once masked
                     buffer = torch.zeros_like(p)
                     self.optimizer.state[p]["momentum_buffer"] = buffer
-                _memory_flat(buffer).index_copy_(0, idx, active)
+                memory_order(buffer).index_copy_(0, idx, active)

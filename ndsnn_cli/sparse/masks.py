@@ -2,7 +2,8 @@
 
 A layer at density d over n weights has exactly round(d * n) active weights (the counts come from
 `budget`, or from one global magnitude ranking). Masks are applied to the weights and to the
-optimizer's per-weight state after every step.
+optimizer's per-weight state after every step (except layers stepped on their active weights only,
+`active_sgd`, which stay zero outside the mask without it).
 """
 
 from __future__ import annotations
