@@ -141,3 +141,20 @@ def test_train_prints_in_80_columns_the_sparsity_reached_the_flops_and_what_to_r
     assert commands[-2].strip().startswith("ndsnn prune-compare run/recipe.toml")
     code, _, err = run_main(*commands[0].split()[1:])
     assert code == 0 and Path("run.safetensors").is_file(), err
+
+
+def test_training_commands_keep_freed_memory_in_the_heap() -> None:
+    """`keep_freed_memory` sets glibc's mallopt in a fresh process (the training commands call it first),
+    and leaves a user's own MALLOC_* setting alone."""
+    from ndsnn_cli.cli import process
+
+    if not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None:
+        pytest.skip("glibc only")
+    code = "from ndsnn_cli.cli.process import keep_freed_memory; print(keep_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert fresh.stdout.split()[-1] == "True"
+    users = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env=env | {"MALLOC_MMAP_MAX_": "65536"})
+    assert users.stdout.split()[-1] == "False"
+    assert process.TRIM_THRESHOLD < 2**31  # mallopt's value is a C int

@@ -10,6 +10,7 @@ import typer
 
 from ndsnn_cli import limits as L
 from ndsnn_cli.cli.app import app
+from ndsnn_cli.cli.process import keep_freed_memory
 
 if TYPE_CHECKING:
     from ndsnn_cli.compare import Plan
@@ -68,6 +69,7 @@ def prune_compare(
     from ndsnn_cli.recipe import load_recipe
 
     base = compare.apply_overrides(load_recipe(recipe_path), overrides or [])
+    keep_freed_memory()
     budgets = parse_budgets(budget)
     compare.parse_reference(budget_ref)
     out_dir = out or Path(os.environ.get("NDSNN_RUNS", "runs")) / f"compare-{base.name}"

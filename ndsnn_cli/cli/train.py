@@ -9,6 +9,7 @@ import typer
 
 from ndsnn_cli import limits as L
 from ndsnn_cli.cli.app import app
+from ndsnn_cli.cli.process import keep_freed_memory
 
 if TYPE_CHECKING:
     from ndsnn_cli.recipe import Recipe
@@ -42,6 +43,7 @@ def train(
     from ndsnn_cli.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)  # before the torch import, so a bad recipe fails instantly
+    keep_freed_memory()
 
     from ndsnn_cli.rundir import default_run_dir
     from ndsnn_cli.train import train as run_training
