@@ -22,6 +22,7 @@ from torch import nn
 from ndsnn_cli.kernels import execution
 from ndsnn_cli.kernels.bn_lif import batch_norm_lif, default_implementation
 from ndsnn_cli.kernels.execution import SparseLayer, memory_format_of
+from ndsnn_cli.kernels.numba_pool import match_torch_threads
 from ndsnn_cli.kernels.protocol import SparseKernel
 from ndsnn_cli.snn.neuron import LIF, is_spikes, mark_spikes
 
@@ -142,7 +143,6 @@ class _SpikeMaxPool2x2(torch.autograd.Function):
         ctx.impl = impl
         if impl == "numba":
             from ndsnn_cli.kernels import pool_numba
-            from ndsnn_cli.kernels.numba_pool import match_torch_threads
 
             match_torch_threads()
             x = x.detach().contiguous()
@@ -162,7 +162,6 @@ class _SpikeMaxPool2x2(torch.autograd.Function):
         (saved,) = ctx.saved_tensors
         if ctx.impl == "numba":
             from ndsnn_cli.kernels import pool_numba
-            from ndsnn_cli.kernels.numba_pool import match_torch_threads
 
             match_torch_threads()
             grad = torch.empty(ctx.input_shape, dtype=torch.float32)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ndsnn_cli.kernels.layout import dense_memory_format, memory_order
+from ndsnn_cli.kernels.numba_pool import match_torch_threads
 from ndsnn_cli.snn import SURROGATE_NAMES
 from ndsnn_cli.snn.neuron import LIF, _charge_, _charge_backward, is_spikes, mark_spikes
 
@@ -104,7 +105,6 @@ def _numba_forward(x, weight, bias, residual, mean, var, training: bool, eps: fl
     """`bn_lif_numba.bn_lif_forward` on [C, P, N] maps, or (`channels_last`) `bn_lif_forward_channels_last`
     on [T, Q, C] ones, whose time axis is x's first (no `timesteps` argument)."""
     from ndsnn_cli.kernels import bn_lif_numba as nb
-    from ndsnn_cli.kernels.numba_pool import match_torch_threads
 
     match_torch_threads()
     channels = x.shape[-1] if channels_last else x.shape[0]
@@ -127,7 +127,6 @@ def _numba_backward(x, weight, bias, residual, grad_spikes, mean, invstd, traini
                     channels_last: bool = False):
     """`bn_lif_numba.bn_lif_backward`, or its channels-last twin (as `_numba_forward`)."""
     from ndsnn_cli.kernels import bn_lif_numba as nb
-    from ndsnn_cli.kernels.numba_pool import match_torch_threads
 
     match_torch_threads()
     channels = x.shape[-1] if channels_last else x.shape[0]
@@ -263,18 +262,13 @@ def after_batch_norm(lif: LIF, y: torch.Tensor, bn: nn.modules.batchnorm._BatchN
 # ---------------------------------------------------------------------------------------------
 # The LIF on a repeated input (the encoder's output at every step), numba
 
-def _spikes_like(x: torch.Tensor, timesteps: int, fmt: torch.memory_format) -> torch.Tensor:
-    """An empty `[T*B, ...]` batch in x's memory format: its memory is T copies of x's layout."""
-    return torch.empty((timesteps * x.shape[0], *x.shape[1:]), dtype=x.dtype, memory_format=fmt)
-
-
 def _repeated_spikes(x: torch.Tensor, lif: LIF, fmt: torch.memory_format) -> torch.Tensor:
     """The `[T*B, ...]` spikes of `bn_lif_numba.repeated_lif_forward`, in x's memory format."""
     from ndsnn_cli.kernels import bn_lif_numba as nb
-    from ndsnn_cli.kernels.numba_pool import match_torch_threads
 
     match_torch_threads()
-    out = _spikes_like(x, lif.timesteps, fmt)
+    # the [T*B, ...] batch in x's memory format: its memory is T copies of x's layout
+    out = torch.empty((lif.timesteps * x.shape[0], *x.shape[1:]), dtype=x.dtype, memory_format=fmt)
     nb.repeated_lif_forward(memory_order(x.detach()).numpy(), lif.tau, lif.v_threshold,
                             memory_order(out).view(lif.timesteps, -1).numpy())
     return out
@@ -293,7 +287,6 @@ class _RepeatedInputLIFNumba(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spikes: torch.Tensor):  # type: ignore[override]
         from ndsnn_cli.kernels import bn_lif_numba as nb
-        from ndsnn_cli.kernels.numba_pool import match_torch_threads
 
         (x,) = ctx.saved_tensors
         lif = ctx.lif

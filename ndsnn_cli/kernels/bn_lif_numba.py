@@ -239,7 +239,10 @@ def bn_lif_forward_channels_last(x, residual, has_residual, weight, bias, mean, 
 @njit(inline="always")
 def _position_grad_channels_last(x, residual, has_residual, grad_spikes, q, scale, shift, tau32, v_th, decay,
                                  surrogate, alpha, h, v):  # pragma: no cover (JIT)
-    """`_position_grad` for position q of `[T, Q, C]` maps: dL/dH of its [T, C] neurons into h."""
+    """`_position_grad` for position q of `[T, Q, C]` maps: dL/dH of its [T, C] neurons into h.
+
+    The H rebuild repeats the forward's recurrence on purpose: the forward writes spikes without an H
+    scratch, and one shared inline helper over strided views cost 1.25-1.4x in backward (measured)."""
     timesteps, _, channels = x.shape
     for t in range(timesteps):
         for c in range(channels):

@@ -286,18 +286,17 @@ def _dense_weight_grad(layer: SparseLayer, grad_output: torch.Tensor, gy: torch.
     """The full weight gradient (every position: growth ranks the inactive ones): per-tap GEMMs on the
     batch-last maps (`_tap_weight_grad`) for a stride-1 conv, else torch's dense kernels on `grad_output`
     (the dense-layout gradient)."""
-    x = x_bl.float().permute(3, 0, 1, 2)                          # (N, Ci, H, W), a view
     if isinstance(layer.module, nn.Linear):
-        return (grad_output.float().t() @ x.reshape(x.shape[0], -1)).to(weight.dtype)
+        x = x_bl.float().view(x_bl.shape[0], x_bl.shape[3]).t()      # (N, F)
+        return (grad_output.float().t() @ x).to(weight.dtype)
     if layer.stride == 1:
         grad = _tap_weight_grad(gy, x_bl, tuple(weight.shape[2:]), layer.pad)
-        return grad.to(weight.dtype).contiguous(memory_format=torch.channels_last if weight.is_contiguous(
-            memory_format=torch.channels_last) else torch.contiguous_format)
-    # Both operands NCHW: torch 2.14's CPU (oneDNN) backward of a channels-last 1x1 stride-2 conv with few
-    # channels (6 -> 8) returns wrong weight gradients and corrupts the heap (seen in 15 of 20 trials;
-    # never at 16 channels or more, nor with NCHW operands). NCHW costs a copy here, at update steps only.
-    grad = torch.nn.grad.conv2d_weight(x.contiguous(), weight.shape, grad_output.float().contiguous(),
-                                       stride=layer.stride, padding=layer.pad)
+    else:
+        # Both operands NCHW: torch 2.14's CPU (oneDNN) backward of a channels-last 1x1 stride-2 conv with few
+        # channels (6 -> 8) returns wrong weight gradients and corrupts the heap (seen in 15 of 20 trials;
+        # never at 16 channels or more, nor with NCHW operands). NCHW costs a copy here, at update steps only.
+        grad = torch.nn.grad.conv2d_weight(x_bl.float().permute(3, 0, 1, 2).contiguous(), weight.shape,
+                                           grad_output.float().contiguous(), stride=layer.stride, padding=layer.pad)
     return grad.to(weight.dtype).contiguous(memory_format=torch.channels_last if weight.is_contiguous(
         memory_format=torch.channels_last) else torch.contiguous_format)
 

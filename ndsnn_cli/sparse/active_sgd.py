@@ -63,8 +63,8 @@ class ActiveWeightSGD:
         return indices
 
     def _takes(self, name: str) -> torch.Tensor | None:
-        """The layer's active indices when its step can run on them: an fp32/bf16/fp16 parameter in the
-        optimizer with a dense gradient and momentum laid out as the parameter is."""
+        """The layer's active indices when its step can run on them: a dense (contiguous or channels-last)
+        parameter of the optimizer with a dense gradient, and momentum, laid out as the parameter is."""
         param = self.params[name]
         grad = param.grad
         if grad is None or grad.is_sparse or id(param) not in self._group_of or dense_memory_format(param) is None:
