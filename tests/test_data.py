@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Subset
 
 from ndsnn_cli import data as catalog
 from ndsnn_cli.data import loading as data
@@ -393,6 +394,39 @@ def test_a_materialised_set_gives_the_per_sample_pipelines_batches_bit_for_bit(t
         assert len(loader) == len(mine) == len(reference), kwargs
         for (x0, y0), (x1, y1) in zip(reference, mine, strict=True):
             assert torch.equal(x0, x1) and torch.equal(y0, y1) and y1.dtype == y0.dtype, kwargs
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "cifar10", "cifar100"])
+def test_a_set_decoded_at_once_equals_the_per_sample_pipeline_bit_for_bit(tmp_path: Path, dataset: str) -> None:
+    """The vectorised decode (whole uint8 arrays -> float, / 255, Normalize) against torchvision's
+    per-image PIL -> ToTensor -> Normalize, on files in the real formats, whole and cut to a first-n Subset."""
+    if dataset == "fashion-mnist":
+        write_idx_set(tmp_path, gz=True)
+    else:
+        (write_cifar10 if dataset == "cifar10" else write_cifar100)(tmp_path)
+    for cfg in (DataCfg(dataset, root=str(tmp_path)), DataCfg(dataset, root=str(tmp_path), train_limit=3)):
+        train, test = data.build_datasets(cfg)
+        for part in (train, test):
+            whole = data._decoded_at_once(part)
+            assert whole is not None, (dataset, part)
+            images, labels = whole
+            assert images.shape[0] == len(part) and images.dtype == torch.float32 and images.is_contiguous()
+            for index in range(len(part)):
+                image, label = part[index]
+                assert torch.equal(images[index], image) and int(labels[index]) == label, (dataset, index)
+
+
+def test_sets_the_vectorised_decode_cannot_reproduce_run_per_sample(tmp_path: Path) -> None:
+    write_idx_set(tmp_path, gz=True)
+    cfg = DataCfg("fashion-mnist", root=str(tmp_path))
+    train, _ = data.build_datasets(cfg)
+    assert data._decoded_at_once(Subset(train, [2, 0])) is None  # not a first-n cut
+    augmented, _ = data.build_datasets(DataCfg("fashion-mnist", root=str(tmp_path), augment=True))
+    assert data._decoded_at_once(augmented) is None  # random crops
+    train.target_transform = lambda label: label + 1
+    assert data._decoded_at_once(train) is None
+    reordered = data.materialise(Subset(data.build_datasets(cfg)[0], [2, 0]))
+    assert isinstance(reordered, data.MaterialisedDataset) and reordered.images.shape == (2, 1, 28, 28)
 
 
 def test_only_deterministic_sets_that_fit_are_materialised(tmp_path: Path) -> None:

@@ -106,11 +106,51 @@ def materialise(dataset: Dataset, max_bytes: int = MATERIALISE_MAX_BYTES) -> Dat
     first, _ = dataset[0]
     if not isinstance(first, torch.Tensor) or first.element_size() * first.numel() * count > max_bytes:
         return dataset
+    whole = _decoded_at_once(dataset)
+    if whole is not None:
+        return MaterialisedDataset(*whole)
     images = torch.empty((count, *first.shape), dtype=first.dtype)
     labels = torch.empty(count, dtype=torch.int64)
     for index in range(count):
         images[index], labels[index] = dataset[index]
     return MaterialisedDataset(images, labels)
+
+
+MATERIALISE_CHUNK = 4096  # images per vectorised pass (a chunk of CIFAR in float32: 50 MB)
+
+
+def _decoded_at_once(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(images, labels) of an MNIST-family or CIFAR set (or its first-n `Subset`) whose transform is
+    exactly ToTensor [+ Normalize], computed on whole chunks of the decoded uint8 array instead of one
+    PIL image at a time (Fashion-MNIST's 70k: 17 s -> well under 1 s). The same elementwise float32
+    operations as the per-sample pipeline (uint8 -> float, / 255, - mean, / std), so the same bits;
+    None for anything else (the caller runs the pipeline per sample)."""
+    from torchvision import datasets as tv
+    from torchvision import transforms as T
+
+    base, count = dataset, len(dataset)  # type: ignore[arg-type]
+    if isinstance(dataset, Subset):
+        base = dataset.dataset
+        if not isinstance(dataset.indices, range) or dataset.indices != range(count):
+            return None
+    steps = getattr(getattr(base, "transform", None), "transforms", None)
+    if (type(base).__getitem__ not in (tv.MNIST.__getitem__, tv.CIFAR10.__getitem__)
+            or base.target_transform is not None
+            or not isinstance(base.transform, T.Compose) or not steps or type(steps[0]) is not T.ToTensor
+            or any(type(step) is not T.Normalize for step in steps[1:])):
+        return None
+    pixels = torch.as_tensor(base.data[:count])
+    pixels = pixels.unsqueeze(1) if pixels.dim() == 3 else pixels.permute(0, 3, 1, 2)  # (N, C, H, W) as ToTensor
+    if pixels.dtype != torch.uint8:
+        return None
+    images = torch.empty(pixels.shape, dtype=torch.get_default_dtype())
+    for start in range(0, count, MATERIALISE_CHUNK):
+        chunk = pixels[start:start + MATERIALISE_CHUNK].to(images.dtype).div(255)
+        for step in steps[1:]:
+            chunk = step(chunk)  # Normalize broadcasts its (C, 1, 1) mean/std over the batch
+        images[start:start + MATERIALISE_CHUNK] = chunk
+    labels = torch.as_tensor(base.targets, dtype=torch.int64)[:count].clone()
+    return images, labels
 
 
 def for_training(cfg: DataConfig, datasets: Split) -> Split:
