@@ -207,6 +207,55 @@ def paired_times(model_name: str, batch: int, timesteps: int, steps: int, thread
             "ratios": ratios}
 
 
+def conv_floor(model_name: str, batch: int, timesteps: int, steps: int, threads: int) -> dict[str, Any]:
+    """The dense model's convolutions alone, forward and backward, on the inputs a real step gives them.
+
+    Every conv sees a copy of its real input (the spikes, in the model's memory format, needing a gradient
+    where the model's does) and a random output gradient; the median time of the whole set and its FLOPs
+    (torch.utils.flop_counter) give the achieved GFLOP/s. Convolution is the part of a dense step that
+    neither side can skip, so this time over SpikingJelly's step is the floor of the ndsnn/SJ ratio.
+    """
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(threads)
+    model, _, _ = _models(model_name, batch, timesteps, "dense")
+    model.train()
+    captured: list[tuple[torch.nn.Conv2d, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: captured.append((mod, args[0].detach().clone(
+        memory_format=torch.preserve_format).requires_grad_(args[0].requires_grad))))
+        for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    images, _ = _inputs(batch)
+    model(images)
+    for hook in hooks:
+        hook.remove()
+    generator = torch.Generator().manual_seed(0)
+    work = []
+    for conv, x in captured:
+        weight = conv.weight.detach().clone().requires_grad_(True)
+        out_shape = F.conv2d(x.detach(), weight.detach(), None, conv.stride, conv.padding).shape
+        grad = torch.randn(out_shape, generator=generator).contiguous(
+            memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous() else torch.contiguous_format)
+        work.append((conv, x, weight, grad))
+
+    def run() -> float:
+        start = time.perf_counter()
+        for conv, x, weight, grad in work:
+            F.conv2d(x, weight, None, conv.stride, conv.padding).backward(grad)
+        return time.perf_counter() - start
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    for _ in range(WARMUP_STEPS):
+        run()
+    seconds = statistics.median(run() for _ in range(steps))
+    flops = counter.get_total_flops()
+    return {"model": model_name, "side": "convs", "convs": len(work), "step_s": seconds, "flops": flops,
+            "gflops_per_s": flops / seconds / 1e9}
+
+
 def profile_side(model_name: str, side: str, batch: int, timesteps: int, threads: int) -> str:
     """torch.profiler table (CPU time and memory by op) of one training step after one warm-up step."""
     import torch
@@ -291,6 +340,11 @@ def _render(results: dict[str, dict[str, dict[str, Any]]], cli: list[dict[str, A
                       f"{n['sparsity']:.4f}; equivalence vs SpikingJelly: {e['lif_layers']} LIF layers, spikes "
                       f"identical={e['spikes_identical']} (rate {e['spike_rate']:.3f}), loss {e['loss_ndsnn']:.7f} vs "
                       f"{e['loss_sj']:.7f} (|diff| {e['loss_abs_diff']:.1e}) -> {'OK' if e['ok'] else 'MISMATCH'}")
+        c, sj_step = sides["convs"], sides["sj"]["step_s"]
+        console.print(f"{model}: the {c['convs']} convolutions alone (forward + backward, the step's real inputs): "
+                      f"{c['step_s']:.3f} s, {c['flops'] / 1e9:.1f} GFLOP at {c['gflops_per_s']:.0f} GFLOP/s = "
+                      f"{c['step_s'] / sides['dense']['step_s']:.0%} of the ndsnn dense step; over SpikingJelly's "
+                      f"step {c['step_s'] / sj_step:.2f}x, the floor of ndsnn/SJ at fp32")
         if "paired" in sides:
             p = sides["paired"]
             console.print(f"{model}: paired (alternating, one process): ndsnn dense {p['ndsnn_step_s']:.3f} s, "
@@ -313,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=SIDES, help="print a torch.profiler table of one step of this side")
     parser.add_argument("--paired", action="store_true",
                         help="also time ndsnn dense and SpikingJelly alternating in one process (noisy machines)")
-    parser.add_argument("--child", choices=[*SIDES, "equivalence", "paired"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=[*SIDES, "equivalence", "paired", "convs"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.profile:
         print(profile_side(args.models.split(",")[0], args.profile, args.batch, args.timesteps, args.threads))
@@ -323,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             result = check_equivalence(args.models, args.batch, args.timesteps, args.threads)
         elif args.child == "paired":
             result = paired_times(args.models, args.batch, args.timesteps, args.steps, args.threads)
+        elif args.child == "convs":
+            result = conv_floor(args.models, args.batch, args.timesteps, args.steps, args.threads)
         else:
             result = run_side(args.models, args.child, args.batch, args.timesteps, args.steps, args.threads)
         print(json.dumps(result))
@@ -337,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
               "--threads", str(args.threads)]
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for model in args.models.split(","):
-        children = (*SIDES, "equivalence", *(["paired"] if args.paired else []))
+        children = (*SIDES, "equivalence", "convs", *(["paired"] if args.paired else []))
         results[model] = {side: _child(["--child", side, "--models", model, *common]) for side in children}
     cli = _cli_times()
     _render(results, cli, args)
