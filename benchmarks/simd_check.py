@@ -62,13 +62,18 @@ def _run_kernels() -> dict[str, object]:
     numba_cpu.conv_forward(spikes, out, bias, rowptr, taps, taps + 1, taps + 1, values, 1, 1)
     numba_cpu.conv_input_grad(maps, out, rowptr, taps, taps + 1, taps + 1, values, 1, 1)
     numba_cpu.conv_weight_grad(maps, spikes, values.copy(), rowptr, taps, taps + 1, taps + 1, 1, 1)
+    numba_cpu.conv_forward_rows(spikes, out, bias, rowptr, taps, taps + 1, taps + 1, values, 1, 1)
+    numba_cpu.conv_input_grad_rows(maps, out, rowptr, taps, taps + 1, taps + 1, values, 1)
+    numba_cpu.conv_weight_grad_rows(maps, spikes, values.copy(), rowptr, taps, taps + 1, taps + 1, 1, 1)
     pooled = np.empty((c, h // 2, h // 2, n), dtype=np.float32)
     corner = np.empty(pooled.shape, dtype=np.uint8)
     pool_numba.max_pool_forward(spikes.astype(np.float32), pooled, corner)
     pool_numba.max_pool_backward(pooled, corner, out)
     _run_bn_lif(c, h, n)
     kernels = {"conv_forward": numba_cpu.conv_forward, "conv_input_grad": numba_cpu.conv_input_grad,
-               "conv_weight_grad": numba_cpu.conv_weight_grad, "max_pool_forward": pool_numba.max_pool_forward,
+               "conv_weight_grad": numba_cpu.conv_weight_grad, "conv_forward_rows": numba_cpu.conv_forward_rows,
+               "conv_input_grad_rows": numba_cpu.conv_input_grad_rows,
+               "conv_weight_grad_rows": numba_cpu.conv_weight_grad_rows, "max_pool_forward": pool_numba.max_pool_forward,
                "max_pool_backward": pool_numba.max_pool_backward}
     kernels.update({name: getattr(bn_lif_numba, name) for name in ("bn_lif_forward", "bn_lif_backward")})
     return kernels
@@ -83,7 +88,7 @@ def main() -> None:
 
     target = numba.config.CPU_NAME or f"host = {llvmlite.binding.get_host_cpu_name()}"
     print(f"CPU {name}; AVX-512F {'yes' if avx512 else 'no'}; numba {numba.__version__}, target {target}")
-    print(f"  {'kernel':<18} packed fp: {'xmm':>4} {'ymm':>4} {'zmm':>4}  scalar fp  any ymm/zmm  u8->f32 widening")
+    print(f"  {'kernel':<22} packed fp: {'xmm':>4} {'ymm':>4} {'zmm':>4}  scalar fp  any ymm/zmm  u8->f32 widening")
     for kernel_name, kernel in _run_kernels().items():
         packed, widen, wide, scalar = Counter(), Counter(), Counter(), 0
         for asm in kernel.inspect_asm().values():
@@ -96,7 +101,7 @@ def main() -> None:
                     wide[match.group(1)] += 1
                 if match := WIDEN.search(line):
                     widen[match.group(1)] += 1
-        print(f"  {kernel_name:<18}            {packed['xmm']:>4} {packed['ymm']:>4} {packed['zmm']:>4}  {scalar:>9}  "
+        print(f"  {kernel_name:<22}            {packed['xmm']:>4} {packed['ymm']:>4} {packed['zmm']:>4}  {scalar:>9}  "
               f"{wide['ymm'] + wide['zmm']:>11}  "
               + (", ".join(f"{w} {k}" for k, w in sorted(widen.items())) or "-"))
 

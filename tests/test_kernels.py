@@ -105,6 +105,9 @@ CONVS = {  # (c_in, c_out, kernel, stride, padding, size)
     # 16 channels, not fewer: torch 2.14's own channels-last CPU backward of a 1x1 stride-2 conv with
     # 6 -> 8 channels (the masked-dense reference here) gives wrong weight gradients and corrupts the heap.
     "1x1 s2 p0": (16, 16, 1, 2, 0, 8),
+    # maps at least ROW_KERNEL_MIN_WIDTH wide: numba's row kernels (the forward; the input gradient at stride 1)
+    "3x3 s1 p1 wide": (6, 8, 3, 1, 1, 18),
+    "3x3 s2 p1 wide": (6, 8, 3, 2, 1, 33),
 }
 
 
@@ -398,6 +401,50 @@ def test_layout_transposes_round_trip_bit_exactly(layout) -> None:
         spikes = mark_spikes((x > 0).float())
         spikes_bl = to_batch_last(spikes, kernel)
     assert spikes_bl.dtype == torch.uint8 and torch.equal(spikes_bl, (expected > 0).to(torch.uint8))
+
+
+@pytest.mark.skipif("numba" not in KERNEL_NAMES, reason="numba not installed")
+@pytest.mark.parametrize(("kernel_size", "stride", "pad", "size", "spikes"), [
+    (3, 1, 1, 20, True), (3, 1, 1, 20, False), (3, 2, 1, 33, True), (3, 1, 0, 18, False), (5, 1, 2, 17, False),
+    (1, 1, 0, 16, True)])
+def test_the_row_kernels_equal_the_plane_kernels_bit_for_bit(kernel_size, stride, pad, size, spikes) -> None:
+    """Four taps per pass over an output row add each element's taps in the same order with the same
+    roundings as one tap per pass over the plane: forward and (stride 1) input gradient identical, on a real
+    layout, spike (uint8) and float inputs, groups of four and the remainders, edge columns included; the
+    weight gradient, summed row by row, equal within fp32 rounding."""
+    from ndsnn_cli.kernels import numba_cpu
+
+    generator = torch.Generator().manual_seed(5)
+    c_in, c_out, batch = 7, 9, 13
+    mask = torch.rand(c_out, c_in, kernel_size, kernel_size, generator=generator) < 0.45
+    layout = build_layout(mask)
+    values = torch.randn(layout.nnz, generator=generator)
+    x = torch.rand(c_in, size, size, batch, generator=generator)
+    x = (x < 0.3).to(torch.uint8) if spikes else x * 2 - 1
+    size_out = (size + 2 * pad - kernel_size) // stride + 1
+    assert size_out >= numba_cpu.ROW_KERNEL_MIN_WIDTH
+    bias = torch.randn(c_out, generator=generator)
+    taps = [t.numpy() for t in (layout.rowptr, layout.tap_in, layout.tap_kh, layout.tap_kw)]
+    by_plane, by_row = (torch.empty(c_out, size_out, size_out, batch) for _ in range(2))
+    numba_cpu.conv_forward(x.numpy(), by_plane.numpy(), bias.numpy(), *taps, values.numpy(), stride, pad)
+    numba_cpu.conv_forward_rows(x.numpy(), by_row.numpy(), bias.numpy(), *taps, values.numpy(), stride, pad)
+    assert torch.equal(by_row, by_plane)
+    expected = F.conv2d(x.permute(3, 0, 1, 2).float(), torch.zeros(mask.shape).index_put_(
+        torch.nonzero(mask, as_tuple=True), values), bias, stride, pad).permute(1, 2, 3, 0)
+    _close(by_row, expected)
+    grad_out = torch.randn(c_out, size_out, size_out, batch, generator=generator)
+    grads = torch.empty(layout.nnz), torch.empty(layout.nnz)
+    numba_cpu.conv_weight_grad(grad_out.numpy(), x.numpy(), grads[0].numpy(), *taps, stride, pad)
+    numba_cpu.conv_weight_grad_rows(grad_out.numpy(), x.numpy(), grads[1].numpy(), *taps, stride, pad)
+    _close(grads[1], grads[0])  # summed in another order (row by row)
+    assert grads[1].abs().min() > 0
+    if stride == 1:
+        columns = [t.numpy() for t in (layout.colptr, layout.col_out, layout.col_kh, layout.col_kw)]
+        col_values = values[layout.by_input].contiguous().numpy()
+        by_plane, by_row = (torch.empty(c_in, size, size, batch) for _ in range(2))
+        numba_cpu.conv_input_grad(grad_out.numpy(), by_plane.numpy(), *columns, col_values, 1, pad)
+        numba_cpu.conv_input_grad_rows(grad_out.numpy(), by_row.numpy(), *columns, col_values, pad)
+        assert torch.equal(by_row, by_plane) and by_row.abs().sum() > 0
 
 
 NUMBA_ENTRY_POINTS = {  # each one, the first numba call of a fresh process
