@@ -73,8 +73,8 @@ def _run_kernels() -> dict[str, object]:
     kernels = {"conv_forward": numba_cpu.conv_forward, "conv_input_grad": numba_cpu.conv_input_grad,
                "conv_weight_grad": numba_cpu.conv_weight_grad, "conv_forward_rows": numba_cpu.conv_forward_rows,
                "conv_input_grad_rows": numba_cpu.conv_input_grad_rows,
-               "conv_weight_grad_rows": numba_cpu.conv_weight_grad_rows, "max_pool_forward": pool_numba.max_pool_forward,
-               "max_pool_backward": pool_numba.max_pool_backward}
+               "conv_weight_grad_rows": numba_cpu.conv_weight_grad_rows,
+               "max_pool_forward": pool_numba.max_pool_forward, "max_pool_backward": pool_numba.max_pool_backward}
     kernels.update({name: getattr(bn_lif_numba, name) for name in ("bn_lif_forward", "bn_lif_backward")})
     return kernels
 

@@ -79,17 +79,23 @@ ROW_TAPS = 4
 
 
 @njit(inline="always")
-def _add_taps_to_row(row, src, chans, rows, shifts, weights, count, stride):  # pragma: no cover (JIT)
-    """row [Wr, N] += weights[t] * src[chans[t], rows[t], c * stride + shifts[t]] for the group's `count`
-    taps, in their order, at every column c where the tap's source column is in range."""
-    width, batch = row.shape
-    src_width = src.shape[2]
+def _group_columns(width, src_width, shifts, count, stride):  # pragma: no cover (JIT)
+    """[lo_all, hi_all): the row's columns where all of the group's taps are in range; [lo_any, hi_any): any."""
     lo_all, hi_all, lo_any, hi_any = 0, width, width, 0
     for t in range(count):
         lo, hi = _valid_range(width, src_width, shifts[t], stride, 0)
         lo_all, hi_all = max(lo_all, lo), min(hi_all, hi)
         lo_any, hi_any = min(lo_any, lo), max(hi_any, hi)
-    hi_all = max(hi_all, lo_all)
+    return lo_all, max(hi_all, lo_all), lo_any, hi_any
+
+
+@njit(inline="always")
+def _add_taps_to_row(row, src, chans, rows, shifts, weights, count, stride):  # pragma: no cover (JIT)
+    """row [Wr, N] += weights[t] * src[chans[t], rows[t], c * stride + shifts[t]] for the group's `count`
+    taps, in their order, at every column c where the tap's source column is in range."""
+    width, batch = row.shape
+    src_width = src.shape[2]
+    lo_all, hi_all, lo_any, hi_any = _group_columns(width, src_width, shifts, count, stride)
     for c in range(lo_any, hi_any):  # the edges, where some tap is out of range: tap by tap
         if lo_all <= c < hi_all:
             continue
@@ -174,12 +180,7 @@ def _row_dots(gy, src, chans, rows, shifts, count, stride, grad_values, taps):  
     columns where the tap is in range, for the group's `count` taps: gy's row is read once per four taps."""
     width, batch = gy.shape
     src_width = src.shape[2]
-    lo_all, hi_all, lo_any, hi_any = 0, width, width, 0
-    for t in range(count):
-        lo, hi = _valid_range(width, src_width, shifts[t], stride, 0)
-        lo_all, hi_all = max(lo_all, lo), min(hi_all, hi)
-        lo_any, hi_any = min(lo_any, lo), max(hi_any, hi)
-    hi_all = max(hi_all, lo_all)
+    lo_all, hi_all, lo_any, hi_any = _group_columns(width, src_width, shifts, count, stride)
     for t in range(count):
         plane, shift = src[chans[t], rows[t]], shifts[t]
         acc = np.float32(0.0)
